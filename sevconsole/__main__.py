@@ -1,0 +1,3 @@
+from sevconsole.cli import main
+
+raise SystemExit(main())

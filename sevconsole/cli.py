@@ -1,0 +1,89 @@
+"""Entry point: `sevconsole [options]` opens the console; sub-commands work without a screen.
+
+Each sub-command lives in a module exposing `register(subparsers)`; that function adds its
+parser and sets `func(args) -> int`. Registration modules import their heavy dependencies
+inside `func`, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from sevconsole import __version__
+
+# Order is the order shown by --help. `lab` is "another machine": only this file may import it.
+COMMAND_MODULES = (
+    "sevconsole.commands.certs",
+    "sevconsole.commands.discover",
+    "sevconsole.commands.migrate",
+    "sevconsole.commands.audit",
+    "sevconsole.lab.cli",
+)
+
+DESCRIPTION = """\
+Live-migrate AMD SEV confidential VMs between hypervisor hosts.
+
+With no sub-command, opens the console. With no inventory, it starts a local lab of
+simulated SEV hosts (reached over real SSH and QMP) and opens on it.
+"""
+
+EPILOG = """\
+examples:
+  sevconsole                          open the console on a built-in lab
+  sevconsole --inventory hosts.toml   open the console on real hosts
+  sevconsole --guide                  a guided tour of an SEV migration on the lab
+  sevconsole lab --hosts 3            run a lab in the foreground
+  sevconsole discover --lab DIR       list hosts and VMs of a running lab
+  sevconsole certs verify --platform-dir DIR --amd-dir DIR
+  sevconsole migrate web --to lab-2 --lab DIR
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sevconsole",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"sevconsole {__version__}")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--inventory", metavar="FILE", help="open on the hosts of this TOML inventory")
+    source.add_argument("--lab", metavar="DIR", help="open on a running lab (its state directory)")
+    parser.add_argument("--theme", metavar="NAME", help="colour theme (dark, light, high-contrast)")
+    parser.add_argument("--guide", action="store_true", help="start the guided tour of a migration")
+    parser.set_defaults(func=_run_console)
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def _run_console(args: argparse.Namespace) -> int:
+    try:
+        from sevconsole.tui.main import run_console
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("sevconsole.tui"):
+            raise
+        print("sevconsole: the console is not part of this build yet; see `sevconsole --help`.",
+              file=sys.stderr)
+        return 2
+    return run_console(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Headless sub-commands of the `sevconsole` command line."""

@@ -1,0 +1,1 @@
+"""One migration from plan to verified end, usable without a screen."""

@@ -1,0 +1,1 @@
+"""Reaching hosts: inventory, SSH, discovery, the remote helper and QMP over SSH."""

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what the tests need, then runs the whole suite (slow tests included).
+# System packages come from apt-get when missing and running as root; elsewhere the tests
+# that need them skip with a reason.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+[ -x /usr/sbin/sshd ] || command -v sshd >/dev/null || need+=(openssh-server)
+command -v socat >/dev/null || need+=(socat)
+command -v tmux >/dev/null || need+=(tmux)
+if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+python3 -m pip install -q -e '.[test]'
+python3 -m ruff check sevconsole tests benchmarks
+exec python3 -m pytest -q -rs "$@"
