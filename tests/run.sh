@@ -16,6 +16,6 @@ if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null;
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-python3 -m pip install -q -e '.[test]'
+python3 -m pip install -q --root-user-action=ignore -e '.[test]'
 python3 -m ruff check sevconsole tests benchmarks
 exec python3 -m pytest -q -rs "$@"
