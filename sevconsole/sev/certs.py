@@ -74,7 +74,13 @@ def _to_le(value: int, length: int) -> bytes:
     return value.to_bytes(length, "little")
 
 
-def _hash_for(algo: Algo) -> hashes.HashAlgorithm:
+def hash_for_rsa_bits(bits: int) -> hashes.HashAlgorithm:
+    """AMD root signatures: SHA-256 with 2048-bit keys, SHA-384 with 4096-bit keys."""
+    return hashes.SHA256() if bits <= 2048 else hashes.SHA384()
+
+
+def hash_for_algo(algo: Algo) -> hashes.HashAlgorithm:
+    """SEV signature algorithms: 0x1xx is SHA-384, 0x0xx SHA-256."""
     return hashes.SHA384() if algo & 0x100 else hashes.SHA256()
 
 
@@ -252,13 +258,13 @@ def sign_sev_cert(cert: SevCert, signer_private_key: ec.EllipticCurvePrivateKey 
         algo = Algo(algo or Algo.ECDSA_SHA256)
         if algo not in ECDSA_ALGOS:
             raise ValueError(f"{algo.name} is not an ECDSA algorithm")
-        r, s = decode_dss_signature(signer_private_key.sign(tbs, ec.ECDSA(_hash_for(algo))))
+        r, s = decode_dss_signature(signer_private_key.sign(tbs, ec.ECDSA(hash_for_algo(algo))))
         raw = _to_le(r, EC_INT_LEN) + _to_le(s, EC_INT_LEN)
     elif isinstance(signer_private_key, rsa.RSAPrivateKey):
         algo = Algo(algo or (Algo.RSA_SHA384 if signer_private_key.key_size >= 4096 else Algo.RSA_SHA256))
         if algo not in RSA_ALGOS:
             raise ValueError(f"{algo.name} is not an RSA algorithm")
-        h = _hash_for(algo)
+        h = hash_for_algo(algo)
         big = signer_private_key.sign(tbs, padding.PSS(padding.MGF1(h), h.digest_size), h)
         raw = _to_le(int.from_bytes(big, "big"), RSA_INT_LEN)
     else:
@@ -346,7 +352,8 @@ class AmdCert:
 
     @property
     def hash_algorithm(self) -> hashes.HashAlgorithm:
-        return hashes.SHA256() if self.modulus_bits == 2048 else hashes.SHA384()
+        """The hash this key signs with (SHA-256 for 2048 bits, SHA-384 above)."""
+        return hash_for_rsa_bits(self.modulus_bits)
 
     @property
     def is_lab(self) -> bool:
@@ -382,7 +389,7 @@ class AmdCert:
                        _to_le(nums.e, bits // 8), _to_le(nums.n, bits // 8), None, name)
         if signer_private_key is None:
             return unsigned
-        h = unsigned.hash_algorithm
+        h = hash_for_rsa_bits(signer_private_key.key_size)
         big = signer_private_key.sign(unsigned.signed_bytes(), padding.PSS(padding.MGF1(h), h.digest_size), h)
         return replace(unsigned, signature=big.rjust(bits // 8, b"\0")[::-1])
 
