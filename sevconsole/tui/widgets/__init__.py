@@ -1,0 +1,1 @@
+"""Widgets of the console; each keeps its own DEFAULT_CSS."""
