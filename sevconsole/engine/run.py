@@ -1,0 +1,593 @@
+"""Migration: one run of the engine, from the incoming VM to a verified end.
+
+Source and target are reached through HostLink objects (engine/links.py). The run loop issues
+QMP commands, watches with events and polls at a steady cadence (one poll at a time), folds what
+it sees into Progress snapshots, and at the end checks the invariant: exactly one runnable copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from qemu.qmp import EventListener, QMPClient
+from qemu.qmp.error import QMPError
+from qemu.qmp.qmp_client import ExecuteError
+
+from sevconsole.engine.checks import Check, refused
+from sevconsole.engine.errors import EngineError, LinkError
+from sevconsole.engine.fold import ProgressFolder
+from sevconsole.engine.links import HostLink, IncomingVm
+from sevconsole.engine.plan import MigrationPlan
+from sevconsole.engine.progress import Phase, Progress
+
+GUEST_SENT = 6  # firmware guest state after SEND_FINISH
+GUEST_RUNNING = 3
+SEV_PARAMS = ("sev-pdh", "sev-plat-cert", "sev-amd-cert")
+SEV_INFO_COMMANDS = ("migrate-set-sev-info", "migrate-sev-set-info")  # the series spells it both ways
+LAB_PAGE_STATE = "x-query-sev-page-state"
+LAB_FIRMWARE = "x-query-sev-firmware"
+LAB_DIGEST = "x-query-guest-digest"
+TERMINAL = ("completed", "failed", "cancelled")
+QMP_TIMEOUT_S = 10.0
+RECONNECT_S = 3.0
+
+ProgressCallback = Callable[[Progress], None]
+StallCallback = Callable[[Progress], "bool | Awaitable[bool]"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    result: str  # done, failed, cancelled, refused
+    message: str
+    runnable: tuple[str, ...] = ()  # hosts where the guest can run at the end
+    source_status: str | None = None
+    target_status: str | None = None
+    source_guest_state: int | None = None  # firmware numbering (SENT = 6)
+    target_guest_state: int | None = None
+    digest_source: str | None = None
+    digest_target: str | None = None
+    bytes_transferred: int = 0
+    duration_s: float = 0.0
+    errors: tuple[str, ...] = ()
+    progress: Progress | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def one_copy(self) -> bool:
+        """The invariant: exactly one runnable copy of the guest."""
+        return len(self.runnable) == 1
+
+    @property
+    def digest_match(self) -> bool | None:
+        if self.digest_source is None or self.digest_target is None:
+            return None
+        return self.digest_source == self.digest_target
+
+    def to_json(self) -> dict[str, Any]:
+        return {"result": self.result, "message": self.message, "runnable": list(self.runnable),
+                "one_copy": self.one_copy, "source_status": self.source_status,
+                "target_status": self.target_status, "source_guest_state": self.source_guest_state,
+                "target_guest_state": self.target_guest_state, "digest_match": self.digest_match,
+                "bytes_transferred": self.bytes_transferred, "duration_s": round(self.duration_s, 3),
+                "errors": list(self.errors)}
+
+
+class _LinkLost(EngineError):
+    pass
+
+
+class _End(Exception):
+    """Leaves the watch loop with the QEMU status that ended it."""
+
+    def __init__(self, status: str, reason: str = "") -> None:
+        super().__init__(status)
+        self.status = status
+        self.reason = reason
+
+
+class Migration:
+    """Run with `await Migration(plan, source_link, target_link, checks=...).run()`.
+
+    `on_progress` gets every snapshot; `on_stall` is asked (sync or async) whether to cancel when
+    no byte moved for `plan.stall_timeout_s` (None: cancel). `cancel()` may be called any time.
+    """
+
+    def __init__(self, plan: MigrationPlan, source: HostLink, target: HostLink, *,
+                 checks: Sequence[Check] = (), on_progress: ProgressCallback | None = None,
+                 on_stall: StallCallback | None = None, poll_interval_s: float = 0.25,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.plan = plan
+        self.source = source
+        self.target = target
+        self.checks = tuple(checks)
+        self.poll_interval_s = poll_interval_s
+        self._on_progress = on_progress
+        self._on_stall = on_stall
+        self._clock = clock
+        self.folder = ProgressFolder(plan, clock)
+        self._cancel = asyncio.Event()
+        self._cancel_reason = "cancelled by the operator"
+        self._wake = asyncio.Event()
+        self._src: QMPClient | None = None
+        self._dst: QMPClient | None = None
+        self._src_cmds: set[str] = set()
+        self._dst_cmds: set[str] = set()
+        self._incoming: IncomingVm | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stall_warned = False
+        self._source_initial: str | None = None
+        self._src_status: str | None = None
+        self.outcome: Outcome | None = None
+
+    # -- public
+    def cancel(self, reason: str = "cancelled by the operator") -> None:
+        self._cancel_reason = reason
+        self._cancel.set()
+        self._wake.set()
+
+    @property
+    def latest(self) -> Progress:
+        return self.folder.snapshot()
+
+    async def run(self) -> Outcome:
+        t0 = self._clock()
+        try:
+            outcome = await self._run()
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            for task in self._tasks:
+                with contextlib.suppress(BaseException):
+                    await task
+            for client in (self._src, self._dst):
+                if client is not None:
+                    with contextlib.suppress(Exception):
+                        await client.disconnect()
+        outcome = _with(outcome, duration_s=self._clock() - t0,
+                        bytes_transferred=self.folder.current.bytes_transferred,
+                        errors=self.folder.current.errors)
+        self.outcome = outcome
+        self._post()
+        return _with(outcome, progress=self.folder.snapshot())
+
+    # -- the flow
+    async def _run(self) -> Outcome:
+        f = self.folder
+        if refused(self.checks):
+            bad = [c.sentence for c in self.checks if c.status.value == "fail"]
+            f.phase(Phase.FAILED)
+            f.error("refused by preflight: " + " ".join(bad))
+            return Outcome("refused", "refused by preflight: " + " ".join(bad))
+        f.phase(Phase.CONNECTING)
+        self._post()
+        try:
+            await self._connect_source()
+        except (EngineError, QMPError, OSError) as exc:
+            f.phase(Phase.FAILED)
+            f.error(str(exc))
+            return Outcome("failed", f"nothing started: {exc}", runnable=(self.plan.source.name,))
+        try:
+            port = await self._prepare_target()
+            await self._configure_source()
+        except (TimeoutError, EngineError, QMPError, OSError) as exc:
+            f.error(_sentence(exc))
+            return await self._rollback("failed", f"setup failed: {_sentence(exc)}")
+        if self._cancel.is_set():
+            return await self._rollback("cancelled", self._cancel_reason)
+        f.phase(Phase.SEND_START)
+        self._post()
+        try:
+            await self._qmp(self._src, "source", "migrate", {"uri": f"tcp:{self.target.address}:{port}"})
+        except (EngineError, QMPError, OSError) as exc:
+            f.error(_sentence(exc))
+            return await self._rollback("failed", f"migrate refused: {_sentence(exc)}")
+        try:
+            end = await self._watch()
+        except _LinkLost as exc:
+            return await self._source_lost(str(exc))
+        except LinkError as exc:  # the source answered a watch command with an error
+            f.error(str(exc))
+            return await self._rollback("failed", str(exc))
+        if end.status == "completed":
+            return await self._finish()
+        if end.status == "cancelled" and self._cancel.is_set():
+            return await self._rollback("cancelled", self._cancel_reason)
+        return await self._rollback("failed", end.reason or f"migration {end.status}")
+
+    async def _connect_source(self) -> None:
+        vm = self.plan.vm
+        if not vm.qmp_path:
+            raise LinkError(self.source.name, f"{vm.name} has no QMP socket")
+        self._src = await self.source.open_qmp(vm.qmp_path)
+        self._src_cmds = await self._commands(self._src, "source")
+        status = await self._qmp(self._src, "source", "query-status")
+        self._source_initial = self._src_status = str(status.get("status"))
+        if self._source_initial not in ("running", "paused"):
+            raise LinkError(self.source.name, f"{vm.name} is '{self._source_initial}', not running or paused")
+        if vm.sev_enabled and not await self._sev_migration_method(self._src, self._src_cmds):
+            raise LinkError(self.source.name, "QEMU offers neither the sev-pdh migration parameters nor "
+                            "migrate-set-sev-info: SEV: Migration is not implemented")
+        self._listen(self._src, "source", ("MIGRATION", "MIGRATION_PASS", "STOP", "RESUME"))
+
+    async def _prepare_target(self) -> int:
+        f = self.folder
+        self._incoming = await self.target.launch_incoming(self.plan.vm.argv)
+        f.event(f"{self.target.name}: incoming VM started (pid {self._incoming.pid})")
+        self._post()
+        self._dst = await self.target.open_qmp(self._incoming.qmp)
+        self._dst_cmds = await self._commands(self._dst, "target")
+        if self.plan.sev:
+            if not await self._sev_migration_method(self._dst, self._dst_cmds):
+                raise LinkError(self.target.name, "its QEMU lacks the SEV migration commands: "
+                                "SEV: Migration is not implemented")
+            await self._check_target_pdh()
+        self._listen(self._dst, "target", ("MIGRATION", "RESUME", "STOP"))
+        await self._qmp(self._dst, "target", "migrate-incoming", {"uri": f"tcp:{self.target.address}:0"})
+        info = await self._qmp(self._dst, "target", "query-migrate")
+        for addr in info.get("socket-address") or []:
+            if addr.get("type") == "inet" and addr.get("port"):
+                return int(addr["port"])
+        raise LinkError(self.target.name, "the incoming QEMU did not say which port it listens on")
+
+    async def _check_target_pdh(self) -> None:
+        """The PDH the source will encrypt to must be the one preflight verified."""
+        caps = self.plan.target.capabilities
+        if caps is None or "query-sev-capabilities" not in self._dst_cmds:
+            return
+        try:
+            live = await self._qmp(self._dst, "target", "query-sev-capabilities")
+        except LinkError:
+            return
+        pdh = live.get("pdh")
+        if pdh and base64.b64decode(pdh) != caps.pdh:
+            raise LinkError(self.target.name, "its PDH changed since the preflight verified it; "
+                            "probe the host again before migrating")
+
+    async def _configure_source(self) -> None:
+        plan = self.plan
+        params: dict[str, Any] = {"downtime-limit": int(plan.downtime_limit_ms)}
+        if plan.bandwidth_bps is not None:
+            params["max-bandwidth"] = max(1, int(plan.bandwidth_bps))
+        await self._qmp(self._src, "source", "migrate-set-parameters", params)
+        if not plan.sev:
+            return
+        caps = plan.target.capabilities
+        if caps is None:
+            raise LinkError(plan.target.name, "no PDH and certificate chain to give the source")
+        b64 = lambda b: base64.b64encode(b or b"").decode("ascii")  # noqa: E731
+        method = await self._sev_migration_method(self._src, self._src_cmds)
+        if method == "parameters":
+            await self._qmp(self._src, "source", "migrate-set-parameters", {
+                "sev-pdh": b64(caps.pdh), "sev-plat-cert": b64(caps.cert_chain),
+                "sev-amd-cert": b64(caps.amd_chain)})
+        else:
+            await self._qmp(self._src, "source", method, {
+                "pdh": b64(caps.pdh), "plat-cert": b64(caps.cert_chain), "amd-cert": b64(caps.amd_chain)})
+        self.folder.event(f"{plan.source.name}: given {plan.target.name}'s PDH and chains ({method})")
+
+    async def _sev_migration_method(self, client: QMPClient | None, cmds: set[str]) -> str | None:
+        try:
+            params = await self._qmp(client, "host", "query-migrate-parameters")
+        except LinkError:
+            params = {}
+        if all(p in params for p in SEV_PARAMS[:1]):
+            return "parameters"
+        return next((c for c in SEV_INFO_COMMANDS if c in cmds), None)
+
+    # -- watching
+    async def _watch(self) -> _End:
+        f = self.folder
+        loop_next = self._clock()
+        while True:
+            if self._cancel.is_set() and not getattr(self, "_cancel_sent", False):
+                self._cancel_sent = True
+                f.event(f"{self.plan.source.name}: migrate_cancel ({self._cancel_reason})")
+                await self._src_call("migrate_cancel")
+            info = await self._src_call("query-migrate")
+            status = str(info.get("status", "none"))
+            f.fold_migrate(info)
+            await self._lab_extras()
+            self._phase_from(status)
+            if status in TERMINAL:
+                self._post()
+                return _End(status, str(info.get("error-desc") or ""))
+            await self._stall_check()
+            self._post()
+            loop_next += self.poll_interval_s
+            now = self._clock()
+            if loop_next < now:  # a slow poll: keep the cadence, never two at once
+                loop_next = now
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=loop_next - now)
+
+    def _phase_from(self, status: str) -> None:
+        f = self.folder
+        p = f.current
+        if status in ("device", "pre-switchover") or (status == "active" and self._src_status == "paused"
+                                                       and self._source_initial == "running"):
+            f.phase(Phase.STOP_AND_COPY)
+        elif status == "active" and p.phase in (Phase.SEND_START, Phase.CONNECTING):
+            f.phase(Phase.PRECOPY)
+        elif status == "completed":
+            f.phase(Phase.FINISHING)
+
+    async def _stall_check(self) -> None:
+        f = self.folder
+        idle = self._clock() - f.last_progress_at
+        plan = self.plan
+        if idle >= plan.stall_warn_s and not self._stall_warned:
+            self._stall_warned = True
+            f.error(f"stalled: no byte moved for {idle:.0f} s (warning after {plan.stall_warn_s:g} s)")
+            f.set(extra={**f.current.extra, "stalled": True})
+        elif idle < plan.stall_warn_s and self._stall_warned:
+            self._stall_warned = False
+            f.set(extra={**f.current.extra, "stalled": False})
+            f.event("progress resumed after a stall")
+        if idle >= plan.stall_timeout_s and not self._cancel.is_set():
+            cancel = True
+            if self._on_stall is not None:
+                answer = self._on_stall(f.snapshot())
+                cancel = bool(await answer) if inspect.isawaitable(answer) else bool(answer)
+            if cancel:
+                self.cancel(f"stalled: no progress for {idle:.0f} s (stall timeout "
+                            f"{plan.stall_timeout_s:g} s)")
+            else:
+                f.last_progress_at = self._clock()  # the operator chose to wait: start over
+
+    async def _lab_extras(self) -> None:
+        f = self.folder
+        if LAB_PAGE_STATE in self._src_cmds:
+            with contextlib.suppress(LinkError, KeyError, ValueError):
+                f.fold_page_state(await self._qmp(self._src, "source", LAB_PAGE_STATE))
+        for role, client, cmds, name in (("source", self._src, self._src_cmds, self.plan.source.name),
+                                         ("target", self._dst, self._dst_cmds, self.plan.target.name)):
+            if LAB_FIRMWARE in cmds and client is not None:
+                with contextlib.suppress(LinkError, KeyError, ValueError, TypeError):
+                    f.fold_firmware(role, name, await self._qmp(client, role, LAB_FIRMWARE))
+
+    def _listen(self, client: QMPClient | None, role: str, names: tuple[str, ...]) -> None:
+        if client is None:
+            return
+        listener = EventListener(names)
+        client.register_listener(listener)
+        host = self.plan.source.name if role == "source" else self.plan.target.name
+
+        async def pump() -> None:
+            async for ev in listener:
+                name, data = ev["event"], ev.get("data") or {}
+                detail = data.get("status") or data.get("pass") or ""
+                self.folder.event(f"{host}: {name} {detail}".rstrip())
+                if role == "source" and name == "STOP":
+                    self._src_status = "paused"
+                elif role == "source" and name == "RESUME":
+                    self._src_status = "running"
+                if name == "MIGRATION_PASS" and isinstance(data.get("pass"), int):
+                    self.folder.set(pass_number=max(self.folder.current.pass_number, data["pass"]))
+                self._wake.set()
+
+        self._tasks.append(asyncio.create_task(pump()))
+
+    # -- ends
+    async def _finish(self) -> Outcome:
+        f = self.folder
+        f.phase(Phase.FINISHING)
+        self._post()
+        src_state = dst_state = None
+        dst_status = await self._wait_status(self._dst, "target", ("running",), timeout=QMP_TIMEOUT_S)
+        src_status = await self._status(self._src, "source")
+        if LAB_FIRMWARE in self._src_cmds:
+            await self._lab_extras()
+            src_state = _guest_state(f.current.source_fw)
+            dst_state = _guest_state(f.current.target_fw)
+        digest_src = await self._digest(self._src, self._src_cmds, "source")
+        digest_dst = await self._digest(self._dst, self._dst_cmds, "target")
+        runnable = self._runnable(src_status, src_state, dst_status, dst_state)
+        problems = []
+        if dst_status != "running":
+            problems.append(f"{self.plan.target.name}: guest is '{dst_status}', not running")
+        if self.plan.sev and src_state is not None and src_state != GUEST_SENT:
+            problems.append(f"{self.plan.source.name}: firmware guest state {src_state}, not SENT")
+        if not self.plan.sev and src_status == "running":
+            problems.append(f"{self.plan.source.name}: guest still running after completion")
+        if digest_src and digest_dst and digest_src != digest_dst:
+            problems.append(f"guest digest differs: {self.plan.source.name} {digest_src[:16]}, "
+                            f"{self.plan.target.name} {digest_dst[:16]}")
+        if len(runnable) != 1:
+            problems.append(f"{len(runnable)} runnable copies ({', '.join(runnable) or 'none'})")
+        for text in problems:
+            f.error(text)
+        ok = not problems
+        f.phase(Phase.DONE if ok else Phase.FAILED)
+        kind = "SENT" if self.plan.sev else "stopped"
+        msg = (f"{self.plan.vm.name} now runs on {self.plan.target.name}; the source copy is {kind}"
+               if ok else "migration completed but the end state is wrong: " + "; ".join(problems))
+        return Outcome("done" if ok else "failed", msg, runnable=runnable, source_status=src_status,
+                       target_status=dst_status, source_guest_state=src_state, target_guest_state=dst_state,
+                       digest_source=digest_src, digest_target=digest_dst)
+
+    async def _rollback(self, result: str, reason: str) -> Outcome:
+        """Cancel or failure: the source guest runs again and the target's incoming VM is gone."""
+        f = self.folder
+        if result == "failed":
+            f.error(reason)
+        else:
+            f.event(reason)
+        src_status = await self._status(self._src, "source")
+        if src_status in ("running", "paused", "postmigrate", "finish-migrate", "inmigrate") and \
+                self._src is not None:
+            with contextlib.suppress(LinkError):
+                info = await self._qmp(self._src, "source", "query-migrate")
+                if info.get("status") in ("active", "setup", "device", "pre-switchover"):
+                    await self._qmp(self._src, "source", "migrate_cancel")
+                    await self._wait_migrate_end()
+        target_gone = await self._stop_target()
+        src_status = await self._status(self._src, "source")
+        if (src_status in ("paused", "postmigrate") and self._source_initial == "running"
+                and target_gone):
+            with contextlib.suppress(LinkError):
+                await self._qmp(self._src, "source", "cont")
+                f.event(f"{self.plan.source.name}: guest resumed (cont)")
+            src_status = await self._wait_status(self._src, "source", ("running",), timeout=5)
+        src_state = None
+        if LAB_FIRMWARE in self._src_cmds:
+            await self._lab_extras()
+            src_state = _guest_state(f.current.source_fw)
+        runnable = self._runnable(src_status, src_state, None if target_gone else "unknown", None)
+        if not target_gone:
+            f.error(f"{self.plan.target.name}: the incoming VM could not be confirmed gone")
+        if src_status is None:
+            f.error(f"{self.plan.source.name}: the source guest could not be confirmed running")
+        f.phase(Phase.CANCELLED if result == "cancelled" else Phase.FAILED)
+        where = f"{self.plan.vm.name} runs on {self.plan.source.name}" if src_status == "running" \
+            else f"{self.plan.vm.name} is '{src_status}' on {self.plan.source.name}"
+        return Outcome(result, f"{reason}; {where}", runnable=runnable, source_status=src_status,
+                       target_status=None if target_gone else "unknown", source_guest_state=src_state)
+
+    async def _source_lost(self, why: str) -> Outcome:
+        """The source's QMP link broke mid-way: reconnect and roll back; if the source stays out of
+        reach, decide from the target (it either runs the guest or its incoming VM is stopped, so
+        the source QEMU, seeing the stream break, keeps the guest)."""
+        f = self.folder
+        f.error(f"{self.plan.source.name}: QMP link lost mid-way ({why})")
+        self._post()
+        with contextlib.suppress(BaseException):
+            if self._src is not None:
+                await self._src.disconnect()
+        self._src = None
+        deadline = self._clock() + RECONNECT_S
+        while self._clock() < deadline:
+            try:
+                self._src = await self.source.open_qmp(self.plan.vm.qmp_path or "")
+                break
+            except LinkError:
+                await asyncio.sleep(0.2)
+        if self._src is not None:
+            f.event(f"{self.plan.source.name}: QMP link re-opened")
+            info = await self._qmp(self._src, "source", "query-migrate")
+            if info.get("status") == "completed":
+                return await self._finish()
+            return await self._rollback("failed", f"{self.plan.source.name}'s QMP link dropped mid-way; "
+                                        "migration rolled back")
+        dst_status = await self._status(self._dst, "target")
+        if dst_status == "running":
+            f.phase(Phase.FAILED)
+            return Outcome("failed", f"{self.plan.source.name} unreachable; {self.plan.vm.name} runs on "
+                           f"{self.plan.target.name} (source copy not confirmed stopped)",
+                           runnable=(self.plan.target.name,), target_status=dst_status)
+        gone = await self._stop_target()
+        f.phase(Phase.FAILED)
+        return Outcome("failed", f"{self.plan.source.name} unreachable over QMP; the incoming VM on "
+                       f"{self.plan.target.name} was stopped, so the source keeps the guest (not confirmed)",
+                       runnable=(self.plan.source.name,) if gone else (), target_status=None if gone else "unknown")
+
+    async def _stop_target(self) -> bool:
+        """Stop the incoming VM; True when it is confirmed gone."""
+        if self._incoming is None:
+            return True
+        if self._dst is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(self._dst.execute("quit"), timeout=2)
+            with contextlib.suppress(BaseException):
+                await self._dst.disconnect()
+            self._dst = None
+        try:
+            await self.target.stop(self._incoming.pid)
+        except LinkError as exc:
+            self.folder.error(str(exc))
+            return False
+        self.folder.event(f"{self.plan.target.name}: incoming VM (pid {self._incoming.pid}) stopped")
+        self._incoming = None
+        return True
+
+    def _runnable(self, src_status: str | None, src_state: int | None, dst_status: str | None,
+                  dst_state: int | None) -> tuple[str, ...]:
+        out = []
+        src_ok = src_status == "running" or (src_status == "paused" and self._source_initial == "paused")
+        if src_ok and src_state != GUEST_SENT:
+            out.append(self.plan.source.name)
+        if dst_status == "running" or dst_status == "unknown":
+            out.append(self.plan.target.name)
+        return tuple(out)
+
+    # -- QMP helpers
+    async def _qmp(self, client: QMPClient | None, role: str, cmd: str,
+                   args: dict[str, Any] | None = None) -> Any:
+        host = self.plan.source.name if role == "source" else self.plan.target.name
+        if client is None:
+            raise LinkError(host, f"no QMP link for {cmd}")
+        try:
+            return await asyncio.wait_for(client.execute(cmd, args), timeout=QMP_TIMEOUT_S)
+        except ExecuteError as exc:
+            raise LinkError(host, f"{cmd}: {exc.error.desc}") from exc
+        except (TimeoutError, QMPError, OSError, EOFError) as exc:
+            raise LinkError(host, f"{cmd}: QMP link failed ({type(exc).__name__}: {exc})") from exc
+
+    async def _src_call(self, cmd: str) -> Any:
+        """A source call in the watch loop: a broken link (not a QMP error answer) is _LinkLost."""
+        try:
+            return await self._qmp(self._src, "source", cmd)
+        except LinkError as exc:
+            if isinstance(exc.__cause__, ExecuteError):
+                raise
+            raise _LinkLost(str(exc)) from exc
+
+    async def _commands(self, client: QMPClient, role: str) -> set[str]:
+        answer = await self._qmp(client, role, "query-commands")
+        return {str(c.get("name")) for c in answer}
+
+    async def _status(self, client: QMPClient | None, role: str) -> str | None:
+        try:
+            return str((await self._qmp(client, role, "query-status")).get("status"))
+        except LinkError:
+            return None
+
+    async def _wait_status(self, client: QMPClient | None, role: str, want: tuple[str, ...],
+                           timeout: float) -> str | None:
+        deadline = self._clock() + timeout
+        status = await self._status(client, role)
+        while status not in want and status is not None and self._clock() < deadline:
+            await asyncio.sleep(0.05)
+            status = await self._status(client, role)
+        return status
+
+    async def _wait_migrate_end(self) -> None:
+        deadline = self._clock() + QMP_TIMEOUT_S
+        while self._clock() < deadline:
+            info = await self._qmp(self._src, "source", "query-migrate")
+            self.folder.fold_migrate(info)
+            if info.get("status") in TERMINAL:
+                return
+            await asyncio.sleep(0.05)
+
+    async def _digest(self, client: QMPClient | None, cmds: set[str], role: str) -> str | None:
+        if LAB_DIGEST not in cmds:
+            return None
+        try:
+            return str((await self._qmp(client, role, LAB_DIGEST))["sha256"])
+        except (LinkError, KeyError):
+            return None
+
+    def _post(self) -> None:
+        if self._on_progress is not None:
+            self._on_progress(self.folder.snapshot())
+
+
+def _guest_state(view: Any) -> int | None:
+    return None if view is None else view.guest_state
+
+
+def _sentence(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _with(outcome: Outcome, **changes: Any) -> Outcome:
+    from dataclasses import replace
+
+    return replace(outcome, **changes)

@@ -1,0 +1,148 @@
+"""Engine test fixtures: real QEMU guests under TCG on this machine, and a cuttable QMP relay."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from sevconsole.engine.local import LocalHost
+from sevconsole.hosts.report import HostReport, VmInfo
+from tests.conftest import require_binary
+
+MEMORY_MIB = 64
+
+
+def qemu_argv(qemu: str, name: str, qmp: Path, memory_mib: int = MEMORY_MIB,
+              mem_file: Path | None = None) -> list[str]:
+    argv = [qemu, "-machine", "q35,accel=tcg", "-m", str(memory_mib), "-display", "none",
+            "-nodefaults", "-qmp", f"unix:{qmp},server=on,wait=off", "-name", name]
+    if mem_file is not None:
+        # guest RAM read from a file of random bytes (private mapping): every page must be sent
+        argv[2] += ",memory-backend=ram0"
+        argv += ["-object", f"memory-backend-file,id=ram0,size={memory_mib}M,mem-path={mem_file},share=off"]
+    return argv
+
+
+@dataclass
+class LocalGuests:
+    """Starts source guests and reaps every QEMU it or the engine started under `run_dir`."""
+
+    qemu: str
+    run_dir: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    async def start(self, name: str = "web", memory_mib: int = MEMORY_MIB,
+                    random_memory: bool = False) -> VmInfo:
+        qmp = self.run_dir / f"{name}.qmp"
+        mem_file = None
+        if random_memory:
+            mem_file = self.run_dir / f"{name}.ram"
+            with open(mem_file, "wb") as out:
+                for _ in range(memory_mib):
+                    out.write(os.urandom(1 << 20))
+        argv = qemu_argv(self.qemu, name, qmp, memory_mib, mem_file)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        self.procs.append(proc)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while not qmp.exists():  # QEMU makes its socket during start-up
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "qemu exited"
+            assert loop.time() < deadline, "QEMU made no QMP socket in 15 s"
+            await asyncio.sleep(0.02)
+        return VmInfo(name=name, pid=proc.pid, qmp_path=str(qmp), argv=tuple(argv), status="running",
+                      memory_mib=memory_mib)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def guests(tmp_path: Path) -> Iterator[LocalGuests]:
+    g = LocalGuests(require_binary("qemu-system-x86_64"), tmp_path)
+    yield g
+    g.close()
+
+
+def plain_reports(vm: VmInfo) -> tuple[HostReport, HostReport]:
+    src = HostReport(name="src", address="127.0.0.1", port=22, reachable=True, vms=(vm,))
+    dst = HostReport(name="dst", address="127.0.0.1", port=22, reachable=True,
+                     extra={"mem_available_mib": 4096})
+    return src, dst
+
+
+class QmpRelay:
+    """A UNIX socket that forwards to a QEMU's QMP socket; `cut()` drops every connection,
+    like an SSH bridge dying; `refuse` makes new connections fail."""
+
+    def __init__(self, upstream: str, path: Path) -> None:
+        self.upstream = upstream
+        self.path = path
+        self.refuse = False
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self.connections = 0
+
+    async def start(self) -> QmpRelay:
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refuse:
+            writer.close()
+            return
+        self.connections += 1
+        up_r, up_w = await asyncio.open_unix_connection(self.upstream)
+        self._writers += [writer, up_w]
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            with contextlib.suppress(Exception):
+                w.close()
+
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+
+    def cut(self) -> None:
+        for w in self._writers:
+            with contextlib.suppress(Exception):
+                w.transport.abort()
+        self._writers.clear()
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+@pytest.fixture
+async def relay_factory(tmp_path: Path) -> AsyncIterator[list[QmpRelay]]:
+    made: list[QmpRelay] = []
+    yield made
+    for r in made:
+        await r.close()
+
+
+@pytest.fixture
+async def local_hosts(tmp_path: Path) -> AsyncIterator[tuple[LocalHost, LocalHost]]:
+    """Source and target links on this machine; every QEMU the target started is stopped after."""
+    src = LocalHost("src", run_dir=tmp_path)
+    dst = LocalHost("dst", run_dir=tmp_path)
+    yield src, dst
+    for link in (src, dst):
+        for pid in link.started():
+            await link.stop(pid)
