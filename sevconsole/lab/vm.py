@@ -1,0 +1,247 @@
+"""A lab VM: guest RAM (ciphertext at rest for private pages), its page map, and its workload.
+
+`memory` is what a hypervisor holds: private pages encrypted with the guest's VEK by the
+firmware model, shared pages in clear. The guest itself reads and writes through the
+firmware's `guest_read`/`guest_write` (the CPU's view of its own memory). A dirty bitmap,
+like KVM's, tells the migration which pages changed since they were last sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from sevconsole.sev.pagestate import PageState
+
+from .layout import PAGE_SIZE, VmSpec, default_shared_ranges
+from .psp import Psp
+
+RUN_STATES = ("running",)
+
+
+@dataclass(frozen=True)
+class Run:
+    first: int  # page index
+    count: int
+    shared: bool
+
+
+def runs_of(pages: np.ndarray, shared: np.ndarray, max_pages: int) -> Iterator[Run]:
+    """Splits sorted page indices into contiguous runs of one kind, each at most max_pages."""
+    if len(pages) == 0:
+        return
+    kinds = shared[pages]
+    breaks = np.flatnonzero((np.diff(pages) != 1) | (kinds[1:] != kinds[:-1])) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(pages)]))
+    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+        first, kind = int(pages[s]), bool(kinds[s])
+        n = e - s
+        while n > 0:
+            k = min(n, max_pages)
+            yield Run(first, k, kind)
+            first += k
+            n -= k
+
+
+class LabVm:
+    """One guest on a lab host. Thread-safe: `lock` guards the page map and status."""
+
+    def __init__(self, *, name: str, pid: int, spec: VmSpec, psp: Psp, qmp_path: str,
+                 argv: list[str], incoming: bool = False, autostart: bool = True) -> None:
+        self.name = name
+        self.pid = pid
+        self.spec = spec
+        self.psp = psp
+        self.qmp_path = qmp_path
+        self.argv = argv
+        self.sev = spec.sev
+        self.policy = spec.policy
+        self.autostart = autostart
+        self.pages = spec.mem_mib * 1024 * 1024 // PAGE_SIZE
+        self.mem_bytes = self.pages * PAGE_SIZE
+        self.memory = np.zeros(self.mem_bytes, dtype=np.uint8)
+        self.shared = np.zeros(self.pages, dtype=bool)
+        if self.sev:
+            ranges = default_shared_ranges(self.pages) if spec.shared is None else spec.shared
+            for first, count in ranges:
+                self.shared[first:first + count] = True
+        else:
+            self.shared[:] = True  # no SEV: every page is plain memory
+        self.states = np.where(self.shared, PageState.SHARED_UNSENT, PageState.PRIVATE_UNSENT).astype(np.uint8)
+        self.dirty = np.zeros(self.pages, dtype=bool)
+        self.lock = threading.RLock()
+        self.handle: int | None = None
+        self.status = "inmigrate" if incoming else "prelaunch"
+        self.incoming = incoming
+        self.dirtied_total = 0  # pages written by the workload, for the dirty rate
+        self.final_digest: str | None = None  # digest when it left (SENT: memory frozen)
+        self.migration = None  # OutgoingMigration / IncomingMigration, set by the host
+        self.params: dict = {}
+        self.workload = Workload(self, spec.dirty_rate)
+        self.on_status = None  # callback(event, data) for STOP/RESUME events
+
+    # --- launch --------------------------------------------------------------------------
+
+    def launch(self, asid: int) -> None:
+        """Fills RAM with the guest's image and runs the LAUNCH flow; the guest then runs."""
+        rng = np.random.default_rng(self.spec.seed)
+        chunk = 64 << 20
+        for off in range(0, self.mem_bytes, chunk):
+            n = min(chunk, self.mem_bytes - off)
+            self.memory[off:off + n] = np.frombuffer(rng.bytes(n), dtype=np.uint8)
+        if self.sev:
+            res = self.psp.call("launch_start", self.policy, self.memory)
+            self.handle = res.handle
+            for run in runs_of(np.arange(self.pages), self.shared, self.pages):
+                if not run.shared:
+                    self.psp.call("launch_update_data", self.handle, run.first * PAGE_SIZE, run.count * PAGE_SIZE)
+            self.psp.call("launch_measure", self.handle)
+            self.psp.call("launch_finish", self.handle)
+            self.psp.call("activate", self.handle, asid)
+        self.status = "running"
+        self.workload.start()
+
+    # --- guest view ---------------------------------------------------------------------
+
+    def write_page(self, page: int, data: bytes) -> None:
+        """The guest writes a page (private through the firmware, shared in clear)."""
+        gpa = page * PAGE_SIZE
+        with self.lock:
+            if self.shared[page] or not self.sev:
+                self.memory[gpa:gpa + PAGE_SIZE] = np.frombuffer(data, dtype=np.uint8)
+            else:
+                self.psp.call("guest_write", self.handle, gpa, data)
+            self.dirty[page] = True
+            s = self.states[page]
+            if s == PageState.PRIVATE_SENT:
+                self.states[page] = PageState.PRIVATE_DIRTY
+            elif s == PageState.SHARED_SENT:
+                self.states[page] = PageState.SHARED_DIRTY
+            self.dirtied_total += 1
+
+    def digest(self) -> str:
+        """SHA-256 over the guest's plaintext, as the guest would compute it."""
+        if self.final_digest is not None:
+            return self.final_digest
+        h = hashlib.sha256()
+        with self.lock:
+            for run in runs_of(np.arange(self.pages), self.shared, 1024):
+                gpa, n = run.first * PAGE_SIZE, run.count * PAGE_SIZE
+                if run.shared or not self.sev:
+                    h.update(self.memory[gpa:gpa + n])
+                else:
+                    h.update(self.psp.call("guest_read", self.handle, gpa, n))
+        return h.hexdigest()
+
+    # --- run state ----------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.status in RUN_STATES
+
+    def set_status(self, status: str) -> None:
+        with self.lock:
+            was = self.running
+            self.status = status
+            now = self.running
+        if was and not now:
+            self.workload.pause()
+            self._event("STOP")
+        elif now and not was:
+            self.workload.resume()
+            self._event("RESUME")
+
+    def _event(self, name: str) -> None:
+        if self.on_status is not None:
+            self.on_status(name, None)
+
+    def sync_dirty(self) -> np.ndarray:
+        """KVM_GET_DIRTY_LOG: the pages dirtied since the last sync, and clear the log."""
+        with self.lock:
+            pages = np.flatnonzero(self.dirty)
+            self.dirty[:] = False
+        return pages
+
+    def page_state_counts(self) -> dict[str, int]:
+        hist = np.bincount(self.states, minlength=len(PageState))
+        return {s.name: int(hist[s]) for s in PageState}
+
+    def close(self) -> None:
+        self.workload.stop()
+        if self.handle is not None:
+            for command in ("deactivate", "decommission"):
+                with contextlib.suppress(Exception):  # a guest already gone is fine at teardown
+                    self.psp.raw(command, self.handle)
+            self.handle = None
+
+
+class Workload:
+    """The guest's program: writes random plaintext to random pages at `rate` pages/s.
+
+    Paced by the clock: every tick it writes as many pages as the elapsed time allows, so the
+    rate holds whatever the tick jitter. It writes only while the VM runs.
+    """
+
+    TICK_S = 0.01
+
+    def __init__(self, vm: LabVm, rate: float) -> None:
+        self.vm = vm
+        self.rate = float(rate)
+        self._stop = threading.Event()
+        self._running = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.written = 0
+
+    def start(self) -> None:
+        self._running.set()
+        if self.rate > 0 and self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=f"workload-{self.vm.name}", daemon=True)
+            self._thread.start()
+
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._running.set()  # wake it so it sees the stop
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        rng = np.random.default_rng()
+        owed = 0.0
+        last = time.monotonic()
+        while not self._stop.is_set():
+            self._running.wait()
+            if self._stop.is_set():
+                return
+            self._stop.wait(self.TICK_S)
+            now = time.monotonic()
+            if not self.vm.running:
+                last = now
+                continue
+            owed += (now - last) * self.rate
+            last = now
+            n = int(owed)
+            owed -= n
+            if n <= 0:
+                continue
+            data = rng.bytes(n * PAGE_SIZE)
+            for i, page in enumerate(rng.integers(0, self.vm.pages, n).tolist()):
+                if not self.vm.running or self._stop.is_set():
+                    break
+                try:
+                    self.vm.write_page(page, data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
+                except Exception:  # the guest was torn down under us
+                    return
+                self.written += 1
