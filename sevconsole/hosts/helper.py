@@ -1,0 +1,511 @@
+"""The remote helper: runs ON a hypervisor host, sent inline over SSH (see docs/internals.md).
+
+Standard library only, and Python 3.6 syntax (EL8 hosts ship 3.6): nothing is installed on a
+host, so this file is the whole of what runs there. The console compresses it and runs
+
+    python3 -c 'import base64,sys,zlib;exec(zlib.decompress(base64.b64decode(sys.argv.pop(1))))' BLOB CMD ARGS
+
+Commands: `probe [--qmp-glob GLOB]...`, `qmp PATH`, `launch-incoming` (JSON on stdin), `stop PID`.
+Results are one JSON object on stdout; failures are `{"error": "sentence"}` with exit 1; an
+unknown command exits 127 with a message on stderr.
+"""
+
+import base64
+import ctypes
+import errno
+import fcntl
+import glob
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+HELPER_VERSION = 1
+
+# include/uapi/linux/psp-sev.h: SEV_ISSUE_CMD = _IOWR('S', 0x0, struct sev_issue_cmd), where
+# struct sev_issue_cmd { __u32 cmd; __u64 data; __u32 error; } __packed (16 bytes).
+SEV_ISSUE_CMD = (3 << 30) | (16 << 16) | (ord("S") << 8) | 0
+SEV_PLATFORM_STATUS = 1
+SEV_PDH_CERT_EXPORT = 5
+SEV_CERT_LEN = 2084
+PLATFORM_CHAIN_LEN = 3 * SEV_CERT_LEN
+
+# Options whose socket or file would clash with the source VM's if copied to the target.
+# Devices (-serial too) stay: the target must have the same ones for the migration to load.
+DROP_WITH_VALUE = ("-qmp", "-qmp-pretty", "-monitor", "-pidfile", "-incoming", "-loadvm", "-D")
+DROP_ALONE = ("-daemonize", "-S")
+
+
+class HelperFailure(Exception):
+    """A failure with a sentence for the operator; becomes {"error": ...} and exit 1."""
+
+
+def emit(obj):
+    sys.stdout.write(json.dumps(obj, sort_keys=True))
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def read_text(path):
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+# ---------------------------------------------------------------- probe
+
+
+def kvm_amd_param(name):
+    """Y/N for a kvm_amd module parameter; None when the module is not loaded."""
+    value = read_text("/sys/module/kvm_amd/parameters/" + name)
+    if value is None:
+        return None
+    value = value.strip()
+    return "Y" if value in ("Y", "y", "1") else "N"
+
+
+def cpu_model():
+    text = read_text("/proc/cpuinfo") or ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            return value.strip()
+    return os.uname().machine
+
+
+def sev_issue(fd, command, buf):
+    """Issue one SEV platform command through the kernel's ioctl; return the firmware status."""
+    arg = bytearray(struct.pack("<IQI", command, ctypes.addressof(buf), 0))
+    try:
+        fcntl.ioctl(fd, SEV_ISSUE_CMD, arg, True)
+    except OSError as exc:
+        fw_error = struct.unpack_from("<I", arg, 12)[0]
+        raise HelperFailure(f"SEV command {command} failed: {exc.strerror or exc} (firmware status 0x{fw_error:x})") from None
+    return struct.unpack_from("<I", arg, 12)[0]
+
+
+def platform_status(fd):
+    # struct sev_user_data_status { u8 api_major, api_minor, state; u32 flags; u8 build;
+    # u32 guest_count; } __packed -> 12 bytes
+    buf = ctypes.create_string_buffer(12)
+    sev_issue(fd, SEV_PLATFORM_STATUS, buf)
+    major, minor, state, flags, build, guests = struct.unpack("<BBBIBI", buf.raw)
+    return {"api_major": major, "api_minor": minor, "state": state, "flags": flags,
+            "build": build, "guest_count": guests}
+
+
+def pdh_cert_export(fd):
+    pdh = ctypes.create_string_buffer(SEV_CERT_LEN)
+    chain = ctypes.create_string_buffer(PLATFORM_CHAIN_LEN)
+    # struct sev_user_data_pdh_cert_export { u64 pdh_addr; u32 pdh_len; u64 chain_addr;
+    # u32 chain_len; } __packed -> 24 bytes
+    req = ctypes.create_string_buffer(struct.pack(
+        "<QIQI", ctypes.addressof(pdh), SEV_CERT_LEN, ctypes.addressof(chain), PLATFORM_CHAIN_LEN))
+    sev_issue(fd, SEV_PDH_CERT_EXPORT, req)
+    _, pdh_len, _, chain_len = struct.unpack("<QIQI", req.raw[:24])
+    return pdh.raw[:pdh_len], chain.raw[:chain_len]
+
+
+def probe_dev_sev(result):
+    if not os.path.exists("/dev/sev"):
+        return
+    result["dev_sev"] = True
+    fd = None
+    for mode in (os.O_RDWR, os.O_RDONLY):
+        try:
+            fd = os.open("/dev/sev", mode)
+            break
+        except OSError as exc:
+            last = exc
+    if fd is None:
+        result["errors"].append(f"/dev/sev exists but cannot be opened by this user ({last.strerror}); "
+                                "firmware status and PDH need access to it")
+        return
+    try:
+        try:
+            result["platform_status"] = platform_status(fd)
+        except HelperFailure as exc:
+            result["errors"].append(f"PLATFORM_STATUS: {exc}")
+        try:
+            pdh, chain = pdh_cert_export(fd)
+            result["pdh"] = base64.b64encode(pdh).decode()
+            result["cert_chain"] = base64.b64encode(chain).decode()
+        except HelperFailure as exc:
+            result["errors"].append(f"PDH_CERT_EXPORT: {exc}")
+    finally:
+        os.close(fd)
+
+
+def is_qemu(argv):
+    if not argv:
+        return False
+    base = os.path.basename(argv[0])
+    return base.startswith("qemu-system-") or base in ("qemu-kvm", "kvm") or base.startswith("qemu-kvm")
+
+
+def split_opts(value):
+    """QEMU option string 'a,b=c,d=e' -> (first bare word or None, {key: value}); ',,' escapes a comma."""
+    parts, cur, i = [], "", 0
+    while i < len(value):
+        if value[i] == ",":
+            if value[i + 1:i + 2] == ",":
+                cur += ","
+                i += 2
+                continue
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += value[i]
+        i += 1
+    parts.append(cur)
+    bare, opts = None, {}
+    for index, part in enumerate(parts):
+        if "=" in part:
+            key, _, val = part.partition("=")
+            opts[key] = val
+        elif index == 0:
+            bare = part
+        else:
+            opts[part] = "on"
+    return bare, opts
+
+
+def option_values(argv, name):
+    """Values of an option, accepting both `-opt value` and `--opt value` (and `-opt=value`)."""
+    found = []
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        for prefix in (name, "-" + name):
+            if arg == prefix and i + 1 < len(argv):
+                found.append(argv[i + 1])
+                i += 1
+                break
+            if arg.startswith(prefix + "="):
+                found.append(arg[len(prefix) + 1:])
+                break
+        i += 1
+    return found
+
+
+def vm_name(argv):
+    for value in option_values(argv, "-name"):
+        bare, opts = split_opts(value)
+        name = opts.get("guest") or bare
+        if name:
+            return name
+    return None
+
+
+def qmp_path_from_argv(argv):
+    """The QMP UNIX socket a QEMU listens on, from -qmp or -chardev + -mon mode=control."""
+    for value in option_values(argv, "-qmp") + option_values(argv, "-qmp-pretty"):
+        if value.startswith("unix:"):
+            bare, opts = split_opts(value[len("unix:"):])
+            if bare and opts.get("server", "on") not in ("off", "no"):
+                return bare
+    chardevs = {}
+    for value in option_values(argv, "-chardev"):
+        backend, opts = split_opts(value)
+        if backend == "socket" and "path" in opts and "id" in opts:
+            chardevs[opts["id"]] = opts["path"]
+    for value in option_values(argv, "-mon"):
+        bare, opts = split_opts(value)
+        if opts.get("mode") == "control":
+            chardev = opts.get("chardev") or bare
+            if chardev in chardevs:
+                return chardevs[chardev]
+    return None
+
+
+def process_argv(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return None
+    if not raw:
+        return None
+    return [part.decode("utf-8", "replace") for part in raw.rstrip(b"\0").split(b"\0")]
+
+
+def listening_socket_inodes():
+    """UNIX socket path -> inode of the listening socket, from /proc/net/unix."""
+    inodes = {}
+    text = read_text("/proc/net/unix") or ""
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[5] == "01":  # state 01: listening
+            inodes[fields[7]] = fields[6]
+    return inodes
+
+
+def socket_owner(inode, pids):
+    target = f"socket:[{inode}]"
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                        return pid
+                except OSError:
+                    continue
+        except OSError:
+            continue
+    return None
+
+
+def find_vms(globs):
+    vms = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        argv = process_argv(entry)
+        if argv is None or not is_qemu(argv):
+            continue
+        vms.append({"pid": int(entry), "name": vm_name(argv), "qmp": qmp_path_from_argv(argv),
+                    "argv": argv})
+    known = {vm["qmp"] for vm in vms if vm["qmp"]}
+    extra = sorted({path for pattern in globs for path in glob.glob(pattern)} - known)
+    if extra:
+        # Sockets named by the inventory: match each to its QEMU through the socket inode.
+        inodes = listening_socket_inodes()
+        by_pid = {vm["pid"]: vm for vm in vms}
+        for path in extra:
+            pid = socket_owner(inodes[path], by_pid) if path in inodes else None
+            if pid is not None and by_pid[pid]["qmp"] is None:
+                by_pid[pid]["qmp"] = path
+            elif pid is None:
+                stem = os.path.splitext(os.path.basename(path))[0]
+                vms.append({"pid": None, "name": stem, "qmp": path, "argv": []})
+    for vm in vms:
+        if not vm["name"]:
+            vm["name"] = "pid-{}".format(vm["pid"])
+    vms.sort(key=lambda vm: (vm["name"], vm["pid"] or 0))
+    return vms
+
+
+def cmd_probe(args):
+    globs = []
+    i = 0
+    while i < len(args):
+        if args[i] == "--qmp-glob" and i + 1 < len(args):
+            globs.append(args[i + 1])
+            i += 2
+        else:
+            raise HelperFailure(f"probe: unexpected argument {args[i]!r}")
+    uname = os.uname()
+    result = {
+        "helper": HELPER_VERSION, "hostname": socket.gethostname(), "kernel": uname.release,
+        "cpu": cpu_model(), "kvm_amd": {"sev": kvm_amd_param("sev"), "sev_es": kvm_amd_param("sev_es")},
+        "dev_sev": False, "platform_status": None, "pdh": None, "cert_chain": None, "errors": [],
+        "python": "{}.{}".format(*sys.version_info[:2]),
+    }
+    probe_dev_sev(result)
+    result["vms"] = find_vms(globs)
+    emit(result)
+    return 0
+
+
+# ---------------------------------------------------------------- qmp bridge
+
+
+def cmd_qmp(args):
+    if len(args) != 1:
+        raise HelperFailure("qmp: expected one socket path")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(args[0])
+    except OSError as exc:
+        raise HelperFailure(f"cannot connect to the QMP socket {args[0]}: {exc.strerror or exc}") from None
+    bridge(sock, sys.stdin.fileno(), sys.stdout.fileno())
+    return 0
+
+
+def bridge(sock, infd, outfd):
+    """Copy bytes both ways until either side closes."""
+    sfd = sock.fileno()
+    while True:
+        ready, _, _ = select.select([infd, sfd], [], [])
+        if infd in ready:
+            data = os.read(infd, 65536)
+            if not data:
+                return
+            sock.sendall(data)
+        if sfd in ready:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            view = memoryview(data)
+            while view:
+                written = os.write(outfd, view)
+                view = view[written:]
+
+
+# ---------------------------------------------------------------- launch-incoming / stop
+
+
+def incoming_argv(argv, qmp_path):
+    """The source QEMU's argv, minus what would clash, plus a new QMP socket and -incoming defer."""
+    out = [argv[0]]
+    control_chardevs = set()
+    for value in option_values(argv, "-mon"):
+        bare, opts = split_opts(value)
+        control_chardevs.add(opts.get("chardev") or bare)
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        name = arg[1:] if arg.startswith("--") else arg
+        key = name.split("=", 1)[0]
+        if key in DROP_WITH_VALUE:
+            i += 1 if "=" in name else 2
+            continue
+        if key in DROP_ALONE:
+            i += 1
+            continue
+        if key in ("-mon", "-chardev") and i + 1 < len(argv):
+            bare, opts = split_opts(argv[i + 1])
+            ident = opts.get("chardev") or bare if key == "-mon" else opts.get("id")
+            if key == "-mon" or ident in control_chardevs:
+                i += 2
+                continue
+        out.append(arg)
+        i += 1
+    if not os.path.exists(out[0]):
+        # The source's binary path may not exist here; use the same program from PATH.
+        for directory in os.environ.get("PATH", "/usr/bin").split(os.pathsep):
+            candidate = os.path.join(directory, os.path.basename(out[0]))
+            if os.access(candidate, os.X_OK):
+                out[0] = candidate
+                break
+    out += ["-qmp", f"unix:{qmp_path},server=on,wait=off", "-incoming", "defer"]
+    return out
+
+
+def alive(pid):
+    stat = read_text(f"/proc/{pid}/stat")
+    if stat is None:
+        return False
+    state = stat.rpartition(")")[2].split()[0]
+    return state not in ("Z", "X")
+
+
+def detach(argv, log_path):
+    """Start argv detached from this session (double fork + setsid); return its pid."""
+    rfd, wfd = os.pipe()
+    child = os.fork()
+    if child == 0:  # intermediate: new session, start QEMU, report its pid, vanish
+        try:
+            os.close(rfd)
+            os.setsid()
+            with open(os.devnull, "rb") as devnull, open(log_path, "ab") as log:
+                proc = subprocess.Popen(argv, stdin=devnull, stdout=log, stderr=subprocess.STDOUT,
+                                        close_fds=True, cwd="/")
+            os.write(wfd, json.dumps({"pid": proc.pid}).encode())
+        except BaseException as exc:  # any failure must reach the parent
+            os.write(wfd, json.dumps({"error": str(exc)}).encode())
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    chunks = []
+    while True:
+        data = os.read(rfd, 4096)
+        if not data:
+            break
+        chunks.append(data)
+    os.close(rfd)
+    os.waitpid(child, 0)
+    answer = json.loads(b"".join(chunks).decode() or '{"error": "no answer from the launcher"}')
+    if "error" in answer:
+        raise HelperFailure("could not start {}: {}".format(argv[0], answer["error"]))
+    return answer["pid"]
+
+
+def cmd_launch_incoming(args):
+    try:
+        request = json.loads(sys.stdin.read())
+        source = [str(a) for a in request["argv"]]
+    except (ValueError, KeyError, TypeError):
+        raise HelperFailure('launch-incoming expects {"argv": [...]} on stdin') from None
+    if not source or not is_qemu(source):
+        raise HelperFailure("launch-incoming: the argv given is not a QEMU command line")
+    directory = request.get("dir") or os.path.dirname(qmp_path_from_argv(source) or "") \
+        or tempfile.gettempdir()
+    if not os.path.isdir(directory):
+        directory = tempfile.gettempdir()
+    stem = "{}-incoming-{}".format(vm_name(source) or "vm", int(time.time() * 1000) % 10 ** 9)
+    qmp_path = os.path.join(directory, stem + ".qmp")
+    log_path = os.path.join(directory, stem + ".log")
+    argv = incoming_argv(source, qmp_path)
+    pid = detach(argv, log_path)
+    deadline = time.monotonic() + float(request.get("timeout", 20))
+    while not os.path.exists(qmp_path):
+        if not alive(pid):
+            tail = (read_text(log_path) or "").strip().splitlines()[-3:]
+            raise HelperFailure("the incoming QEMU exited at once: {} (log {})".format(
+                " / ".join(tail) or "no output", log_path))
+        if time.monotonic() > deadline:
+            raise HelperFailure(f"the incoming QEMU (pid {pid}) did not open {qmp_path} in time")
+        time.sleep(0.02)  # polling a path another process creates; no event to wait on
+    emit({"pid": pid, "qmp": qmp_path, "log": log_path, "argv": argv})
+    return 0
+
+
+def cmd_stop(args):
+    if len(args) != 1 or not args[0].isdigit():
+        raise HelperFailure("stop: expected one process id")
+    pid = int(args[0])
+    argv = process_argv(pid)
+    if argv is None or not alive(pid):
+        emit({"stopped": False, "reason": "no such process"})
+        return 0
+    if not is_qemu(argv):
+        raise HelperFailure(f"process {pid} is not a QEMU ({argv[0]}); refusing to stop it")
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except OSError as exc:
+            if exc.errno == errno.ESRCH:
+                break
+            raise HelperFailure(f"cannot stop process {pid}: {exc.strerror}") from None
+        deadline = time.monotonic() + wait
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)  # a non-child's exit can only be polled
+        if not alive(pid):
+            break
+    emit({"stopped": not alive(pid)})
+    return 0
+
+
+COMMANDS = {"probe": cmd_probe, "qmp": cmd_qmp, "launch-incoming": cmd_launch_incoming,
+            "stop": cmd_stop}
+
+
+def main(argv):
+    if not argv or argv[0] not in COMMANDS:
+        sys.stderr.write("sevconsole helper: unknown command {!r}; known: {}\n".format(
+            argv[0] if argv else "", ", ".join(sorted(COMMANDS))))
+        return 127
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except HelperFailure as exc:
+        emit({"error": str(exc)})
+        return 1
+    except Exception as exc:  # any surprise still becomes one sentence
+        emit({"error": f"helper {argv[0]} failed: {type(exc).__name__}: {exc}"})
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,245 @@
+"""The TOML inventory (`[[host]]` tables) and hosts taken from `~/.ssh/config`.
+
+A bad inventory raises `InventoryError` with one `InventoryProblem` per problem (file, line,
+key, what is wrong), all of them at once, so the operator fixes the file in one pass.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paramiko
+
+from sevconsole import paths
+from sevconsole.hosts.errors import InventoryError, InventoryProblem
+
+HOST_KEYS = ("name", "address", "port", "user", "identity", "jump", "qmp_sockets", "labels", "lab")
+# Tables a lab or a later version may add at the top level; read by others, ignored here.
+TOP_LEVEL_KEYS = ("host", "lab", "defaults")
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """One host as the operator wrote it. None means "not given": ~/.ssh/config or defaults fill it."""
+
+    name: str
+    address: str
+    port: int | None = None
+    user: str | None = None
+    identity: tuple[Path, ...] = ()
+    jump: str | None = None  # another inventory host's name, or ProxyJump syntax [user@]host[:port],...
+    qmp_sockets: tuple[str, ...] = ()  # globs on the host, for QEMUs whose argv does not show them
+    labels: tuple[str, ...] = ()
+    lab: bool = False  # trust the lab root for this host's chain
+    origin: str = ""  # "file:line" or "ssh-config", for messages
+
+
+@dataclass(frozen=True)
+class Inventory:
+    path: Path | None
+    hosts: tuple[HostSpec, ...]
+
+    def by_name(self) -> dict[str, HostSpec]:
+        return {h.name: h for h in self.hosts}
+
+
+class _Locator:
+    """Line numbers for keys of the n-th [[host]] table (tomllib keeps none)."""
+
+    HEADER = re.compile(r"^\s*\[\[\s*host\s*\]\]")
+    TABLE = re.compile(r"^\s*\[")
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+        self.starts = [i for i, line in enumerate(self.lines) if self.HEADER.match(line)]
+
+    def line(self, index: int | None, key: str | None = None) -> int | None:
+        if index is None:
+            if key is None:
+                return None
+            pattern = re.compile(rf"^\s*(\[+\s*)?\"?{re.escape(key)}\"?\s*[=\]]")
+            return next((n + 1 for n, line in enumerate(self.lines) if pattern.match(line)), None)
+        if index >= len(self.starts):
+            return None
+        start = self.starts[index]
+        if key is None:
+            return start + 1
+        pattern = re.compile(rf"^\s*\"?{re.escape(key)}\"?\s*=")
+        for n in range(start + 1, len(self.lines)):
+            if self.TABLE.match(self.lines[n]):
+                break
+            if pattern.match(self.lines[n]):
+                return n + 1
+        return start + 1
+
+
+def load_inventory(path: Path | str | None = None) -> Inventory:
+    """Read an inventory file (default: paths.default_inventory())."""
+    path = Path(path) if path is not None else paths.default_inventory()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InventoryError([InventoryProblem(str(path), None, None, "no such file")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InventoryError([InventoryProblem(str(path), None, None, f"cannot read: {exc}")]) from None
+    return parse_inventory(text, path)
+
+
+def parse_inventory(text: str, path: Path) -> Inventory:
+    fname = str(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = re.search(r"\(at line (\d+), column \d+\)", str(exc))
+        line = int(match.group(1)) if match else None
+        reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+        raise InventoryError([InventoryProblem(fname, line, None, f"not valid TOML: {reason}")]) from None
+    loc = _Locator(text)
+    problems: list[InventoryProblem] = []
+
+    def bad(index: int | None, key: str | None, message: str) -> None:
+        problems.append(InventoryProblem(fname, loc.line(index, key), key, message))
+
+    for key in data:
+        if key not in TOP_LEVEL_KEYS:
+            bad(None, key, "unknown top-level key (expected [[host]] tables)")
+    tables = data.get("host", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        bad(None, "host", "must be an array of tables: write each host as [[host]]")
+        tables = []
+    if not tables and not problems:
+        bad(None, None, "no hosts: add a [[host]] table with at least name and address")
+    base = path.parent
+    hosts: list[HostSpec] = []
+    seen: dict[str, int] = {}
+    for index, table in enumerate(tables):
+        spec = _host(index, table, base, fname, loc, bad)
+        if spec is None:
+            continue
+        if spec.name in seen:
+            bad(index, "name", f"duplicate host name {spec.name!r} (first at line {loc.line(seen[spec.name], 'name')})")
+            continue
+        seen[spec.name] = index
+        hosts.append(spec)
+    names = {h.name for h in hosts}
+    for spec in hosts:
+        if spec.jump and spec.jump == spec.name:
+            bad(seen[spec.name], "jump", "a host cannot be its own jump host")
+        elif spec.jump and "@" not in spec.jump and ":" not in spec.jump and "," not in spec.jump \
+                and spec.jump not in names and not _plausible_address(spec.jump):
+            bad(seen[spec.name], "jump", f"{spec.jump!r} is neither a host of this inventory nor an address")
+    if problems:
+        raise InventoryError(problems)
+    return Inventory(path, tuple(hosts))
+
+
+def _plausible_address(text: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9._-]+", text))
+
+
+def _host(index: int, table: dict[str, Any], base: Path, fname: str, loc: _Locator, bad: Any) -> HostSpec | None:
+    for key in table:
+        if key not in HOST_KEYS:
+            hint = next((k for k in HOST_KEYS if _close(k, key)), None)
+            bad(index, key, "unknown key" + (f" (did you mean {hint!r}?)" if hint else
+                                                   f"; known: {', '.join(HOST_KEYS)}"))
+
+    def text(key: str, required: bool = False) -> str | None:
+        value = table.get(key)
+        if value is None:
+            if required:
+                bad(index, None, f"{key}: missing (every [[host]] needs {key})")
+            return None
+        if not isinstance(value, str) or not value.strip():
+            bad(index, key, f"must be a non-empty string, not {value!r}")
+            return None
+        return value.strip()
+
+    def strings(key: str) -> tuple[str, ...]:
+        value = table.get(key, [])
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            bad(index, key, f"must be a string or a list of strings, not {value!r}")
+            return ()
+        return tuple(value)
+
+    name = text("name", required=True)
+    address = text("address", required=True)
+    user = text("user")
+    jump = text("jump")
+    port = table.get("port")
+    if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535):
+        bad(index, "port", f"must be a whole number from 1 to 65535, not {port!r}")
+        port = None
+    lab = table.get("lab", False)
+    if not isinstance(lab, bool):
+        bad(index, "lab", f"must be true or false, not {lab!r}")
+        lab = False
+    identity = tuple(_relative(base, p) for p in strings("identity"))
+    for path in identity:
+        if not path.is_file():
+            bad(index, "identity", f"no such key file: {path}")
+    qmp_sockets = strings("qmp_sockets")
+    for pattern in qmp_sockets:
+        if not pattern.startswith("/"):
+            bad(index, "qmp_sockets", f"{pattern!r} must be an absolute path (a glob on the host)")
+    labels = strings("labels")
+    if name is None or address is None:
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9._@:+-]+", name):
+        bad(index, "name", f"{name!r}: use letters, digits and . _ - only (it is typed on command lines)")
+        return None
+    return HostSpec(name=name, address=address, port=port, user=user, identity=identity, jump=jump,
+                    qmp_sockets=qmp_sockets, labels=labels, lab=lab,
+                    origin=f"{fname}:{loc.line(index)}")
+
+
+def _close(a: str, b: str) -> bool:
+    """A one-edit typo (adress, usr, qmp_socket)."""
+    if abs(len(a) - len(b)) > 1 or a == b:
+        return False
+    if len(a) == len(b):
+        return sum(x != y for x, y in zip(a, b, strict=True)) == 1
+    short, long_ = sorted((a, b), key=len)
+    return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
+
+
+def _relative(base: Path, text: str) -> Path:
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+# ---------------------------------------------------------------- ~/.ssh/config
+
+
+def ssh_config_path() -> Path:
+    return Path.home() / ".ssh" / "config"
+
+
+def load_ssh_config(path: Path | None = None) -> paramiko.SSHConfig | None:
+    path = path or ssh_config_path()
+    if not path.is_file():
+        return None
+    return paramiko.SSHConfig.from_path(str(path))
+
+
+def hosts_from_ssh_config(pattern: str | None = None, path: Path | None = None) -> tuple[HostSpec, ...]:
+    """Concrete `Host` names of ~/.ssh/config (no wildcards or negations), filtered by a glob."""
+    config = load_ssh_config(path)
+    if config is None:
+        where = path or ssh_config_path()
+        raise InventoryError([InventoryProblem(str(where), None, None, "no such file (--ssh-config)")])
+    names = sorted(n for n in config.get_hostnames() if not any(c in n for c in "*?!"))
+    if pattern:
+        names = [n for n in names if fnmatch.fnmatch(n, pattern)]
+    if not names:
+        where = path or ssh_config_path()
+        what = f"no Host entry matches {pattern!r}" if pattern else "no concrete Host entries"
+        raise InventoryError([InventoryProblem(str(where), None, None, what)])
+    return tuple(HostSpec(name=n, address=n, origin="ssh-config") for n in names)

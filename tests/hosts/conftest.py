@@ -1,0 +1,218 @@
+"""Real parts for the hosts tests: an OpenSSH sshd on loopback and TCG QEMUs with QMP sockets.
+
+sshd runs in the foreground (-D -e) as a child of the test session with its own config, host
+key and authorized client key. It listens on two ports: on the second one a ForceCommand
+runs every command with PATH=/nonexistent, which is how a host without python3 looks.
+Readiness is read from sshd's own log ("Server listening"), never guessed with a sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from sevconsole.hosts.hostkeys import HostKeyStore
+from sevconsole.hosts.inventory import HostSpec
+from sevconsole.hosts.ssh import SshPool, Timeouts
+from tests.conftest import require_binary
+
+START_TIMEOUT = 15.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_ed25519(path: Path) -> str:
+    """Write an OpenSSH private key (mode 0600) and return the public line."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()))
+    path.chmod(0o600)
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH).decode()
+    path.with_suffix(".pub").write_text(public + "\n")
+    return public
+
+
+@dataclass
+class Sshd:
+    dir: Path
+    port: int
+    nopython_port: int
+    client_key: Path
+    host_public: str  # "ssh-ed25519 AAAA..."
+    proc: subprocess.Popen[bytes]
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def user(self) -> str:
+        import getpass
+
+        return getpass.getuser()
+
+    def spec(self, name: str = "h1", **kw: object) -> HostSpec:
+        values: dict[str, object] = {"address": "127.0.0.1", "port": self.port, "user": self.user,
+                                     "identity": (self.client_key,)}
+        values.update(kw)
+        return HostSpec(name=name, **values)  # type: ignore[arg-type]
+
+    def known_hosts_line(self, port: int | None = None) -> str:
+        return f"[127.0.0.1]:{port or self.port} {self.host_public}\n"
+
+
+def _start_sshd(base: Path) -> Sshd:
+    sshd = require_binary("sshd")
+    base.mkdir(parents=True, exist_ok=True)
+    host_public = write_ed25519(base / "host_ed25519")
+    client_public = write_ed25519(base / "client_ed25519")
+    (base / "authorized_keys").write_text(client_public + "\n")
+    port, nopy = free_port(), free_port()
+    config = base / "sshd_config"
+    config.write_text(f"""\
+Port {port}
+Port {nopy}
+ListenAddress 127.0.0.1
+HostKey {base / 'host_ed25519'}
+PidFile {base / 'sshd.pid'}
+AuthorizedKeysFile {base / 'authorized_keys'}
+StrictModes no
+UsePAM no
+PermitRootLogin yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+MaxSessions 100
+MaxStartups 100:30:200
+LogLevel INFO
+Match LocalPort {nopy}
+    ForceCommand env PATH=/nonexistent /bin/sh -c "$SSH_ORIGINAL_COMMAND"
+""")
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+    proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = Sshd(base, port, nopy, base / "client_ed25519", host_public.strip(), proc)
+    listening: set[str] = set()
+    deadline = time.monotonic() + START_TIMEOUT
+    assert proc.stderr is not None
+    while len(listening) < 2:
+        remaining = deadline - time.monotonic()
+        ready, _, _ = select.select([proc.stderr], [], [], max(remaining, 0))
+        if not ready:
+            proc.kill()
+            pytest.fail(f"sshd did not start listening within {START_TIMEOUT} s: {server.log}")
+        line = proc.stderr.readline().decode(errors="replace")
+        if not line:
+            pytest.fail(f"sshd exited at start (code {proc.wait()}): {server.log}")
+        server.log.append(line.rstrip())
+        if "Server listening on" in line:
+            listening.add(line.split(" port ")[-1].strip(" ."))
+
+    def drain() -> None:  # keep reading so sshd never blocks on a full pipe
+        for raw in iter(proc.stderr.readline, b""):
+            server.log.append(raw.decode(errors="replace").rstrip())
+            del server.log[:-200]
+
+    threading.Thread(target=drain, daemon=True).start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    server = _start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.proc.send_signal(signal.SIGTERM)
+    try:
+        server.proc.wait(10)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait()
+
+
+@pytest.fixture
+def trusting_keys(sshd: Sshd, tmp_path: Path) -> HostKeyStore:
+    """A key store that already knows the test sshd (both ports), and no system files."""
+    own = tmp_path / "known_hosts"
+    own.write_text(sshd.known_hosts_line() + sshd.known_hosts_line(sshd.nopython_port))
+    return HostKeyStore(own, system_files=())
+
+
+@pytest.fixture
+def pool(trusting_keys: HostKeyStore) -> Iterator[SshPool]:
+    with SshPool(trusting_keys, Timeouts(connect=3, banner=5, handshake=5, auth=5, channel=10),
+                 use_agent=False) as p:
+        yield p
+
+
+# ---------------------------------------------------------------- QEMU
+
+
+@dataclass
+class Vm:
+    name: str
+    pid: int
+    qmp: Path
+    argv: list[str]
+
+
+def pid_gone(pid: int, timeout: float) -> bool:
+    """Wait for a process that is not our child to exit, through a pidfd (no polling)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        return bool(ready)
+    finally:
+        os.close(fd)
+
+
+def kill_pid(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    if not pid_gone(pid, 10):
+        os.kill(pid, signal.SIGKILL)
+        pid_gone(pid, 5)
+
+
+@pytest.fixture
+def qemu_vm(tmp_path: Path) -> Iterator[object]:
+    """Factory: start a TCG QEMU with a QMP socket; -daemonize returns once the socket is open."""
+    qemu = require_binary("qemu-system-x86_64")
+    started: list[Vm] = []
+
+    def start(name: str | None = None) -> Vm:
+        name = name or f"t{uuid.uuid4().hex[:8]}"
+        qmp = tmp_path / f"{name}.qmp"
+        pidfile = tmp_path / f"{name}.pid"
+        argv = [qemu, "-machine", "q35,accel=tcg", "-m", "64", "-display", "none", "-nodefaults",
+                "-qmp", f"unix:{qmp},server=on,wait=off", "-name", name,
+                "-daemonize", "-pidfile", str(pidfile)]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=START_TIMEOUT)
+        assert out.returncode == 0, out.stderr
+        vm = Vm(name, int(pidfile.read_text()), qmp, argv)
+        started.append(vm)
+        return vm
+
+    yield start
+    for vm in started:
+        kill_pid(vm.pid)
