@@ -1,8 +1,9 @@
 """Real parts for the hosts tests: an OpenSSH sshd on loopback and TCG QEMUs with QMP sockets.
 
 sshd runs in the foreground (-D -e) as a child of the test session with its own config, host
-key and authorized client key. It listens on two ports: on the second one a ForceCommand
-runs every command with PATH=/nonexistent, which is how a host without python3 looks.
+key and authorized client key. It listens on three ports: on the second one a ForceCommand
+runs every command with PATH=/nonexistent, which is how a host without python3 looks; on the
+third, PATH holds socat only (no python3), for the QMP bridge's fallback.
 Readiness is read from sshd's own log ("Server listening"), never guessed with a sleep.
 """
 
@@ -55,6 +56,7 @@ class Sshd:
     dir: Path
     port: int
     nopython_port: int
+    socat_only_port: int
     client_key: Path
     host_public: str  # "ssh-ed25519 AAAA..."
     proc: subprocess.Popen[bytes]
@@ -82,11 +84,17 @@ def _start_sshd(base: Path) -> Sshd:
     host_public = write_ed25519(base / "host_ed25519")
     client_public = write_ed25519(base / "client_ed25519")
     (base / "authorized_keys").write_text(client_public + "\n")
-    port, nopy = free_port(), free_port()
+    port, nopy, socat_only = free_port(), free_port(), free_port()
+    only = base / "socat-only-bin"  # a PATH holding socat and nothing else: no python3
+    only.mkdir(exist_ok=True)
+    socat = require_binary("socat")
+    if not (only / "socat").exists():
+        (only / "socat").symlink_to(socat)
     config = base / "sshd_config"
     config.write_text(f"""\
 Port {port}
 Port {nopy}
+Port {socat_only}
 ListenAddress 127.0.0.1
 HostKey {base / 'host_ed25519'}
 PidFile {base / 'sshd.pid'}
@@ -102,31 +110,39 @@ MaxStartups 100:30:200
 LogLevel INFO
 Match LocalPort {nopy}
     ForceCommand env PATH=/nonexistent /bin/sh -c "$SSH_ORIGINAL_COMMAND"
+Match LocalPort {socat_only}
+    ForceCommand env PATH={only} /bin/sh -c "$SSH_ORIGINAL_COMMAND"
 """)
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
     proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    server = Sshd(base, port, nopy, base / "client_ed25519", host_public.strip(), proc)
+    server = Sshd(base, port, nopy, socat_only, base / "client_ed25519", host_public.strip(), proc)
     listening: set[str] = set()
     deadline = time.monotonic() + START_TIMEOUT
     assert proc.stderr is not None
-    while len(listening) < 2:
+    fd = proc.stderr.fileno()
+    pending = b""
+    while len(listening) < 3:
         remaining = deadline - time.monotonic()
-        ready, _, _ = select.select([proc.stderr], [], [], max(remaining, 0))
+        ready, _, _ = select.select([fd], [], [], max(remaining, 0))
         if not ready:
             proc.kill()
             pytest.fail(f"sshd did not start listening within {START_TIMEOUT} s: {server.log}")
-        line = proc.stderr.readline().decode(errors="replace")
-        if not line:
+        chunk = os.read(fd, 4096)  # raw reads: a buffered readline could hide lines from select
+        if not chunk:
             pytest.fail(f"sshd exited at start (code {proc.wait()}): {server.log}")
-        server.log.append(line.rstrip())
-        if "Server listening on" in line:
-            listening.add(line.split(" port ")[-1].strip(" ."))
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace")
+            server.log.append(line)
+            if "Server listening on" in line:
+                listening.add(line.split(" port ")[-1].strip(" ."))
 
     def drain() -> None:  # keep reading so sshd never blocks on a full pipe
-        for raw in iter(proc.stderr.readline, b""):
-            server.log.append(raw.decode(errors="replace").rstrip())
+        while chunk := os.read(fd, 4096):
+            server.log.extend(chunk.decode(errors="replace").splitlines())
             del server.log[:-200]
 
     threading.Thread(target=drain, daemon=True).start()
@@ -149,7 +165,8 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
 def trusting_keys(sshd: Sshd, tmp_path: Path) -> HostKeyStore:
     """A key store that already knows the test sshd (both ports), and no system files."""
     own = tmp_path / "known_hosts"
-    own.write_text(sshd.known_hosts_line() + sshd.known_hosts_line(sshd.nopython_port))
+    own.write_text("".join(sshd.known_hosts_line(p) for p in (sshd.port, sshd.nopython_port,
+                                                               sshd.socat_only_port)))
     return HostKeyStore(own, system_files=())
 
 
