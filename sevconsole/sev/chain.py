@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from sevconsole.sev.certs import (
     CURVE_P384,
+    EC_INT_LEN,
     ECDH_ALGOS,
     ECDSA_ALGOS,
     RSA_ALGOS,
@@ -186,6 +187,9 @@ def _verify_sev_signature(signer: Cert, signer_usage: Usage, subject: SevCert,
             if sig.algo not in ECDSA_ALGOS:
                 raise _Fail(LinkFailure.ALGO_MISMATCH,
                             f"{where} is not an ECDSA signature, but the {signer_usage.name} holds an EC key")
+            if any(sig.raw[2 * EC_INT_LEN :]):
+                # Padding after r and s is not signed data: refuse it so no byte of a slot is inert.
+                raise InvalidSignature
             r, s = sig.ecdsa_rs()
             key.verify(encode_dss_signature(r, s), tbs, ec.ECDSA(h))
             how = f"ECDSA P-384 {_hash_label(h)}"

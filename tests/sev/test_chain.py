@@ -225,9 +225,8 @@ def _sev_regions(cert: SevCert) -> dict[str, tuple[int, int]]:
     regions = {"header": (0x000, 0x010), "key": (0x010, 0x414)}
     for slot, off in enumerate((0x414, 0x61C)):
         sig = cert.sigs[slot]
-        if sig.used:
-            length = 144 if sig.algo in (Algo.ECDSA_SHA256, Algo.ECDSA_SHA384) else 512
-            regions[f"sig:{sig.usage.name}"] = (off, off + 8 + length)
+        if sig.used:  # the whole slot: usage, algorithm, r, s and the zero padding after them
+            regions[f"sig:{sig.usage.name}"] = (off, off + 8 + 0x200)
     return regions
 
 
@@ -236,7 +235,7 @@ def _amd_regions(cert: AmdCert) -> dict[str, tuple[int, int]]:
     return {"header": (0, 0x40), "key": (0x40, key_end), "sig:ARK": (key_end, len(cert.to_bytes()))}
 
 
-def _positions(start: int, end: int, count: int = 9) -> list[int]:
+def _positions(start: int, end: int, count: int = 12) -> list[int]:
     step = max(1, (end - start) // count)
     return sorted({*range(start, end, step), end - 1})
 
