@@ -1,0 +1,177 @@
+"""Preflight over HostReports built from the real AMD certificates (Naples and Rome machines)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sevconsole.engine.checks import Check, CheckStatus, preflight, refused
+from sevconsole.engine.plan import MigrationPlan
+from sevconsole.hosts.report import Capabilities, HostReport, SevSupport, VmInfo
+from sevconsole.sev.certs import AmdCert, join_platform_chain
+from sevconsole.sev.policy import GuestPolicy, PolicyFlag
+from sevconsole.sev.trust import TrustStore
+
+RECOMMENDED = PolicyFlag.NODBG | PolicyFlag.NOKS | PolicyFlag.DOMAIN | PolicyFlag.SEV
+
+
+def _caps(certs: Path, platform: str, generation: str, *, cbitpos: int = 47,
+          amd: bool = True) -> Capabilities:
+    p = certs / "platforms" / platform
+    a = certs / "amd" / generation
+    chain = join_platform_chain(*(p.joinpath(f"{n}.cert").read_bytes() for n in ("pek", "oca", "cek")))
+    amd_chain = a.joinpath("ask.cert").read_bytes() + a.joinpath("ark.cert").read_bytes() if amd else None
+    return Capabilities(pdh=p.joinpath("pdh.cert").read_bytes(), cert_chain=chain, cbitpos=cbitpos,
+                        reduced_phys_bits=1, amd_chain=amd_chain)
+
+
+def _host(name: str, caps: Capabilities, api: tuple[int, int], *, es: bool = True, state: int = 2,
+          vms: tuple[VmInfo, ...] = ()) -> HostReport:
+    sev = SevSupport(kernel_sev=True, kernel_sev_es=es, dev_sev=True, api_major=api[0], api_minor=api[1],
+                     platform_state=state, es_configured=es)
+    return HostReport(name=name, address="10.0.0.1", port=22, reachable=True, sev=sev, capabilities=caps,
+                      vms=vms, extra={"mem_available_mib": 8192, "qemu_sev_migration": True})
+
+
+def _vm(policy: GuestPolicy) -> VmInfo:
+    return VmInfo(name="db", pid=10, qmp_path="/run/db.qmp", argv=("qemu",), status="running",
+                  memory_mib=2048, sev_enabled=True, policy=policy.to_u32(), migration_support=True)
+
+
+def _plan(certs: Path, policy: GuestPolicy, *, src: tuple[str, str] = ("rome", "rome"),
+          dst: tuple[str, str] = ("rome", "rome"), dst_api: tuple[int, int] = (0, 22),
+          **kw: object) -> MigrationPlan:
+    vm = _vm(policy)
+    source = _host("alpha", _caps(certs, *src), (0, 22), vms=(vm,))
+    target = _host("beta", _caps(certs, *dst, **{k: v for k, v in kw.items() if k in ("cbitpos", "amd")}),
+                   dst_api, **{k: v for k, v in kw.items() if k in ("es",)})  # type: ignore[arg-type]
+    return MigrationPlan(vm=vm, source=source, target=target)
+
+
+def _by_key(checks: list[Check]) -> dict[str, Check]:
+    return {c.key: c for c in checks}
+
+
+def test_recommended_policy_between_two_rome_hosts_passes(sev_certs: Path) -> None:
+    checks = preflight(_plan(sev_certs, GuestPolicy(RECOMMENDED, api_major=0, api_minor=17)))
+    assert not refused(checks), [c for c in checks if c.status is CheckStatus.FAIL]
+    got = _by_key(checks)
+    assert got["chain"].status is CheckStatus.PASS and "AMD Rome ARK" in got["chain"].sentence
+    assert got["domain"].status is CheckStatus.PASS
+    assert got["api"].status is CheckStatus.PASS and "0.22" in got["api"].sentence
+
+
+def test_nosend_refuses(sev_certs: Path) -> None:
+    checks = preflight(_plan(sev_certs, GuestPolicy(RECOMMENDED | PolicyFlag.NOSEND)))
+    assert refused(checks)
+    nosend = _by_key(checks)["nosend"]
+    assert nosend.status is CheckStatus.FAIL and "NOSEND (bit 3)" in nosend.sentence and "db" in nosend.sentence
+
+
+def test_domain_mismatch_refuses(sev_certs: Path) -> None:
+    """A Naples source and a Rome target have different OCAs (different owners)."""
+    plan = _plan(sev_certs, GuestPolicy(RECOMMENDED), src=("naples", "naples"))
+    checks = preflight(plan)
+    domain = _by_key(checks)["domain"]
+    assert refused(checks) and domain.status is CheckStatus.FAIL
+    assert "DOMAIN (bit 4)" in domain.sentence and "beta" in domain.sentence and "alpha" in domain.sentence
+
+
+def test_old_firmware_api_refuses(sev_certs: Path) -> None:
+    checks = preflight(_plan(sev_certs, GuestPolicy(RECOMMENDED, api_major=0, api_minor=24)))
+    api = _by_key(checks)["api"]
+    assert refused(checks) and api.status is CheckStatus.FAIL
+    assert "0.22" in api.sentence and "0.24" in api.sentence and "beta" in api.sentence
+
+
+def test_chain_to_wrong_root_refuses(sev_certs: Path) -> None:
+    """The Rome platform's CEK is not signed by the Naples ASK."""
+    checks = preflight(_plan(sev_certs, GuestPolicy(RECOMMENDED), dst=("rome", "naples")))
+    chain = _by_key(checks)["chain"]
+    assert refused(checks) and chain.status is CheckStatus.FAIL
+    assert "ASK->CEK" in chain.sentence and "beta" in chain.sentence
+
+
+def test_tampered_pdh_refuses(sev_certs: Path) -> None:
+    plan = _plan(sev_certs, GuestPolicy(RECOMMENDED))
+    caps = plan.target.capabilities
+    assert caps is not None
+    pdh = bytearray(caps.pdh)
+    pdh[0x20] ^= 1  # inside the public key: the PEK's signature no longer matches
+    bad = MigrationPlan(plan.vm, plan.source,
+                        _host("beta", Capabilities(bytes(pdh), caps.cert_chain, 47, 1, amd_chain=caps.amd_chain),
+                              (0, 22)))
+    chain = _by_key(preflight(bad))["chain"]
+    assert chain.status is CheckStatus.FAIL and "PEK->PDH" in chain.sentence
+
+
+def test_no_domain_no_sev_still_verified_and_warned(sev_certs: Path) -> None:
+    checks = preflight(_plan(sev_certs, GuestPolicy(PolicyFlag.NODBG)))
+    chain = _by_key(checks)["chain"]
+    assert not refused(checks)
+    assert chain.status is CheckStatus.WARN and "neither DOMAIN nor SEV" in chain.sentence
+    # ...and a bad chain with such a policy is still refused by the console
+    checks = preflight(_plan(sev_certs, GuestPolicy(PolicyFlag.NODBG), dst=("rome", "naples")))
+    assert _by_key(checks)["chain"].status is CheckStatus.FAIL
+
+
+def test_es_guest_needs_es_target(sev_certs: Path) -> None:
+    checks = preflight(_plan(sev_certs, GuestPolicy(RECOMMENDED | PolicyFlag.ES), es=False))
+    es = _by_key(checks)["es"]
+    assert es.status is CheckStatus.FAIL and "ES (bit 2)" in es.sentence
+
+
+def test_cbitpos_mismatch_refuses(sev_certs: Path) -> None:
+    checks = preflight(_plan(sev_certs, GuestPolicy(RECOMMENDED), cbitpos=51))
+    cbit = _by_key(checks)["cbitpos"]
+    assert cbit.status is CheckStatus.FAIL and "47" in cbit.sentence and "51" in cbit.sentence
+
+
+def test_missing_amd_chain_is_a_clear_refusal(sev_certs: Path) -> None:
+    checks = preflight(_plan(sev_certs, GuestPolicy(RECOMMENDED), amd=False))
+    chain = _by_key(checks)["chain"]
+    assert chain.status is CheckStatus.FAIL and "import the AMD chain" in chain.sentence
+
+
+def test_lab_root_only_for_lab_hosts(sev_certs: Path) -> None:
+    """A store that also trusts a lab root still accepts real AMD chains; a lab ARK offered in a
+    host's AMD chain is not trusted by the AMD-only store."""
+    from sevconsole.sev.certs import generate_lab_root
+
+    lab = generate_lab_root()
+    trust = TrustStore.with_lab_root(lab.ark)
+    plan = _plan(sev_certs, GuestPolicy(RECOMMENDED))
+    assert _by_key(preflight(plan, trust))["chain"].status is CheckStatus.PASS
+    caps = plan.target.capabilities
+    assert caps is not None
+    swapped = Capabilities(caps.pdh, caps.cert_chain, 47, 1, amd_chain=lab.ask.to_bytes() + lab.ark.to_bytes())
+    bad = MigrationPlan(plan.vm, plan.source, _host("beta", swapped, (0, 22)))
+    chain = _by_key(preflight(bad))["chain"]
+    assert chain.status is CheckStatus.FAIL and "lab root" in chain.sentence
+    assert AmdCert.from_bytes(lab.ark.to_bytes()).is_lab
+
+
+def test_upstream_qemu_blocker_shown_verbatim(sev_certs: Path) -> None:
+    plan = _plan(sev_certs, GuestPolicy(RECOMMENDED))
+    vm = VmInfo(**{**plan.vm.__dict__, "migration_support": False,
+                   "migration_blocker": "SEV: Migration is not implemented"})
+    checks = preflight(MigrationPlan(vm, plan.source, plan.target))
+    qemu = _by_key(checks)["qemu-source"]
+    assert qemu.status is CheckStatus.FAIL and qemu.sentence.endswith("SEV: Migration is not implemented")
+
+
+def test_bad_input_never_crashes(sev_certs: Path) -> None:
+    plan = _plan(sev_certs, GuestPolicy(RECOMMENDED))
+    junk = Capabilities(pdh=b"\x01" * 100, cert_chain=b"", cbitpos=None, reduced_phys_bits=None)
+    checks = preflight(MigrationPlan(plan.vm, plan.source, _host("beta", junk, (0, 22))))
+    chain = _by_key(checks)["chain"]
+    assert chain.status is CheckStatus.FAIL and "beta" in chain.sentence
+
+
+@pytest.mark.parametrize("status", ["shutdown", "inmigrate"])
+def test_guest_not_running_refused(sev_certs: Path, status: str) -> None:
+    plan = _plan(sev_certs, GuestPolicy(RECOMMENDED))
+    vm = VmInfo(**{**plan.vm.__dict__, "status": status})
+    checks = preflight(MigrationPlan(vm, plan.source, plan.target))
+    assert _by_key(checks)["vm"].status is CheckStatus.FAIL
