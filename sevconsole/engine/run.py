@@ -14,12 +14,14 @@ import inspect
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.error import QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
+from sevconsole.engine import audit
 from sevconsole.engine.checks import Check, refused
 from sevconsole.engine.errors import EngineError, LinkError
 from sevconsole.engine.fold import ProgressFolder
@@ -101,8 +103,10 @@ class Migration:
     def __init__(self, plan: MigrationPlan, source: HostLink, target: HostLink, *,
                  checks: Sequence[Check] = (), on_progress: ProgressCallback | None = None,
                  on_stall: StallCallback | None = None, poll_interval_s: float = 0.25,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 audit_log: Path | None | bool = True) -> None:
         self.plan = plan
+        self._audit_log = audit_log  # True: the console's log (paths.audit_log_file()); False: none
         self.source = source
         self.target = target
         self.checks = tuple(checks)
@@ -154,6 +158,12 @@ class Migration:
                         errors=self.folder.current.errors)
         self.outcome = outcome
         self._post()
+        if self._audit_log is not False:
+            path = None if self._audit_log is True else self._audit_log
+            try:
+                audit.record(self.plan, self.checks, outcome, path)
+            except OSError as exc:
+                outcome = _with(outcome, errors=(*outcome.errors, f"audit log not written: {exc}"))
         return _with(outcome, progress=self.folder.snapshot())
 
     # -- the flow

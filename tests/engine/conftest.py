@@ -67,6 +67,15 @@ class LocalGuests:
             proc.wait()
 
 
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The console's data (audit log, known_hosts) under the test's own folder."""
+    path = tmp_path / "data"
+    monkeypatch.setenv("SEVCONSOLE_DATA_DIR", str(path))
+    monkeypatch.setenv("SEVCONSOLE_CONFIG_DIR", str(tmp_path / "config"))
+    return path
+
+
 @pytest.fixture
 def guests(tmp_path: Path) -> Iterator[LocalGuests]:
     g = LocalGuests(require_binary("qemu-system-x86_64"), tmp_path)

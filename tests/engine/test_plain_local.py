@@ -11,10 +11,12 @@ import signal
 import pytest
 from qemu.qmp import QMPClient
 
+from sevconsole.engine import audit
 from sevconsole.engine.checks import preflight, refused
 from sevconsole.engine.plan import MigrationPlan
 from sevconsole.engine.progress import Phase, Progress
 from sevconsole.engine.run import Migration
+from sevconsole.paths import audit_log_file
 from tests.engine.conftest import QmpRelay, plain_reports
 
 pytestmark = [pytest.mark.needs_qemu, pytest.mark.timeout(60)]
@@ -55,6 +57,9 @@ async def test_plain_migration_completes(guests, local_hosts) -> None:
     for p in seen:
         line = json.dumps(p.to_json())
         assert json.loads(line)["vm"] == "web"
+    entries = [json.loads(line) for line in audit_log_file().read_text().splitlines()]
+    assert len(entries) == 1 and entries[0]["outcome"] == "done" and entries[0]["vm"] == "web"
+    assert entries[0]["bytes"] == outcome.bytes_transferred and audit.verify(audit_log_file()).ok
     last = seen[-1]
     assert last.bytes_total >= 64 * 1024 * 1024 and not last.page_map_exact  # RAM plus ROMs
     assert last.page_states is not None and len(last.page_states) == last.total_pages
