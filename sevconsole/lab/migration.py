@@ -241,8 +241,9 @@ class OutgoingMigration:
             with self.stats.lock:
                 self.stats.dirty_sync_count += 1
             self._send_pages(pages, "downtime")
-            if vm.sev:
-                # Computed while the guest is stopped: the SENT guest's memory never changes again.
+            if vm.sev and vm.digest_on_send:
+                # While the guest is stopped and still readable (SUPDATE): once SENT its memory
+                # never changes again, and x-query-guest-digest answers with this.
                 vm.final_digest = vm.digest()
             self._send_frame(Frame.COMPLETE, b"", "downtime")
             self._await(Frame.READY, "to accept every page")
@@ -341,7 +342,7 @@ class OutgoingMigration:
                     parts = [struct.pack(">Q", gpa), memoryview(body)]
                     kind = Frame.SHARED
                 else:
-                    res = vm.psp.call("send_pages", vm.handle, gpa, count, packet_size=packet)
+                    res = vm.psp.call("send_pages", vm.handle, gpa, count * PAGE_SIZE // packet, packet_size=packet)
                     trans = self._maybe_tamper(res.trans)
                     parts = stream.pack_private(gpa, res.headers, trans, packet)
                     kind = Frame.PRIVATE

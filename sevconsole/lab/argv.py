@@ -1,0 +1,119 @@
+"""The QEMU-like command line a lab VM shows (probe) and the one launch-incoming reads.
+
+Lab VMs are not processes, but they show the argv a real SEV guest would have, so the
+console's code that reads real QEMU command lines works on them unchanged:
+
+    qemu-system-x86_64 -name web -machine q35,confidential-guest-support=sev0 -m 64
+        -object sev-guest,id=sev0,policy=0x18000033,cbitpos=51,reduced-phys-bits=1
+        -qmp unix:/.../web.qmp,server=on,wait=off -display none
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+CBITPOS = 51
+REDUCED_PHYS_BITS = 1
+
+
+class ArgvError(ValueError):
+    """A command line launch-incoming cannot use; the sentence says which option."""
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    name: str
+    mem_mib: int
+    sev: bool
+    policy: int
+    autostart: bool = True  # no -S
+    cbitpos: int | None = None
+    reduced_phys_bits: int | None = None
+
+
+def build_argv(name: str, mem_mib: int, sev: bool, policy: int, qmp_path: str, *,
+               incoming: bool = False, autostart: bool = True) -> list[str]:
+    argv = ["qemu-system-x86_64", "-name", name]
+    if sev:
+        argv += ["-machine", "q35,confidential-guest-support=sev0", "-m", str(mem_mib),
+                 "-object", f"sev-guest,id=sev0,policy=0x{policy:x},cbitpos={CBITPOS},"
+                            f"reduced-phys-bits={REDUCED_PHYS_BITS}"]
+    else:
+        argv += ["-machine", "q35", "-m", str(mem_mib)]
+    if not autostart:
+        argv.append("-S")
+    argv += ["-qmp", f"unix:{qmp_path},server=on,wait=off", "-display", "none"]
+    if incoming:
+        argv += ["-incoming", "defer"]
+    return argv
+
+
+_SIZE = re.compile(r"^(\d+)([KMGT]?)B?$", re.IGNORECASE)
+_SCALE_MIB = {"": 1.0, "K": 1 / 1024, "M": 1.0, "G": 1024.0, "T": 1024.0 * 1024}
+
+
+def _mem_mib(value: str) -> int:
+    # -m 64 | -m 64M | -m 1G | -m size=1G,slots=...,maxmem=...
+    first = value.split(",")[0]
+    first = first.removeprefix("size=")
+    m = _SIZE.match(first.strip())
+    if not m:
+        raise ArgvError(f"-m {value!r} is not a memory size such as 64, 512M or 1G")
+    mib = int(m.group(1)) * _SCALE_MIB[m.group(2).upper()]
+    if mib < 1 or mib != int(mib):
+        raise ArgvError(f"-m {value!r}: the lab needs a whole number of MiB, at least 1")
+    return int(mib)
+
+
+def _props(value: str) -> dict[str, str]:
+    out = {}
+    for part in value.split(","):
+        key, _, val = part.partition("=")
+        out[key] = val
+    return out
+
+
+def parse_argv(argv: list[str]) -> VmConfig:
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        raise ArgvError("argv must be a list of strings")
+    name: str | None = None
+    mem = 128  # QEMU's default
+    sev = False
+    policy = 0x1  # QEMU's default SEV policy
+    cbit = rpb = None
+    autostart = True
+    i = 0
+    while i < len(argv):
+        opt = argv[i]
+        val = argv[i + 1] if i + 1 < len(argv) else None
+        if opt in ("-name", "-m", "-object") and val is None:
+            raise ArgvError(f"{opt} has no value")
+        if opt == "-name":
+            name = _props(val)["guest"] if val.startswith("guest=") else val.split(",")[0]
+            i += 2
+        elif opt == "-m":
+            mem = _mem_mib(val)
+            i += 2
+        elif opt == "-object":
+            if val.startswith("sev-guest,") or val == "sev-guest":
+                props = _props(val)
+                sev = True
+                try:
+                    policy = int(props.get("policy", "0x1"), 0)
+                    cbit = int(props["cbitpos"]) if "cbitpos" in props else None
+                    rpb = int(props["reduced-phys-bits"]) if "reduced-phys-bits" in props else None
+                except ValueError:
+                    raise ArgvError(f"-object {val}: policy, cbitpos and reduced-phys-bits must be numbers") from None
+                if not 0 <= policy <= 0xFFFFFFFF:
+                    raise ArgvError(f"-object {val}: policy does not fit in 32 bits")
+            i += 2
+        elif opt == "-S":
+            autostart = False
+            i += 1
+        else:
+            i += 1
+    if not name:
+        raise ArgvError("the source command line has no -name, so the incoming VM cannot be named")
+    return VmConfig(name=name, mem_mib=mem, sev=sev, policy=policy, autostart=autostart,
+                    cbitpos=cbit, reduced_phys_bits=rpb)

@@ -1,0 +1,258 @@
+"""The lab host's SSH server (paramiko): public-key auth with the lab client key, helper commands only.
+
+A lab host serves the remote helper protocol natively (docs/internals.md): an exec request
+must be `python3 -c SCRIPT BLOB COMMAND ARGS...`; the BLOB is ignored and COMMAND is answered
+with the same outputs as hosts/helper.py would give (JSON with sorted keys, one line; failures
+`{"error": ...}` with exit 1; an unknown command exits 127 with a message on stderr). Anything
+else exits 127. No shell, no port forwarding, no subsystems.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import shlex
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import paramiko
+
+PYTHONS = ("python3", "python", "/usr/bin/python3", "/usr/local/bin/python3")
+COMMANDS = ("launch-incoming", "probe", "qmp", "stop")
+
+
+class _Failure(Exception):
+    pass
+
+
+def _emit(chan: paramiko.Channel, obj: dict[str, Any]) -> None:
+    chan.sendall((json.dumps(obj, sort_keys=True) + "\n").encode())
+
+
+class _Server(paramiko.ServerInterface):
+    def __init__(self, lab: LabSshServer) -> None:
+        self.lab = lab
+
+    def get_allowed_auths(self, username: str) -> str:
+        return "publickey"
+
+    def check_auth_none(self, username: str) -> int:
+        return paramiko.AUTH_FAILED
+
+    def check_auth_password(self, username: str, password: str) -> int:
+        return paramiko.AUTH_FAILED
+
+    def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
+        ok = key.get_name() == self.lab.client_key.get_name() and key.asbytes() == self.lab.client_key.asbytes()
+        return paramiko.AUTH_SUCCESSFUL if ok else paramiko.AUTH_FAILED
+
+    def check_channel_request(self, kind: str, chanid: int) -> int:
+        if kind == "session":
+            return paramiko.OPEN_SUCCEEDED
+        return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+
+    def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
+        text = command.decode("utf-8", errors="replace")
+        threading.Thread(target=self.lab.run_command, args=(channel, text), name="ssh-exec", daemon=True).start()
+        return True
+
+    def check_channel_shell_request(self, channel: paramiko.Channel) -> bool:
+        return False
+
+    def check_channel_subsystem_request(self, channel: paramiko.Channel, name: str) -> bool:
+        return False
+
+    def check_port_forward_request(self, address: str, port: int) -> int:
+        return False
+
+    def check_channel_direct_tcpip_request(self, chanid: int, origin: tuple, destination: tuple) -> int:
+        return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+
+
+class LabSshServer:
+    def __init__(self, host: Any, *, host_key: str, client_pub: str, user: str = "lab") -> None:
+        self.host = host
+        self.host_key = paramiko.Ed25519Key.from_private_key_file(host_key)
+        kind, data = Path(client_pub).read_text().split()[:2]
+        self.client_key = paramiko.PKey.from_type_string(kind, base64.b64decode(data))
+        self.user = user
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._transports: set[paramiko.Transport] = set()
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        threading.Thread(target=self._accept, name="ssh-accept", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self.listener.close()
+        with self._lock:
+            transports = list(self._transports)
+        for t in transports:
+            with contextlib.suppress(Exception):
+                t.close()
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._session, args=(sock,), name="ssh-session", daemon=True).start()
+
+    def _session(self, sock: socket.socket) -> None:
+        t = paramiko.Transport(sock)
+        t.add_server_key(self.host_key)
+        with self._lock:
+            self._transports.add(t)
+        try:
+            t.start_server(server=_Server(self))
+            while t.is_active() and not self._stopped.is_set():
+                chan = t.accept(timeout=1.0)
+                if chan is None:
+                    continue
+        except (paramiko.SSHException, EOFError, OSError):
+            pass
+        finally:
+            with self._lock:
+                self._transports.discard(t)
+            with contextlib.suppress(Exception):
+                t.close()
+
+    # --- the helper's commands --------------------------------------------------------------
+
+    def run_command(self, chan: paramiko.Channel, command: str) -> None:
+        code = 1
+        try:
+            code = self._dispatch(chan, command)
+        except Exception as exc:  # never let one request take the host down
+            with contextlib.suppress(Exception):
+                _emit(chan, {"error": f"helper command failed: {type(exc).__name__}: {exc}"})
+            code = 1
+        finally:
+            with contextlib.suppress(Exception):
+                chan.send_exit_status(code)
+                chan.shutdown_write()
+                chan.close()
+
+    def _dispatch(self, chan: paramiko.Channel, command: str) -> int:
+        try:
+            words = shlex.split(command)
+        except ValueError:
+            words = []
+        if len(words) < 4 or words[0] not in PYTHONS or words[1] != "-c":
+            chan.sendall_stderr(
+                f"sevconsole lab: this host runs only the sevconsole remote helper; refused: {command[:200]!r}\n".encode())
+            return 127
+        argv = words[4:]
+        if not argv or argv[0] not in COMMANDS:
+            chan.sendall_stderr("sevconsole helper: unknown command {!r}; known: {}\n".format(
+                argv[0] if argv else "", ", ".join(COMMANDS)).encode())
+            return 127
+        name, args = argv[0], argv[1:]
+        try:
+            if name == "probe":
+                return self._probe(chan, args)
+            if name == "qmp":
+                return self._qmp(chan, args)
+            if name == "launch-incoming":
+                return self._launch_incoming(chan)
+            return self._stop(chan, args)
+        except _Failure as exc:
+            _emit(chan, {"error": str(exc)})
+            return 1
+
+    def _probe(self, chan: paramiko.Channel, args: list[str]) -> int:
+        i = 0
+        while i < len(args):  # --qmp-glob is accepted: the lab knows its own sockets
+            if args[i] == "--qmp-glob" and i + 1 < len(args):
+                i += 2
+            else:
+                raise _Failure(f"probe: unexpected argument {args[i]!r}")
+        result = self.host.probe()
+        result["python"] = "{}.{}".format(*sys.version_info[:2])
+        _emit(chan, result)
+        return 0
+
+    def _qmp(self, chan: paramiko.Channel, args: list[str]) -> int:
+        if len(args) != 1:
+            raise _Failure("qmp: expected one socket path")
+        path = args[0]
+        if not self.host.qmp_path_known(path):
+            raise _Failure(f"cannot connect to the QMP socket {path}: no VM of {self.host.name} listens there")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise _Failure(f"cannot connect to the QMP socket {path}: {exc.strerror or exc}") from None
+        done = threading.Event()
+
+        def pump_in() -> None:  # channel -> socket
+            with contextlib.suppress(Exception):
+                while True:
+                    data = chan.recv(65536)
+                    if not data:
+                        break
+                    sock.sendall(data)
+            done.set()
+
+        def pump_out() -> None:  # socket -> channel
+            with contextlib.suppress(Exception):
+                while True:
+                    data = sock.recv(65536)
+                    if not data:
+                        break
+                    chan.sendall(data)
+            done.set()
+
+        for fn in (pump_in, pump_out):
+            threading.Thread(target=fn, name="ssh-qmp", daemon=True).start()
+        while not done.wait(1.0):  # either side closing ends the bridge
+            if self._stopped.is_set():
+                break
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+        return 0
+
+    def _launch_incoming(self, chan: paramiko.Channel) -> int:
+        data = bytearray()
+        while len(data) < (1 << 20):
+            chunk = chan.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        try:
+            request = json.loads(data)
+            argv = [str(a) for a in request["argv"]]
+        except (ValueError, KeyError, TypeError):
+            raise _Failure('launch-incoming expects {"argv": [...]} on stdin') from None
+        from .host import LabHostError
+
+        try:
+            answer = self.host.launch_incoming({"argv": argv})
+        except LabHostError as exc:
+            raise _Failure(str(exc)) from None
+        vm = self.host.vms.get(answer["pid"])
+        answer["log"] = self.host.config.get("log", "")
+        answer["argv"] = list(vm.argv) if vm else argv
+        _emit(chan, answer)
+        return 0
+
+    def _stop(self, chan: paramiko.Channel, args: list[str]) -> int:
+        if len(args) != 1 or not args[0].isdigit():
+            raise _Failure("stop: expected one process id")
+        if self.host.stop_pid(int(args[0])):
+            _emit(chan, {"stopped": True})
+        else:
+            _emit(chan, {"stopped": False, "reason": "no such process"})
+        return 0
