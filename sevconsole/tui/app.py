@@ -1,0 +1,194 @@
+"""The console application: hosts, host, migrate, live and result screens over one backend."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from textual import work
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+
+from sevconsole.hosts.report import HostReport
+from sevconsole.tui.backend import ConsoleBackend, HostKeyPending
+from sevconsole.tui.config import ConsoleConfig
+from sevconsole.tui.messages import HostKeyAsked, HostProbed, HostProbeFailed
+from sevconsole.tui.themes import DEFAULT, NamedTheme, load_themes
+
+
+class SevConsoleApp(App[int]):
+    CSS_PATH = "app.tcss"
+    TITLE = "sevconsole"
+    ENABLE_COMMAND_PALETTE = True
+    BINDINGS = [
+        Binding("question_mark", "help", "Help", id="help"),
+        Binding("f8", "screenshot", "Screenshot", id="screenshot", show=False),
+        Binding("ctrl+t", "next_theme", "Theme", id="theme", show=False),
+        Binding("ctrl+g", "guide", "Guide", id="guide", show=False),
+        Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
+    ]
+
+    def __init__(self, backend: ConsoleBackend, *, config: ConsoleConfig | None = None,
+                 theme: str | None = None, guide: bool = False, probe_on_start: bool = True,
+                 screenshot_dir: Path | None = None) -> None:
+        super().__init__()
+        self.backend = backend
+        self.config = config or ConsoleConfig()
+        self.reports: dict[str, HostReport] = {}
+        self.probe_log: list[str] = []  # one line per probe message, oldest first
+        self.themes, self.theme_problems = load_themes()
+        self.requested_theme = theme or self.config.theme or DEFAULT
+        self.start_guide = guide
+        self.probe_on_start = probe_on_start
+        self.screenshot_dir = screenshot_dir or Path.cwd()
+
+    # -- start
+    def on_mount(self) -> None:
+        for named in self.themes.values():
+            self.register_theme(named.theme)
+        self.apply_theme(self.requested_theme, save=False)
+        if self.config.keys:
+            self.set_keymap(self.config.keys)
+        for problem in (*self.config.problems, *self.theme_problems):
+            self.notify(problem, severity="warning", timeout=8)
+        from sevconsole.tui.screens.hosts import HostsScreen
+
+        self.push_screen(HostsScreen())
+        if self.probe_on_start:
+            self.probe_all()
+        if self.start_guide:
+            self.action_guide()
+
+    def apply_theme(self, label: str, *, save: bool = True) -> bool:
+        named: NamedTheme | None = self.themes.get(label)
+        if named is None:
+            known = ", ".join(sorted(self.themes)) or "none found"
+            self.notify(f"No theme called {label!r} (known: {known}); keeping {self.theme}.", severity="warning")
+            return False
+        self.theme = named.theme.name
+        if save:
+            try:
+                self.config = self.config.with_theme(label)
+                self.config.save()
+            except OSError as exc:
+                self.notify(f"Theme {label} is on, but it could not be saved: {exc}", severity="warning")
+        return True
+
+    @property
+    def theme_label(self) -> str:
+        return next((k for k, v in self.themes.items() if v.theme.name == self.theme), self.theme)
+
+    # -- probing (SSH is blocking: thread workers post immutable reports)
+    def probe_all(self) -> None:
+        for name in self.backend.host_names():
+            self.probe(name)
+
+    def probe(self, name: str) -> None:
+        self._probe(name)
+
+    @work(thread=True, group="probe", exit_on_error=False)
+    def _probe(self, name: str) -> None:
+        try:
+            report = self.backend.probe(name)
+        except HostKeyPending as pending:
+            self.post_message(HostKeyAsked(pending.question))
+        except Exception as exc:  # every failure becomes a sentence on the host's row
+            self.post_message(HostProbeFailed(name, str(exc) or type(exc).__name__))
+        else:
+            self.post_message(HostProbed(report))
+
+    def on_host_probed(self, message: HostProbed) -> None:
+        report = message.report
+        self.reports[report.name] = report
+        self.probe_log.append(f"{report.name}: probed ({'reachable' if report.reachable else 'unreachable'})")
+        self._fan_out("report_updated", report)
+
+    def on_host_probe_failed(self, message: HostProbeFailed) -> None:
+        self.probe_log.append(f"{message.host}: failed: {message.sentence}")
+        report = HostReport(name=message.host, address="", port=0, reachable=False,
+                            errors=(message.sentence,), probed_at=time.time())
+        old = self.reports.get(message.host)
+        if old is not None:
+            report = HostReport(name=old.name, address=old.address, port=old.port, reachable=False,
+                                lab=old.lab, errors=(message.sentence,), probed_at=report.probed_at)
+        self.reports[message.host] = report
+        self._fan_out("report_updated", report)
+
+    def on_host_key_asked(self, message: HostKeyAsked) -> None:
+        from sevconsole.tui.screens.modals import HostKeyScreen
+
+        question = message.question
+        self.probe_log.append(f"{question.host}: unknown host key {question.fingerprint}")
+
+        def answered(accept: bool | None) -> None:
+            if accept:
+                self._accept_key(question)
+            else:
+                self.on_host_probe_failed(HostProbeFailed(
+                    question.host, f"host key {question.fingerprint} of {question.host} was refused; "
+                                   "press r on the host to be asked again"))
+
+        self.push_screen(HostKeyScreen(question), answered)
+
+    @work(thread=True, group="probe", exit_on_error=False)
+    def _accept_key(self, question) -> None:  # type: ignore[no-untyped-def]
+        try:
+            self.backend.accept_host_key(question)
+        except Exception as exc:
+            self.post_message(HostProbeFailed(question.host, f"could not record the key: {exc}"))
+            return
+        self.call_from_thread(self.probe, question.host)
+
+    def _fan_out(self, method: str, *args: object) -> None:
+        for screen in self.screen_stack:
+            handler = getattr(screen, method, None)
+            if handler is not None:
+                handler(*args)
+
+    # -- actions (each one also in the command palette)
+    def action_help(self) -> None:
+        from sevconsole.tui.screens.help import HelpScreen
+
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen(self.screen))
+
+    def action_screenshot(self) -> None:
+        self.screenshot_dir.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = self.save_screenshot(f"sevconsole-{stamp}.svg", str(self.screenshot_dir))
+        self.notify(f"Screenshot saved to {path}")
+
+    def action_next_theme(self) -> None:
+        labels = sorted(self.themes)
+        if labels:
+            current = self.theme_label
+            nxt = labels[(labels.index(current) + 1) % len(labels)] if current in labels else labels[0]
+            self.apply_theme(nxt)
+            self.notify(f"Theme: {nxt}")
+
+    def action_set_theme(self, label: str) -> None:
+        if self.apply_theme(label):
+            self.notify(f"Theme: {label}")
+
+    def action_guide(self) -> None:
+        from sevconsole.tui.screens.guide import GuideScreen
+
+        if not any(isinstance(s, GuideScreen) for s in self.screen_stack):
+            self.push_screen(GuideScreen())
+
+    def action_probe_all(self) -> None:
+        self.probe_all()
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Help: every key binding", "List the bindings of this screen and the app", self.action_help)
+        yield SystemCommand("Re-probe all hosts", "Run discovery again on every host", self.probe_all)
+        yield SystemCommand("Save SVG screenshot", "Save this screen as an SVG file (F8)", self.action_screenshot)
+        yield SystemCommand("Guided tour", "Walk through a lab migration step by step", self.action_guide)
+        for label in sorted(self.themes):
+            yield SystemCommand(f"Theme: {label}", f"Switch to the {label} theme and remember it",
+                                lambda label=label: self.action_set_theme(label))
+        for title, help_text, action in getattr(screen, "palette_commands", lambda: [])():
+            yield SystemCommand(title, help_text, action)

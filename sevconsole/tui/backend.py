@@ -1,0 +1,123 @@
+"""What the console needs from the world, behind one small Protocol (Harlequin's pattern).
+
+Screens never open SSH or QMP themselves: `probe` blocks and runs in thread workers, a
+migration runs as a coroutine in an async worker. The live backend adapts hosts/ and engine/;
+tests and screenshots use a scripted one that replays HostReports and Progress snapshots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sevconsole.engine.progress import Progress
+from sevconsole.hosts.report import HostReport, VmInfo
+
+
+@dataclass(frozen=True)
+class HostKeyQuestion:
+    """An unknown host key: the operator decides. Changed keys are refused, never asked."""
+
+    host: str
+    key_type: str
+    fingerprint: str  # SHA256:... as ssh-keygen prints it
+    message: str
+
+
+class HostKeyPending(Exception):
+    """`probe` raises this when the host's key is unknown; carries the question to ask."""
+
+    def __init__(self, question: HostKeyQuestion) -> None:
+        super().__init__(question.message)
+        self.question = question
+
+
+@dataclass(frozen=True)
+class CheckLine:
+    """One preflight check as the console shows it (engine Check, or built by a test)."""
+
+    key: str
+    title: str
+    status: str  # pass, warn, fail
+    sentence: str
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished migration as the result screen shows it (engine Outcome, adapted)."""
+
+    result: str  # done, failed, cancelled, refused
+    message: str
+    runnable: tuple[str, ...] = ()
+    source_guest_state: int | None = None
+    target_guest_state: int | None = None
+    source_status: str | None = None
+    target_status: str | None = None
+    digest_source: str | None = None
+    digest_target: str | None = None
+    bytes_transferred: int = 0
+    duration_s: float = 0.0
+    errors: tuple[str, ...] = ()
+    audit: str | None = None  # the line written to the audit log, if any
+
+    @property
+    def one_copy(self) -> bool:
+        return len(self.runnable) == 1
+
+    @property
+    def digest_match(self) -> bool | None:
+        if self.digest_source is None or self.digest_target is None:
+            return None
+        return self.digest_source == self.digest_target
+
+
+class MigrationHandle(Protocol):
+    def run(self) -> Awaitable[Result]: ...
+
+    def cancel(self, reason: str = ...) -> None: ...
+
+
+ProgressSink = Callable[[Progress], None]
+
+
+class ConsoleBackend(Protocol):
+    lab: bool  # hosts are lab hosts (the lab root is trusted for them)
+
+    def host_names(self) -> Sequence[str]:
+        """Inventory order; quick (no network)."""
+        ...
+
+    def probe(self, name: str) -> HostReport:
+        """Blocking: SSH in, run the helper's probe, query QMP. Raises HostKeyPending."""
+        ...
+
+    def accept_host_key(self, question: HostKeyQuestion) -> None:
+        """Blocking: record the key in the console's known_hosts."""
+        ...
+
+    def preflight(self, vm: VmInfo, source: HostReport, target: HostReport,
+                  downtime_limit_ms: int) -> list[CheckLine]:
+        """Pure: the engine's checks for this plan."""
+        ...
+
+    def migration(self, vm: VmInfo, source: HostReport, target: HostReport,
+                  downtime_limit_ms: int, checks: Sequence[CheckLine],
+                  on_progress: ProgressSink) -> MigrationHandle:
+        ...
+
+    def close(self) -> None: ...
+
+
+def check_line(check: Any) -> CheckLine:
+    """An engine Check (or anything shaped like one) as a CheckLine."""
+    status = getattr(check, "status", "fail")
+    return CheckLine(key=str(getattr(check, "key", "")), title=str(getattr(check, "title", "")),
+                     status=str(getattr(status, "value", status)), sentence=str(getattr(check, "sentence", "")))
+
+
+def result_from_outcome(outcome: Any, audit: str | None = None) -> Result:
+    """An engine Outcome as a Result."""
+    fields = Result.__dataclass_fields__
+    values = {k: getattr(outcome, k) for k in fields if k != "audit" and hasattr(outcome, k)}
+    return Result(**values, audit=audit)

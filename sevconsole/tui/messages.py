@@ -1,0 +1,43 @@
+"""Messages the workers post: each carries an immutable snapshot, never a live object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual.message import Message
+
+from sevconsole.engine.progress import Progress
+from sevconsole.hosts.report import HostReport
+from sevconsole.tui.backend import CheckLine, HostKeyQuestion, Result
+
+
+@dataclass
+class HostProbed(Message):
+    report: HostReport
+
+
+@dataclass
+class HostProbeFailed(Message):
+    host: str
+    sentence: str
+
+
+@dataclass
+class HostKeyAsked(Message):
+    question: HostKeyQuestion
+
+
+@dataclass
+class PreflightDone(Message):
+    target: str
+    checks: tuple[CheckLine, ...]
+
+
+@dataclass
+class ProgressPosted(Message):
+    progress: Progress
+
+
+@dataclass
+class MigrationEnded(Message):
+    result: Result

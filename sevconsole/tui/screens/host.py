@@ -1,0 +1,175 @@
+"""One host: SEV capabilities, the certificate chain as a tree, and its VMs with their policies."""
+
+from __future__ import annotations
+
+import base64
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.markup import escape
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Static, Tree
+
+from sevconsole.hosts.report import HostReport, VmInfo
+from sevconsole.tui import format as fmt
+from sevconsole.tui.widgets.chain_tree import fill_chain_tree
+
+
+def capability_lines(report: HostReport) -> list[str]:
+    lines = [f"[b]{escape(report.name)}[/] {escape(report.address)}:{report.port}"
+             + (" [$accent]lab[/]" if report.lab else "")]
+    if report.hostname or report.kernel:
+        lines.append(escape(f"{report.hostname or '?'}  kernel {report.kernel or '?'}"))
+    if report.cpu:
+        lines.append(escape(report.cpu))
+    sev = report.sev
+    if sev is None:
+        lines.append("[$error]no SEV information[/]")
+    else:
+        api = "-" if sev.api is None else f"{sev.api[0]}.{sev.api[1]} build {sev.build}"
+        owner = {None: "?", False: "self-owned", True: "externally owned"}[sev.owner_external]
+        lines.append(f"kvm_amd sev={_yn(sev.kernel_sev)} sev_es={_yn(sev.kernel_sev_es)} /dev/sev={_yn(sev.dev_sev)}")
+        lines.append(f"firmware API {api}, platform {fmt.platform_state(sev.platform_state)}, {owner}")
+        lines.append(f"ES configured {_yn(sev.es_configured)}, guests {sev.guest_count if sev.guest_count is not None else '?'}")
+    caps = report.capabilities
+    if caps is not None:
+        lines.append(f"cbitpos {caps.cbitpos}, reduced-phys-bits {caps.reduced_phys_bits}")
+    for error in report.errors:
+        lines.append(f"[$error]{escape(error)}[/]")
+    return lines
+
+
+def _yn(value: bool | None) -> str:
+    return {None: "?", True: "yes", False: "no"}[value]
+
+
+def policy_lines(vm: VmInfo) -> list[str]:
+    if vm.policy is None:
+        return [f"[b]{escape(vm.name)}[/]: not an SEV guest (no policy)"]
+    lines = [f"[b]{escape(vm.name)}[/] policy {escape(fmt.policy(vm.policy))}"]
+    try:
+        from sevconsole.sev.policy import GuestPolicy
+
+        infos = GuestPolicy.from_u32(vm.policy).explain()
+    except (ImportError, ValueError) as exc:
+        return [*lines, f"[$warning]cannot explain the policy: {escape(str(exc))}[/]"]
+    for info in infos:
+        mark = "[$success]■[/]" if info.set else "[$text-muted]□[/]"
+        lines.append(f"{mark} {escape(str(info.name)):<8} {escape(str(info.migration))}")
+    if vm.migration_blocker:
+        lines.append(f"[$error]QEMU: {escape(vm.migration_blocker)}[/]")
+    return lines
+
+
+class HostScreen(Screen[None]):
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Back", id="host.back"),
+        Binding("m", "migrate", "Migrate VM", id="host.migrate"),
+        Binding("r", "reprobe", "Re-probe", id="host.reprobe"),
+        Binding("c", "copy_pdh", "Copy PDH", id="copy_pdh"),
+        Binding("C", "copy_chain", "Copy chain", id="copy_chain"),
+        Binding("tab", "app.focus_next", "Next pane", show=False),
+    ]
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.host_name = name
+
+    @property
+    def report(self) -> HostReport:
+        return self.app.reports[self.host_name]  # type: ignore[attr-defined,no-any-return]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="host-top"):
+            yield Static(id="caps")
+            yield Tree("chain", id="chain")
+        with Vertical(id="host-vms"):
+            yield DataTable(id="vms", cursor_type="row", zebra_stripes=True)
+            yield Static(id="policy")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = self.host_name
+        table = self.query_one("#vms", DataTable)
+        for key, label in (("vm", "VM"), ("status", "Status"), ("mem", "Memory"), ("policy", "Policy"),
+                           ("state", "Guest state"), ("mig", "Migration")):
+            table.add_column(label, key=key)
+        self.fill()
+        table.focus()
+
+    def report_updated(self, report: HostReport) -> None:
+        if report.name == self.host_name:
+            self.fill()
+
+    def fill(self) -> None:
+        report = self.report
+        self.query_one("#caps", Static).update("\n".join(capability_lines(report)))
+        tree = self.query_one("#chain", Tree)
+        fill_chain_tree(tree, report.capabilities)
+        table = self.query_one("#vms", DataTable)
+        table.clear()
+        for vm in report.vms:
+            state = vm.firmware_guest_state
+            sev_state = fmt.guest_state(state) if state is not None else (vm.sev_state or "-")
+            mig = {None: "?", True: "[$success]yes[/]", False: "[$error]no[/]"}[vm.migration_support]
+            mem = "-" if vm.memory_mib is None else fmt.size(vm.memory_mib * 1024 * 1024)
+            cells = (escape(vm.name), escape(vm.status or "?"), mem, escape(fmt.policy(vm.policy)),
+                     escape(sev_state), mig)
+            table.add_row(*(fmt.cell(self.app, c) for c in cells), key=vm.name)
+        self.show_policy()
+
+    def selected_vm(self) -> VmInfo | None:
+        table = self.query_one("#vms", DataTable)
+        if not table.row_count:
+            return None
+        key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        return self.report.vm(str(key))
+
+    def show_policy(self) -> None:
+        vm = self.selected_vm()
+        text = "\n".join(policy_lines(vm)) if vm else "[$text-muted]no VM on this host[/]"
+        self.query_one("#policy", Static).update(text)
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self.show_policy()
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        self.action_migrate()
+
+    def action_migrate(self) -> None:
+        vm = self.selected_vm()
+        if vm is None:
+            self.notify(f"{self.host_name} runs no VM to migrate.", severity="warning")
+            return
+        from sevconsole.tui.screens.migrate import MigrateScreen
+
+        self.app.push_screen(MigrateScreen(self.host_name, vm.name))
+
+    def action_reprobe(self) -> None:
+        self.app.probe(self.host_name)  # type: ignore[attr-defined]
+        self.notify(f"Probing {self.host_name}…", timeout=2)
+
+    def _copy(self, what: str, data: bytes | None) -> None:
+        if not data:
+            self.notify(f"{self.host_name} reported no {what}.", severity="warning")
+            return
+        self.app.copy_to_clipboard(base64.b64encode(data).decode("ascii"))
+        self.notify(f"{what} of {self.host_name} copied as base64 ({len(data)} bytes).")
+
+    def action_copy_pdh(self) -> None:
+        caps = self.report.capabilities
+        self._copy("PDH certificate", caps.pdh if caps else None)
+
+    def action_copy_chain(self) -> None:
+        caps = self.report.capabilities
+        self._copy("platform chain (PEK||OCA||CEK)", caps.cert_chain if caps else None)
+
+    def palette_commands(self) -> list[tuple[str, str, object]]:
+        return [
+            ("Copy PDH (base64)", f"Copy {self.host_name}'s PDH certificate to the clipboard (c)", self.action_copy_pdh),
+            ("Copy platform chain (base64)", "PEK||OCA||CEK to the clipboard (C)", self.action_copy_chain),
+            ("Migrate selected VM", "Pick a target and run the preflight checks (m)", self.action_migrate),
+            ("Re-probe this host", "Run discovery again (r)", self.action_reprobe),
+        ]

@@ -1,0 +1,190 @@
+"""Hosts: one row per inventory host, filled as each probe finishes."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.markup import escape
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Input, Static
+
+from sevconsole.hosts.report import HostReport
+from sevconsole.tui import format as fmt
+
+COLUMNS = (("host", "Host"), ("state", "State"), ("sev", "SEV API"), ("platform", "Platform"),
+           ("chain", "Chain"), ("vms", "VMs"), ("latency", "Latency"), ("note", "Note"))
+
+
+def chain_cell(report: HostReport) -> str:
+    caps = report.capabilities
+    if caps is None:
+        return "-"
+    chain = caps.chain_report
+    if chain is None:
+        return "[$warning]unchecked[/]"
+    if chain.ok:
+        root = chain.root
+        return f"[$success]ok[/] {escape(root.generation if root else '')}"
+    return f"[$error]{len(chain.failures)} bad[/]"
+
+
+def row_cells(report: HostReport) -> list[str]:
+    sev = report.sev
+    api = "-" if sev is None or sev.api is None else f"{sev.api[0]}.{sev.api[1]}"
+    platform = "-" if sev is None else fmt.platform_state(sev.platform_state)
+    state = "[$success]up[/]" if report.reachable else "[$error]down[/]"
+    if report.lab:
+        state += " lab"
+    latency = "-" if report.latency_ms is None else f"{report.latency_ms:.0f} ms"
+    note = escape(report.errors[0]) if report.errors else ""
+    return [escape(report.name), state, api, platform, chain_cell(report), str(len(report.vms)), latency, note]
+
+
+class HostsScreen(Screen[None]):
+    BINDINGS = [
+        Binding("enter", "open_host", "Open", id="hosts.open"),
+        Binding("r", "reprobe", "Re-probe", id="reprobe"),
+        Binding("R", "reprobe_all", "Re-probe all", id="reprobe_all"),
+        Binding("slash", "filter", "Filter", id="filter"),
+        Binding("m", "migrate", "Migrate", id="hosts.migrate"),
+        Binding("escape", "clear_filter", "Clear filter", id="hosts.clear_filter", show=False),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.filter_text = ""
+        self.pending: set[str] = set()
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Input(placeholder="filter hosts (name, VM, note); Enter keeps it, Esc clears", id="filter")
+        yield DataTable(id="hosts", cursor_type="row", zebra_stripes=True)
+        yield Static(id="hosts-status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = "hosts"
+        table = self.query_one(DataTable)
+        for key, label in COLUMNS:
+            table.add_column(label, key=key)
+        self.pending = set(self.app.backend.host_names())  # type: ignore[attr-defined]
+        self.rebuild()
+        table.focus()
+
+    # -- data
+    def report_updated(self, report: HostReport) -> None:
+        self.pending.discard(report.name)
+        self.rebuild()
+
+    def visible_reports(self) -> list[HostReport]:
+        names = list(self.app.backend.host_names())  # type: ignore[attr-defined]
+        reports = self.app.reports  # type: ignore[attr-defined]
+        names += [n for n in reports if n not in names]
+        out = []
+        for name in names:
+            report = reports.get(name) or HostReport(name=name, address="", port=0, reachable=False)
+            if self.filter_text and not matches(report, self.filter_text):
+                continue
+            out.append(report)
+        return out
+
+    def rebuild(self) -> None:
+        table = self.query_one(DataTable)
+        keep = table.cursor_row
+        selected = self.selected_host()
+        table.clear()
+        for report in self.visible_reports():
+            cells = row_cells(report)
+            if report.name in self.pending and report.name not in self.app.reports:  # type: ignore[attr-defined]
+                cells = [escape(report.name), "[$text-muted]probing…[/]", "", "", "", "", "", ""]
+            table.add_row(*(fmt.cell(self.app, c) for c in cells), key=report.name)
+        if selected is not None and selected in table.rows:
+            table.move_cursor(row=table.get_row_index(selected))
+        elif table.row_count:
+            table.move_cursor(row=min(keep, table.row_count - 1))
+        total = len(self.app.backend.host_names())  # type: ignore[attr-defined]
+        done = total - len(self.pending)
+        shown = table.row_count
+        filt = f", filter {self.filter_text!r}" if self.filter_text else ""
+        self.query_one("#hosts-status", Static).update(
+            f"{done}/{total} hosts probed, {shown} shown{escape(filt)}. Enter opens a host, m migrates from it.")
+
+    def selected_host(self) -> str | None:
+        table = self.query_one(DataTable)
+        if not table.row_count:
+            return None
+        try:
+            return str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+        except Exception:
+            return None
+
+    # -- actions
+    def action_open_host(self) -> None:
+        name = self.selected_host()
+        if name is None:
+            return
+        if name not in self.app.reports:  # type: ignore[attr-defined]
+            self.notify(f"{name} is still being probed.", severity="warning")
+            return
+        from sevconsole.tui.screens.host import HostScreen
+
+        self.app.push_screen(HostScreen(name))
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        self.action_open_host()
+
+    def action_reprobe(self) -> None:
+        name = self.selected_host()
+        if name is not None:
+            self.pending.add(name)
+            self.app.probe(name)  # type: ignore[attr-defined]
+            self.notify(f"Probing {name}…", timeout=2)
+
+    def action_reprobe_all(self) -> None:
+        self.pending = set(self.app.backend.host_names())  # type: ignore[attr-defined]
+        self.app.probe_all()  # type: ignore[attr-defined]
+
+    def action_migrate(self) -> None:
+        name = self.selected_host()
+        report = self.app.reports.get(name) if name else None  # type: ignore[attr-defined]
+        if report is None or not report.vms:
+            self.notify("Pick a probed host that runs a VM.", severity="warning")
+            return
+        from sevconsole.tui.screens.migrate import MigrateScreen
+
+        self.app.push_screen(MigrateScreen(report.name, report.vms[0].name))
+
+    def action_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.display = True
+        box.focus()
+
+    def action_clear_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.value = ""
+        box.display = False
+        self.query_one(DataTable).focus()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self.filter_text = event.value.strip()
+        self.rebuild()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if not event.value.strip():
+            event.input.display = False
+        self.query_one(DataTable).focus()
+
+    def palette_commands(self) -> list[tuple[str, str, object]]:
+        return [
+            ("Open selected host", "Capabilities, certificate chain and VMs", self.action_open_host),
+            ("Re-probe selected host", "Run discovery again on this host (r)", self.action_reprobe),
+            ("Filter hosts", "Show only hosts matching a text (/)", self.action_filter),
+            ("Migrate a VM from the selected host", "Pick a VM and a target (m)", self.action_migrate),
+        ]
+
+
+def matches(report: HostReport, text: str) -> bool:
+    text = text.lower()
+    hay = [report.name, report.address, report.hostname or "", *report.errors, *report.labels,
+           *(vm.name for vm in report.vms)]
+    return any(text in h.lower() for h in hay)

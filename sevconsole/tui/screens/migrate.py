@@ -1,0 +1,192 @@
+"""Plan a migration: pick the target (compatible ones first, others with the reason), read the
+preflight checklist, confirm."""
+
+from __future__ import annotations
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.markup import escape
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Static
+
+from sevconsole.hosts.report import HostReport, VmInfo
+from sevconsole.tui import format as fmt
+from sevconsole.tui.backend import CheckLine
+from sevconsole.tui.messages import PreflightDone
+
+MARKS = {"pass": "[$success]✓[/]", "warn": "[$warning]![/]", "fail": "[$error]✗[/]"}
+DOWNTIME_STEPS = (100, 300, 1000, 3000, 10000)
+
+
+def first_failure(checks: tuple[CheckLine, ...]) -> CheckLine | None:
+    return next((c for c in checks if c.status == "fail"), None)
+
+
+def checklist(checks: tuple[CheckLine, ...]) -> str:
+    return "\n".join(f"{MARKS.get(c.status, '?')} [b]{escape(c.title)}[/]: {escape(c.sentence)}" for c in checks)
+
+
+class MigrateScreen(Screen[None]):
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Back", id="migrate.back"),
+        Binding("enter", "start", "Migrate", id="migrate.start"),
+        Binding("plus", "downtime(1)", "Downtime +", id="downtime_up"),
+        Binding("minus", "downtime(-1)", "Downtime -", id="downtime_down"),
+    ]
+
+    def __init__(self, source: str, vm: str) -> None:
+        super().__init__()
+        self.source_name, self.vm_name = source, vm
+        self.downtime_ms = 300
+        self.results: dict[str, tuple[CheckLine, ...]] = {}
+
+    @property
+    def source(self) -> HostReport:
+        return self.app.reports[self.source_name]  # type: ignore[attr-defined,no-any-return]
+
+    @property
+    def vm(self) -> VmInfo:
+        vm = self.source.vm(self.vm_name)
+        assert vm is not None, f"{self.vm_name} is not on {self.source_name}"
+        return vm
+
+    def targets(self) -> list[HostReport]:
+        return [r for n, r in self.app.reports.items() if n != self.source_name]  # type: ignore[attr-defined]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="migrate-top"):
+            with Vertical(id="migrate-left"):
+                yield Static(id="plan")
+                yield DataTable(id="targets", cursor_type="row")
+            with VerticalScroll(id="checks-box"):
+                yield Static(id="checks")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = f"migrate {self.vm_name}"
+        table = self.query_one("#targets", DataTable)
+        table.add_column("Target", key="target")
+        table.add_column("Verdict", key="verdict")
+        self.show_plan()
+        self.run_preflight()
+        table.focus()
+
+    def show_plan(self) -> None:
+        vm = self.vm
+        mem = "-" if vm.memory_mib is None else fmt.size(vm.memory_mib * 1024 * 1024)
+        self.query_one("#plan", Static).update(
+            f"[b]{escape(vm.name)}[/] on {escape(self.source_name)}, {mem}, policy {escape(fmt.policy(vm.policy))}\n"
+            f"downtime limit [b]{self.downtime_ms} ms[/] (+/- to change). Pick a target:")
+
+    def run_preflight(self) -> None:
+        self.results.clear()
+        self.fill_targets()
+        for target in self.targets():
+            self._preflight(target)
+
+    @work(thread=True, group="preflight", exit_on_error=False)
+    def _preflight(self, target: HostReport) -> None:
+        try:
+            checks = self.app.backend.preflight(self.vm, self.source, target, self.downtime_ms)  # type: ignore[attr-defined]
+        except Exception as exc:
+            checks = [CheckLine("preflight", "Preflight", "fail", f"the checks could not run for {target.name}: {exc}")]
+        self.post_message(PreflightDone(target.name, tuple(checks)))
+
+    def on_preflight_done(self, message: PreflightDone) -> None:
+        self.results[message.target] = message.checks
+        self.fill_targets()
+
+    def ordered(self) -> list[tuple[HostReport, tuple[CheckLine, ...] | None]]:
+        rows = [(t, self.results.get(t.name)) for t in self.targets()]
+        def rank(row: tuple[HostReport, tuple[CheckLine, ...] | None]) -> tuple[int, str]:
+            checks = row[1]
+            if checks is None:
+                return (1, row[0].name)
+            return (2 if first_failure(checks) else 0, row[0].name)
+        return sorted(rows, key=rank)
+
+    def fill_targets(self) -> None:
+        table = self.query_one("#targets", DataTable)
+        current = self.selected_target()
+        table.clear()
+        for target, checks in self.ordered():
+            if checks is None:
+                verdict = "[$text-muted]checking…[/]"
+            elif (bad := first_failure(checks)) is not None:
+                verdict = f"[$error]✗ {escape(bad.title)}[/]"
+            elif any(c.status == "warn" for c in checks):
+                verdict = "[$warning]! compatible, with warnings[/]"
+            else:
+                verdict = "[$success]✓ compatible[/]"
+            table.add_row(escape(target.name), fmt.cell(self.app, verdict), key=target.name)
+        if current is not None and current in table.rows:
+            table.move_cursor(row=table.get_row_index(current))
+        self.show_checks()
+
+    def selected_target(self) -> str | None:
+        table = self.query_one("#targets", DataTable)
+        if not table.row_count:
+            return None
+        return str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+
+    def show_checks(self) -> None:
+        name = self.selected_target()
+        box = self.query_one("#checks", Static)
+        if name is None:
+            box.update("[$warning]No other host is known: nothing to migrate to.[/]")
+            return
+        checks = self.results.get(name)
+        if checks is None:
+            box.update(f"Preflight for {escape(name)}: checking…")
+            return
+        bad = first_failure(checks)
+        verdict = (f"[$error]Refused: {escape(bad.sentence)}[/]" if bad else
+                   "[$success]All checks allow it.[/] Enter starts (you will confirm).")
+        box.update(f"[b]Preflight {escape(self.vm_name)} → {escape(name)}[/]\n{verdict}\n\n{checklist(checks)}")
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self.show_checks()
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        self.action_start()
+
+    def action_downtime(self, step: int) -> None:
+        index = min(range(len(DOWNTIME_STEPS)), key=lambda i: abs(DOWNTIME_STEPS[i] - self.downtime_ms))
+        self.downtime_ms = DOWNTIME_STEPS[max(0, min(len(DOWNTIME_STEPS) - 1, index + step))]
+        self.show_plan()
+        self.run_preflight()
+
+    def action_start(self) -> None:
+        name = self.selected_target()
+        checks = self.results.get(name or "")
+        if name is None or checks is None:
+            self.notify("Wait for the preflight checks of a target.", severity="warning")
+            return
+        bad = first_failure(checks)
+        if bad is not None:
+            self.notify(f"Refused: {bad.sentence}", severity="error", timeout=8)
+            return
+        from sevconsole.tui.screens.modals import ConfirmScreen
+
+        body = (f"{self.vm_name} moves from {self.source_name} to {name}. On success the source "
+                "guest ends SENT (only DECOMMISSION left), so exactly one copy can run. "
+                "A cancel or a failure brings the source back to RUNNING.")
+
+        def go(ok: bool | None) -> None:
+            if ok:
+                from sevconsole.tui.screens.live import LiveScreen
+
+                self.app.switch_screen(LiveScreen(self.vm, self.source, self.app.reports[name],  # type: ignore[attr-defined]
+                                                  checks, self.downtime_ms))
+
+        self.app.push_screen(ConfirmScreen(f"Migrate {self.vm_name} to {name}?", body, yes="Migrate (y)"), go)
+
+    def palette_commands(self) -> list[tuple[str, str, object]]:
+        return [
+            ("Start migration to selected target", "After confirmation (Enter)", self.action_start),
+            ("Raise downtime limit", "Next step up (+)", lambda: self.action_downtime(1)),
+            ("Lower downtime limit", "Next step down (-)", lambda: self.action_downtime(-1)),
+        ]

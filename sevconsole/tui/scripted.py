@@ -1,0 +1,221 @@
+"""A scripted backend: fixed HostReports and a replayed sequence of Progress snapshots.
+
+Tests and SVG snapshots use it for deterministic screens; the preflight checks are the engine's
+real ones. `sample_reports` and `sample_progress` build a small, plausible lab picture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from sevconsole.engine.progress import FirmwareView, Phase, Progress, SevLogEntry
+from sevconsole.hosts.report import Capabilities, HostReport, SevSupport, VmInfo
+from sevconsole.sev.pagestate import PageState
+from sevconsole.tui.backend import (
+    CheckLine,
+    HostKeyPending,
+    HostKeyQuestion,
+    ProgressSink,
+    Result,
+    check_line,
+)
+
+POLICY_RECOMMENDED = 0x33  # NODBG|NOKS|DOMAIN|SEV
+POLICY_NOSEND = 0x0B  # NODBG|NOKS|NOSEND
+
+
+def _vm(name: str, mib: int, policy: int | None, state: int = 3, status: str = "running") -> VmInfo:
+    return VmInfo(name=name, pid=4000 + mib // 256, qmp_path=f"/run/lab/{name}.qmp",
+                  argv=("qemu-system-x86_64", "-name", name, "-m", str(mib)), status=status,
+                  memory_mib=mib, sev_enabled=policy is not None, policy=policy,
+                  sev_state="running" if policy is not None else None,
+                  firmware_guest_state=state if policy is not None else None,
+                  handle=1 if policy is not None else None, migration_support=True)
+
+
+def sample_reports(caps: Capabilities | None = None, *, other_caps: Capabilities | None = None) -> dict[str, HostReport]:
+    """Three lab hosts: lab-1 runs `web` (SEV, DOMAIN|SEV) and `vault` (NOSEND); lab-2 is an idle
+    host of the same domain; lab-3 has other certificates (`other_caps`) or none."""
+    sev = SevSupport(kernel_sev=True, kernel_sev_es=True, dev_sev=True, api_major=0, api_minor=22,
+                     build=1, platform_state=2, owner_external=False, es_configured=True, guest_count=2)
+    idle = replace(sev, platform_state=1, guest_count=0)
+    base = dict(lab=True, hostname=None, kernel="6.1.0-lab", cpu="AMD EPYC 7302 (simulated)", probed_at=1.0)
+    return {
+        "lab-1": HostReport(name="lab-1", address="127.0.0.1", port=42201, reachable=True, latency_ms=3.2,
+                            sev=sev, capabilities=caps, vms=(_vm("web", 4096, POLICY_RECOMMENDED),
+                                                             _vm("vault", 2048, POLICY_NOSEND)), **base),
+        "lab-2": HostReport(name="lab-2", address="127.0.0.1", port=42202, reachable=True, latency_ms=2.9,
+                            sev=idle, capabilities=caps, **base),
+        "lab-3": HostReport(name="lab-3", address="127.0.0.1", port=42203, reachable=True, latency_ms=3.5,
+                            sev=idle, capabilities=other_caps, **base),
+    }
+
+
+def sample_progress(vm: str = "web", source: str = "lab-1", target: str = "lab-2", *,
+                    gib: int = 1, frames: int = 12, converging: bool = True) -> list[Progress]:
+    """A deterministic pre-copy of `gib` GiB: pass 1 sweeps, pass 2 resends the dirtied pages,
+    then stop-and-copy and done (or, with converging=False, a dirty rate that never lets it end)."""
+    pages = gib * (1 << 18)
+    rng = np.random.default_rng(42)
+    shared = np.zeros(pages, bool)
+    shared[: pages // 64] = True  # firmware tables, DMA buffers: shared pages travel in clear
+    shared[rng.integers(0, pages, pages // 50)] = True
+    states = np.where(shared, PageState.SHARED_UNSENT, PageState.PRIVATE_UNSENT).astype(np.uint8)
+    out: list[Progress] = []
+    sev_log: list[SevLogEntry] = [SevLogEntry(source, "SEND_START", 0), SevLogEntry(target, "RECEIVE_START", 0)]
+    events = [f"incoming VM started on {target} (-incoming defer)", "target PDH and chains handed to the source",
+              "MIGRATION setup", "MIGRATION active"]
+    rate = 780e6
+    history: list[float] = []
+    sent_bytes = 0
+    for i in range(frames):
+        states = states.copy()
+        pass_number = 1 if i < frames * 2 // 3 else 2
+        if pass_number == 1:
+            hi = pages * (i + 1) // (frames * 2 // 3)
+            lo = pages * i // (frames * 2 // 3)
+            seg = states[lo:hi]
+            seg[seg == PageState.PRIVATE_UNSENT] = PageState.PRIVATE_SENT
+            seg[seg == PageState.SHARED_UNSENT] = PageState.SHARED_SENT
+            sent_bytes += (hi - lo) * 4096
+        else:
+            dirty = states == PageState.PRIVATE_DIRTY
+            states[dirty] = PageState.PRIVATE_SENT
+            states[states == PageState.SHARED_DIRTY] = PageState.SHARED_SENT
+            sent_bytes += int(dirty.sum()) * 4096
+        touched = rng.integers(0, pages, pages // (200 if converging else 20))
+        touched = touched[(states[touched] == PageState.PRIVATE_SENT) | (states[touched] == PageState.SHARED_SENT)]
+        states[touched] = np.where(shared[touched], PageState.SHARED_DIRTY, PageState.PRIVATE_DIRTY)
+        remaining = int(np.isin(states, (0, 2, 3, 5)).sum()) * 4096
+        rate = rate * (0.97 if i % 2 else 1.03)
+        history.append(rate)
+        dirty_pps = 9000.0 if converging else 250000.0
+        sev_log.append(SevLogEntry(source, "SEND_UPDATE_DATA", 0, count=(i + 1) * 1800))
+        sev_log.append(SevLogEntry(target, "RECEIVE_UPDATE_DATA", 0, count=(i + 1) * 1800))
+        if i == frames * 2 // 3:
+            events.append("MIGRATION_PASS 2")
+        expected = remaining / rate * 1000
+        out.append(Progress(
+            vm=vm, source=source, target=target, phase=Phase.PRECOPY, pass_number=pass_number,
+            started_at=0.0, elapsed_s=0.35 * (i + 1), total_pages=pages, page_states=states,
+            page_map_exact=True, bytes_transferred=sent_bytes, bytes_remaining=remaining,
+            bytes_total=pages * 4096, pages_transferred=sent_bytes // 4096, rate_bps=rate,
+            pages_per_s=rate / 4096, rate_history=tuple(history), dirty_pages_per_s=dirty_pps,
+            downtime_limit_ms=300, expected_downtime_ms=expected,
+            converging=None if i < 2 else converging, eta_s=(remaining / rate + 0.3) if converging else None,
+            source_fw=FirmwareView(source, 2, 4, 1, {"SEND_UPDATE_DATA": (i + 1) * 1800}, 0),
+            target_fw=FirmwareView(target, 2, 5, 1, {"RECEIVE_UPDATE_DATA": (i + 1) * 1800}, 0),
+            sev_log=_fold(sev_log), events=tuple(events)))
+    if converging:
+        last = out[-1]
+        done_states = last.page_states.copy()  # type: ignore[union-attr]
+        done_states[np.isin(done_states, (0, 2))] = PageState.PRIVATE_SENT
+        done_states[np.isin(done_states, (3, 5))] = PageState.SHARED_SENT
+        log = [*last.sev_log, SevLogEntry(source, "SEND_FINISH", 0), SevLogEntry(target, "RECEIVE_FINISH", 0)]
+        out.append(replace(last, phase=Phase.STOP_AND_COPY, page_states=done_states, bytes_remaining=0,
+                           expected_downtime_ms=41.0, events=(*last.events, "STOP (source paused)")))
+        out.append(replace(out[-1], phase=Phase.DONE, elapsed_s=last.elapsed_s + 0.2,
+                           source_fw=FirmwareView(source, 2, 6, 1, last.source_fw.counts, 0),  # type: ignore[union-attr]
+                           target_fw=FirmwareView(target, 2, 3, 1, last.target_fw.counts, 0),  # type: ignore[union-attr]
+                           sev_log=tuple(log),
+                           events=(*out[-1].events, "MIGRATION completed", f"RESUME on {target}")))
+    return out
+
+
+def _fold(log: list[SevLogEntry]) -> tuple[SevLogEntry, ...]:
+    """Consecutive same-host same-command entries fold into one with the latest count."""
+    folded: dict[tuple[str, str], SevLogEntry] = {}
+    for entry in log:
+        folded[(entry.host, entry.command)] = entry
+    return tuple(folded.values())
+
+
+def sample_result(progress: Progress, audit: str | None = None) -> Result:
+    return Result(result="done", message=f"{progress.vm} runs on {progress.target}",
+                  runnable=(progress.target,), source_guest_state=6, target_guest_state=3,
+                  source_status="postmigrate", target_status="running",
+                  digest_source="9f2c" + "0" * 60, digest_target="9f2c" + "0" * 60,
+                  bytes_transferred=progress.bytes_transferred, duration_s=progress.elapsed_s, audit=audit)
+
+
+@dataclass
+class ScriptedMigration:
+    snapshots: Sequence[Progress]
+    result: Result
+    on_progress: ProgressSink
+    step: asyncio.Event | None = None  # when set, wait for it before each snapshot (tests)
+    interval_s: float = 0.0  # pacing for demos and screenshots
+    cancelled: str | None = None
+
+    async def run(self) -> Result:
+        for snap in self.snapshots:
+            if self.step is not None:
+                await self.step.wait()
+                self.step.clear()
+            elif self.interval_s:
+                await asyncio.sleep(self.interval_s)
+            if self.cancelled is not None:
+                self.on_progress(replace(snap, phase=Phase.CANCELLED, events=(*snap.events, self.cancelled)))
+                return Result(result="cancelled", message=self.cancelled, runnable=(snap.source,),
+                              source_guest_state=3, target_guest_state=None, duration_s=snap.elapsed_s)
+            self.on_progress(snap)
+            await asyncio.sleep(0)  # let the screen draw between snapshots
+        return self.result
+
+    def cancel(self, reason: str = "cancelled by the operator") -> None:
+        self.cancelled = reason
+        if self.step is not None:
+            self.step.set()
+
+
+@dataclass
+class ScriptedBackend:
+    reports: dict[str, HostReport]
+    snapshots: Sequence[Progress] = ()
+    result: Result | None = None
+    lab: bool = True
+    ask_keys: dict[str, HostKeyQuestion] = field(default_factory=dict)  # asked once, then known
+    probe_gate: Callable[[str], None] | None = None  # tests block here to see rows fill one by one
+    step: asyncio.Event | None = None
+    interval_s: float = 0.0
+    trust: object = None
+    migrations: list[ScriptedMigration] = field(default_factory=list)
+    accepted: list[str] = field(default_factory=list)
+
+    def host_names(self) -> list[str]:
+        return list(self.reports)
+
+    def probe(self, name: str) -> HostReport:
+        if self.probe_gate is not None:
+            self.probe_gate(name)
+        if name in self.ask_keys:
+            raise HostKeyPending(self.ask_keys[name])
+        if name not in self.reports:
+            raise LookupError(f"{name} is not in the inventory")
+        return self.reports[name]
+
+    def accept_host_key(self, question: HostKeyQuestion) -> None:
+        self.accepted.append(question.fingerprint)
+        self.ask_keys.pop(question.host, None)
+
+    def preflight(self, vm: VmInfo, source: HostReport, target: HostReport, downtime_limit_ms: int) -> list[CheckLine]:
+        from sevconsole.engine.checks import preflight
+        from sevconsole.engine.plan import MigrationPlan
+
+        plan = MigrationPlan(vm=vm, source=source, target=target, downtime_limit_ms=downtime_limit_ms)
+        return [check_line(c) for c in preflight(plan, self.trust)]
+
+    def migration(self, vm: VmInfo, source: HostReport, target: HostReport, downtime_limit_ms: int,
+                  checks: Sequence[CheckLine], on_progress: ProgressSink) -> ScriptedMigration:
+        snaps = self.snapshots or sample_progress(vm.name, source.name, target.name)
+        result = self.result or sample_result(snaps[-1])
+        run = ScriptedMigration(snaps, result, on_progress, self.step, self.interval_s)
+        self.migrations.append(run)
+        return run
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,59 @@
+"""Everything a running migration shows, as one container: page map, transfer, firmware, events.
+
+Snapshots arrive as messages; `apply` draws the newest and is cheap for an unchanged page array.
+"""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.markup import escape
+from textual.widgets import RichLog, Static, TabbedContent, TabPane
+
+from sevconsole.engine.progress import Progress
+from sevconsole.tui.widgets.firmware import FirmwarePanel
+from sevconsole.tui.widgets.page_panel import PagePanel
+from sevconsole.tui.widgets.transfer import TransferPanel
+
+
+class MigrationView(Vertical):
+    DEFAULT_CSS = """
+    MigrationView { height: 1fr; }
+    MigrationView > #mv-top { height: 1fr; min-height: 10; }
+    MigrationView #mv-side { width: 46; height: auto; }
+    MigrationView > #mv-title { height: 1; }
+    MigrationView > TabbedContent { height: 12; }
+    MigrationView RichLog { height: 1fr; }
+    """
+
+    def __init__(self, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.latest: Progress | None = None
+        self._events_seen = 0
+        self._errors_seen = 0
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="mv-title")
+        with Horizontal(id="mv-top"):
+            yield PagePanel()
+            with Vertical(id="mv-side"):
+                yield TransferPanel()
+        with TabbedContent(initial="tab-firmware"):
+            with TabPane("Firmware", id="tab-firmware"):
+                yield FirmwarePanel()
+            with TabPane("Events", id="tab-events"):
+                yield RichLog(id="events", wrap=True, markup=True, max_lines=500)
+
+    def apply(self, p: Progress) -> None:
+        self.latest = p
+        self.query_one("#mv-title", Static).update(
+            f"[b]{escape(p.vm)}[/] {escape(p.source)} → {escape(p.target)}  [$accent]{escape(p.phase.value)}[/]")
+        self.query_one(PagePanel).show(p.page_states, p.page_map_exact, p.page_size)
+        self.query_one(TransferPanel).show(p)
+        self.query_one(FirmwarePanel).show(p.source_fw, p.target_fw, p.sev_log)
+        log = self.query_one("#events", RichLog)
+        for event in p.events[self._events_seen :]:
+            log.write(escape(event))
+        for error in p.errors[self._errors_seen :]:
+            log.write(f"[$error]{escape(error)}[/]")
+        self._events_seen, self._errors_seen = len(p.events), len(p.errors)
