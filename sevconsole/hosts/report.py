@@ -61,6 +61,19 @@ class VmInfo:
 
 
 @dataclass(frozen=True)
+class HostKeyInfo:
+    """A host key that stopped discovery: `unknown` (the operator may accept it) or `changed`
+    (refused, always). Accept with HostKeyStore.accept(host_id, key_type, key_base64)."""
+
+    host_id: str  # known_hosts name: "addr" or "[addr]:port"
+    key_type: str
+    fingerprint: str  # SHA256:base64-no-padding, as OpenSSH shows it
+    status: str  # "unknown" | "changed"
+    known_fingerprint: str | None = None  # for "changed"
+    key_base64: str = ""
+
+
+@dataclass(frozen=True)
 class HostReport:
     name: str
     address: str
@@ -78,6 +91,7 @@ class HostReport:
     labels: tuple[str, ...] = ()
     probed_at: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    host_key: HostKeyInfo | None = None  # set when a host key stopped the probe
 
     def vm(self, name: str) -> VmInfo | None:
         return next((v for v in self.vms if v.name == name), None)

@@ -1,0 +1,97 @@
+"""Verifying a host's certificate chain for its `Capabilities`: which roots to trust and where
+the ASK/ARK come from (the host itself, the lab root of `--lab`, or AMD roots the operator
+imported under paths.amd_roots_dir())."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sevconsole.sev.certs import (
+    AmdCert,
+    SevCert,
+    Usage,
+    is_lab_key_id,
+    join_amd_chain,
+    split_amd_chain,
+    split_platform_chain,
+)
+from sevconsole.sev.chain import ChainReport, verify_chain
+from sevconsole.sev.errors import SevFormatError
+from sevconsole.sev.trust import TrustStore
+
+
+@dataclass(frozen=True)
+class Roots:
+    """AMD-format certificates that may complete a chain: ASKs and ARKs, by where they came from."""
+
+    asks: tuple[AmdCert, ...] = ()
+    arks: tuple[AmdCert, ...] = ()
+    problems: tuple[str, ...] = ()  # files that could not be read, as sentences
+
+    def __add__(self, other: Roots) -> Roots:
+        return Roots(self.asks + other.asks, self.arks + other.arks, self.problems + other.problems)
+
+
+def load_roots(folder: Path | None) -> Roots:
+    """Every AMD root certificate (*.cert) under `folder`, sorted into ASKs and ARKs."""
+    if folder is None or not folder.is_dir():
+        return Roots()
+    asks, arks, problems = [], [], []
+    for path in sorted(folder.rglob("*.cert")):
+        try:
+            cert = AmdCert.from_bytes(path.read_bytes(), path.name)
+        except (SevFormatError, OSError) as exc:
+            problems.append(f"{path}: {exc}")
+            continue
+        (arks if cert.key_usage == Usage.ARK else asks).append(cert)
+    return Roots(tuple(asks), tuple(arks), tuple(problems))
+
+
+def roots_from_blob(blob: bytes | None, name: str) -> Roots:
+    if not blob:
+        return Roots()
+    try:
+        ask, ark = split_amd_chain(blob, name)
+    except SevFormatError as exc:
+        return Roots(problems=(str(exc),))
+    return Roots((ask,), (ark,))
+
+
+@dataclass(frozen=True)
+class ChainCheck:
+    report: ChainReport | None
+    error: str | None  # why it could not be checked, or what is missing
+    amd_chain: bytes | None  # ASK || ARK that completed the chain
+
+
+def check_host_chain(host: str, pdh: bytes, cert_chain: bytes, roots: Roots, *,
+                     lab_ark: AmdCert | None) -> ChainCheck:
+    """Verify PDH <- PEK <- (OCA, CEK <- ASK <- ARK). `lab_ark` is trusted only when given."""
+    try:
+        pdh_cert = SevCert.from_bytes(pdh, "pdh.cert")
+        pek, oca, cek = split_platform_chain(cert_chain)
+    except SevFormatError as exc:
+        return ChainCheck(None, f"{host}: the host's certificates are malformed: {exc}", None)
+    trust = TrustStore.amd()
+    if lab_ark is not None:
+        try:
+            trust = trust.with_lab_root(lab_ark)
+        except ValueError as exc:
+            return ChainCheck(None, f"{host}: {exc}", None)
+    ask = trust.ask_for(cek, roots.asks)
+    ark = None if ask is None else next((a for a in roots.arks if a.key_id == ask.certifying_id), None)
+    report = verify_chain(pdh=pdh_cert, pek=pek, oca=oca, cek=cek, ask=ask, ark=ark, trust=trust)
+    error = None
+    if ask is None:
+        error = (f"{host}: no known ASK signed its CEK; "
+                 + ("give the lab's state folder (--lab DIR) so its lab root is trusted"
+                    if lab_ark is None and any(is_lab_key_id(a.key_id) for a in roots.arks)
+                    else "import the AMD roots with `sevconsole certs import-amd`"))
+    elif ark is None:
+        error = f"{host}: the ARK that certified its ASK ({ask.certifying_id.hex()}) is not at hand"
+    elif not report.ok:
+        bad = "; ".join(f"{link.name}: {link.detail}" for link in report.links if not link.ok)
+        error = f"{host}: the certificate chain does not verify: {bad}"
+    amd_chain = join_amd_chain(ask, ark) if ask is not None and ark is not None else None
+    return ChainCheck(report, error, amd_chain)

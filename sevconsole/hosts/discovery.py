@@ -1,0 +1,280 @@
+"""Discovery: for each host, one SSH transport, the helper's probe, QMP queries of each VM,
+and the chain verified, folded into a `HostReport`.
+
+Blocking API for thread workers (the console calls it from threads):
+
+    reports = discover(hosts, options, on_report=callback)   # input order; callback as each ends
+    for report in iter_discover(hosts, options): ...          # completion order
+
+Hosts are probed concurrently, at most `options.max_workers` at once (default 16). An error on
+one host is a sentence in that host's report and never stops the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from sevconsole import paths
+from sevconsole.hosts.chains import Roots, check_host_chain, load_roots, roots_from_blob
+from sevconsole.hosts.errors import HostError, HostKeyChanged, HostKeyError, QmpCommandError
+from sevconsole.hosts.hostkeys import HostKeyStore
+from sevconsole.hosts.inventory import HostSpec, load_ssh_config
+from sevconsole.hosts.qmp import QmpLink, open_qmp
+from sevconsole.hosts.remote import probe
+from sevconsole.hosts.report import Capabilities, HostKeyInfo, HostReport, SevSupport, VmInfo
+from sevconsole.hosts.ssh import Endpoint, SshConnection, SshPool, Timeouts, resolve
+from sevconsole.sev.certs import AmdCert
+
+VM_CONCURRENCY = 4  # QMP links per host at once; each is one SSH channel
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DiscoveryOptions:
+    known_hosts: Path | None = None  # the console's own file; None: paths.known_hosts_file()
+    system_known_hosts: tuple[Path, ...] | None = None  # None: ~/.ssh/known_hosts, /etc/ssh/...
+    accept_fingerprints: frozenset[str] = frozenset()  # the operator's --accept-host-key
+    lab_root: Path | None = None  # folder holding the lab's ark.cert (trusted for `lab` hosts)
+    amd_roots: Path | None = None  # None: paths.amd_roots_dir()
+    ssh_config: Path | None = None  # None: ~/.ssh/config when it exists
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    max_workers: int = 16
+    query_vms: bool = True
+    use_agent: bool = True
+
+    def key_store(self) -> HostKeyStore:
+        return HostKeyStore(self.known_hosts or paths.known_hosts_file(),
+                            system_files=self.system_known_hosts, accept=self.accept_fingerprints)
+
+    def pool(self) -> SshPool:
+        return SshPool(self.key_store(), self.timeouts, use_agent=self.use_agent)
+
+
+@dataclass(frozen=True)
+class _Context:
+    options: DiscoveryOptions
+    pool: SshPool
+    inventory: dict[str, HostSpec]
+    ssh_config: Any
+    amd_roots: Roots
+    lab_ark: AmdCert | None
+    lab_roots: Roots
+
+
+def _context(hosts: Sequence[HostSpec], options: DiscoveryOptions, pool: SshPool) -> _Context:
+    lab_roots = load_roots(options.lab_root)
+    lab_ark = lab_roots.arks[0] if lab_roots.arks else None
+    return _Context(options, pool, {h.name: h for h in hosts}, load_ssh_config(options.ssh_config),
+                    load_roots(options.amd_roots or paths.amd_roots_dir()), lab_ark, lab_roots)
+
+
+def iter_discover(hosts: Iterable[HostSpec], options: DiscoveryOptions | None = None, *,
+                  pool: SshPool | None = None) -> Iterator[HostReport]:
+    """Yield each host's report as it finishes. A pool passed in stays open (the caller's)."""
+    hosts = list(hosts)
+    options = options or DiscoveryOptions()
+    own_pool = pool is None
+    pool = pool or options.pool()
+    try:
+        ctx = _context(hosts, options, pool)
+        workers = max(1, min(options.max_workers, len(hosts)))
+        with ThreadPoolExecutor(workers, thread_name_prefix="discover") as executor:
+            futures = {executor.submit(discover_host, spec, ctx): spec for spec in hosts}
+            for future in as_completed(futures):
+                yield future.result()  # discover_host never raises
+    finally:
+        if own_pool:
+            pool.close()
+
+
+def discover(hosts: Iterable[HostSpec], options: DiscoveryOptions | None = None, *,
+             on_report: Callable[[HostReport], None] | None = None,
+             pool: SshPool | None = None) -> list[HostReport]:
+    """Blocking: every host's report, in the order given. `on_report` runs in the calling
+    thread as each host finishes."""
+    hosts = list(hosts)
+    done: dict[str, HostReport] = {}
+    for report in iter_discover(hosts, options, pool=pool):
+        done[report.name] = report
+        if on_report is not None:
+            on_report(report)
+    return [done[h.name] for h in hosts]
+
+
+def discover_host(spec: HostSpec, ctx: _Context) -> HostReport:
+    started = time.time()
+    base = HostReport(name=spec.name, address=spec.address, port=spec.port or 22, reachable=False,
+                      lab=spec.lab, labels=spec.labels, probed_at=started)
+    last = [base]  # what is known so far, so an error keeps reachability and latency
+    try:
+        return _discover(spec, ctx, last)
+    except HostKeyError as exc:
+        changed = isinstance(exc, HostKeyChanged)
+        info = HostKeyInfo(exc.host_id, exc.key_type, exc.fingerprint, "changed" if changed else "unknown",
+                           getattr(exc, "known_fingerprint", None), exc.key_base64)
+        return replace(last[0], reachable=True, errors=(str(exc),), host_key=info)
+    except HostError as exc:
+        return replace(last[0], errors=(str(exc),))
+    except Exception as exc:  # a bug must cost one host, not the whole discovery
+        return replace(last[0], errors=(f"{spec.name}: discovery failed unexpectedly: "
+                                     f"{type(exc).__name__}: {exc}",))
+
+
+def _discover(spec: HostSpec, ctx: _Context, last: list[HostReport]) -> HostReport:
+    endpoint = resolve(spec, config=ctx.ssh_config, inventory=ctx.inventory)
+    last[0] = base = replace(last[0], address=endpoint.address, port=endpoint.port)
+    conn = ctx.pool.get(endpoint)
+    last[0] = base = replace(base, reachable=True, latency_ms=round(conn.ping(), 2))
+    data = probe(conn, spec.qmp_sockets)
+    errors = [f"{spec.name}: {e}" for e in data.get("errors") or []]
+    sev = _sev_support(data)
+    vm_entries = [v for v in data.get("vms", []) if isinstance(v, dict)]
+    vms: list[VmInfo] = []
+    qmp_caps: dict[str, Any] | None = None
+    if ctx.options.query_vms and vm_entries:
+        vms, qmp_caps = asyncio.run(_query_vms(conn, vm_entries, lab=spec.lab, ctx=ctx))
+    else:
+        vms = [_vm_from_probe(v) for v in vm_entries]
+    caps = _capabilities(spec, data, qmp_caps, ctx, errors, sev)
+    extra = {"helper": data.get("helper"), "python": data.get("python"), "endpoint": endpoint.where(),
+             "host_claims_lab": bool(data.get("lab"))}
+    return replace(base, hostname=data.get("hostname"), kernel=data.get("kernel"), cpu=data.get("cpu"),
+                   sev=sev, capabilities=caps, vms=tuple(vms), errors=tuple(errors), extra=extra)
+
+
+def _flag(value: Any) -> bool | None:
+    return None if value is None else value in ("Y", "y", "1", True)
+
+
+def _sev_support(data: dict[str, Any]) -> SevSupport:
+    kvm = data.get("kvm_amd") or {}
+    status = data.get("platform_status") or {}
+    flags = status.get("flags")
+    return SevSupport(
+        kernel_sev=_flag(kvm.get("sev")), kernel_sev_es=_flag(kvm.get("sev_es")),
+        dev_sev=bool(data.get("dev_sev")), api_major=status.get("api_major"),
+        api_minor=status.get("api_minor"), build=status.get("build"), platform_state=status.get("state"),
+        owner_external=None if flags is None else bool(flags & 0x1),
+        es_configured=None if flags is None else bool(flags & 0x100),
+        guest_count=status.get("guest_count"))
+
+
+def _b64(value: Any) -> bytes | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _capabilities(spec: HostSpec, data: dict[str, Any], qmp_caps: dict[str, Any] | None, ctx: _Context,
+                  errors: list[str], sev: SevSupport) -> Capabilities | None:
+    pdh, chain = _b64(data.get("pdh")), _b64(data.get("cert_chain"))
+    cbitpos = reduced = cpu0 = None
+    if qmp_caps:
+        pdh = pdh or _b64(qmp_caps.get("pdh"))
+        chain = chain or _b64(qmp_caps.get("cert-chain"))
+        cpu0 = _b64(qmp_caps.get("cpu0-id"))
+        cbitpos, reduced = qmp_caps.get("cbitpos"), qmp_caps.get("reduced-phys-bits")
+    if pdh is None or chain is None:
+        if sev.kernel_sev or sev.dev_sev or spec.lab:
+            errors.append(f"{spec.name}: no PDH and certificate chain: neither PDH_CERT_EXPORT through "
+                          "/dev/sev nor query-sev-capabilities of a VM gave them")
+        return None
+    roots = ctx.amd_roots + roots_from_blob(_b64(data.get("amd_chain")), f"{spec.name} AMD chain")
+    lab_ark = None
+    if spec.lab:
+        roots = ctx.lab_roots + roots
+        lab_ark = ctx.lab_ark
+        if lab_ark is None:
+            errors.append(f"{spec.name}: marked lab = true but no lab root was given (use --lab DIR)")
+    check = check_host_chain(spec.name, pdh, chain, roots, lab_ark=lab_ark)
+    return Capabilities(pdh=pdh, cert_chain=chain, cbitpos=cbitpos, reduced_phys_bits=reduced, cpu0_id=cpu0,
+                        amd_chain=check.amd_chain, chain_report=check.report, chain_error=check.error)
+
+
+def _vm_from_probe(entry: dict[str, Any], errors: tuple[str, ...] = ()) -> VmInfo:
+    argv = entry.get("argv") or []
+    return VmInfo(name=str(entry.get("name") or f"pid-{entry.get('pid')}"), pid=entry.get("pid"),
+                  qmp_path=entry.get("qmp"), argv=tuple(str(a) for a in argv), errors=errors)
+
+
+async def _query_vms(conn: SshConnection, entries: list[dict[str, Any]], *, lab: bool,
+                     ctx: _Context) -> tuple[list[VmInfo], dict[str, Any] | None]:
+    gate = asyncio.Semaphore(VM_CONCURRENCY)
+    caps: list[dict[str, Any]] = []
+
+    async def one(entry: dict[str, Any]) -> VmInfo:
+        async with gate:
+            return await _query_vm(conn, entry, lab=lab, caps_out=caps, timeouts=ctx.options.timeouts)
+
+    vms = await asyncio.gather(*(one(e) for e in entries))
+    return list(vms), (caps[0] if caps else None)
+
+
+async def _query_vm(conn: SshConnection, entry: dict[str, Any], *, lab: bool, caps_out: list[dict[str, Any]],
+                    timeouts: Timeouts) -> VmInfo:
+    vm = _vm_from_probe(entry)
+    if not vm.qmp_path:
+        return replace(vm, errors=(f"{conn.name}: VM {vm.name} (pid {vm.pid}): no QMP socket in its command "
+                                   "line; add a qmp_sockets glob for this host to the inventory",))
+    try:
+        async with open_qmp(conn, vm.qmp_path, greeting_timeout=timeouts.channel) as qmp:
+            return await _ask_vm(qmp, vm, lab=lab, caps_out=caps_out, timeout=timeouts.channel)
+    except HostError as exc:
+        return replace(vm, errors=(str(exc),))
+
+
+async def _optional(qmp: QmpLink, command: str, commands: set[str], timeout: float) -> Any:
+    """A query that a QEMU may lack or refuse (non-SEV guest): None then."""
+    if commands and command not in commands:
+        return None
+    try:
+        return await qmp.execute(command, timeout=timeout)
+    except QmpCommandError:
+        return None
+
+
+async def _ask_vm(qmp: QmpLink, vm: VmInfo, *, lab: bool, caps_out: list[dict[str, Any]],
+                  timeout: float) -> VmInfo:
+    commands = {c["name"] for c in await qmp.execute("query-commands", timeout=timeout)}
+    status = await qmp.execute("query-status", timeout=timeout)
+    name = (await _optional(qmp, "query-name", commands, timeout) or {}).get("name") or vm.name
+    memory = await _optional(qmp, "query-memory-size-summary", commands, timeout) or {}
+    sev = await _optional(qmp, "query-sev", commands, timeout) or {}
+    params = await _optional(qmp, "query-migrate-parameters", commands, timeout) or {}
+    migrate = await _optional(qmp, "query-migrate", commands, timeout) or {}
+    firmware = await _optional(qmp, "x-query-sev-firmware", commands, timeout) if lab else None
+    if sev.get("enabled") and not caps_out:
+        caps = await _optional(qmp, "query-sev-capabilities", commands, timeout)
+        if caps and not caps_out:
+            caps_out.append(caps)
+    support = (any(k in params for k in ("sev-pdh", "sev-plat-cert", "sev-amd-cert"))
+               or bool({"migrate-set-sev-info", "migrate-sev-set-info"} & commands))
+    reasons = migrate.get("blocked-reasons") or []
+    base_memory = memory.get("base-memory")
+    return replace(
+        vm, name=name, status=status.get("status"),
+        memory_mib=None if base_memory is None else int(base_memory) // MIB,
+        sev_enabled=bool(sev.get("enabled")), policy=sev.get("policy"), sev_state=sev.get("state"),
+        handle=sev.get("handle"),
+        firmware_guest_state=(firmware or {}).get("guest-state"),
+        migration_support=support if sev.get("enabled") else None,
+        migration_blocker="; ".join(str(r) for r in reasons) or None)
+
+
+def endpoint_for(spec: HostSpec, hosts: Sequence[HostSpec] = (), ssh_config: Path | None = None) -> Endpoint:
+    """The endpoint discovery would use for `spec` (for the console and engine to reuse a pool)."""
+    return resolve(spec, config=load_ssh_config(ssh_config), inventory={h.name: h for h in hosts})
+
+
+__all__ = ["DiscoveryOptions", "discover", "discover_host", "endpoint_for", "iter_discover"]
