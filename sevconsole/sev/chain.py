@@ -180,7 +180,7 @@ def _verify_sev_signature(signer: Cert, signer_usage: Usage, subject: SevCert,
             value = sig.rsa_int()
             if value >= key.public_numbers().n:
                 raise InvalidSignature
-            key.verify(value.to_bytes(key.key_size // 8, "big"), tbs,
+            key.verify(value.to_bytes((key.key_size + 7) // 8, "big"), tbs,
                        padding.PSS(padding.MGF1(h), h.digest_size), h)
             how = f"RSA-PSS {_hash_label(h)}"
         else:
@@ -213,7 +213,8 @@ def _verify_amd_signature(signer: AmdCert, subject: AmdCert, key: rsa.RSAPublicK
     try:
         if int.from_bytes(sig, "big") >= key.public_numbers().n:
             raise InvalidSignature
-        key.verify(sig.rjust(key.key_size // 8, b"\0")[-(key.key_size // 8):], subject.signed_bytes(),
+        size = (key.key_size + 7) // 8
+        key.verify(sig.rjust(size, b"\0")[-size:], subject.signed_bytes(),
                    padding.PSS(padding.MGF1(h), h.digest_size), h)
     except (InvalidSignature, ValueError):
         raise _Fail(LinkFailure.BAD_SIGNATURE,

@@ -7,6 +7,7 @@ raises: every problem becomes a LinkResult.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,11 +21,11 @@ from sevconsole.sev.certs import (
     split_amd_chain,
     split_platform_chain,
 )
-from sevconsole.sev.chain import check_link, verify_chain
+from sevconsole.sev.chain import LinkFailure, check_link, verify_chain
 from sevconsole.sev.errors import SevFormatError
 from sevconsole.sev.trust import TrustStore
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 PARSERS = (SevCert.from_bytes, AmdCert.from_bytes, split_platform_chain, split_amd_chain)
 
 
@@ -155,3 +156,21 @@ def test_random_full_size_sev_certs_never_escape(data: bytes) -> None:
     assert cert.to_bytes() == bytes(raw)
     link = check_link(cert, cert)
     assert not link.ok and link.reason is not None
+
+
+@pytest.fixture(scope="module")
+def lab_root():
+    from sevconsole.sev.certs import generate_lab_root
+
+    return generate_lab_root()
+
+
+@FUZZ
+@given(modulus=st.integers(0, 2**2048 - 1), exponent=st.one_of(st.sampled_from([0, 1, 2, 3, 65537]),
+                                                             st.integers(0, 2**2048 - 1)))
+def test_any_rsa_key_numbers_fail_links_without_raising(lab_root, modulus: int, exponent: int) -> None:
+    ark = replace(lab_root.ark, modulus=modulus.to_bytes(256, "little"), pubexp=exponent.to_bytes(256, "little"))
+    for link in (check_link(ark, ark), check_link(ark, lab_root.ask)):
+        assert not link.ok and link.reason is LinkFailure.BAD_SIGNATURE and link.detail
+    with contextlib.suppress(SevFormatError):
+        ark.fingerprint()
