@@ -86,7 +86,7 @@ class LabHost:
                           incoming=incoming, autostart=autostart)
         vm = LabVm(name=spec.name, pid=pid, spec=spec, psp=self.psp, qmp_path=path, argv=argv,
                    incoming=incoming, autostart=autostart)
-        vm.digest_on_send = bool(self.spec.extra.get("digest-on-send", True))
+        vm.digest_on_send = bool(self.spec.extra.get("digest-on-send", False))
         if not incoming:
             # Filling and encrypting RAM takes a while for big guests: off the event loop.
             await asyncio.get_running_loop().run_in_executor(None, vm.launch, asid)

@@ -88,6 +88,7 @@ class Monitor:
             c("x-query-sev-firmware", self.x_firmware),
             c("x-query-guest-digest", self.x_digest),
             c("x-lab-inject-fault", self.x_inject_fault, {"fault": Arg("str", True), "after-pages": Arg("uint")}),
+            c("x-lab-set", self.x_lab_set, {"dirty-rate": Arg("uint"), "digest-on-send": Arg("bool")}),
         ]
         return {s.name: s for s in specs}
 
@@ -248,6 +249,18 @@ class Monitor:
         self.fault.kind = args["fault"]
         self.fault.after_pages = args.get("after-pages", 0)
         self.fault.fired = False
+        return {}
+
+
+    def x_lab_set(self, args: dict) -> dict:
+        """Lab knobs: the guest workload's dirty rate (pages/s) and whether the source records
+        the guest's digest while stopped for the last copy (costs downtime; tests use it)."""
+        if "dirty-rate" in args:
+            self.vm.workload.rate = float(args["dirty-rate"])
+            if self.vm.running:
+                self.vm.workload.start()
+        if "digest-on-send" in args:
+            self.vm.digest_on_send = args["digest-on-send"]
         return {}
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import paramiko
+from paramiko.common import MSG_CHANNEL_REQUEST
 
 PYTHONS = ("python3", "python", "/usr/bin/python3", "/usr/local/bin/python3")
 COMMANDS = ("launch-incoming", "probe", "qmp", "stop")
@@ -56,8 +57,9 @@ class _Server(paramiko.ServerInterface):
         return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
-        text = command.decode("utf-8", errors="replace")
-        threading.Thread(target=self.lab.run_command, args=(channel, text), name="ssh-exec", daemon=True).start()
+        # Run it only once paramiko has sent the request's SUCCESS reply (see _after_request):
+        # a fast command's exit status and close must not overtake that reply.
+        channel._lab_command = command.decode("utf-8", errors="replace")
         return True
 
     def check_channel_shell_request(self, channel: paramiko.Channel) -> bool:
@@ -112,6 +114,19 @@ class LabSshServer:
     def _session(self, sock: socket.socket) -> None:
         t = paramiko.Transport(sock)
         t.add_server_key(self.host_key)
+        # Channel requests are answered in the transport thread after the ServerInterface hook
+        # returns; this per-transport handler starts the command after that answer is out.
+        table = dict(t._channel_handler_table)
+        plain = table[MSG_CHANNEL_REQUEST]
+
+        def _after_request(chan: paramiko.Channel, m: paramiko.Message) -> None:
+            plain(chan, m)
+            command = chan.__dict__.pop("_lab_command", None)
+            if command is not None:
+                threading.Thread(target=self.run_command, args=(chan, command), name="ssh-exec", daemon=True).start()
+
+        table[MSG_CHANNEL_REQUEST] = _after_request
+        t._channel_handler_table = table
         with self._lock:
             self._transports.add(t)
         try:
