@@ -119,13 +119,15 @@ def parse_inventory(text: str, path: Path) -> Inventory:
     seen: dict[str, int] = {}
     for index, table in enumerate(tables):
         spec = _host(index, table, base, fname, loc, bad)
-        if spec is None:
-            continue
-        if spec.name in seen:
-            bad(index, "name", f"duplicate host name {spec.name!r} (first at line {loc.line(seen[spec.name], 'name')})")
-            continue
-        seen[spec.name] = index
-        hosts.append(spec)
+        name = table.get("name")
+        if isinstance(name, str) and name.strip():
+            name = name.strip()
+            if name in seen:
+                bad(index, "name", f"duplicate host name {name!r} (first at line {loc.line(seen[name], 'name')})")
+                continue
+            seen[name] = index
+        if spec is not None:
+            hosts.append(spec)
     names = {h.name for h in hosts}
     for spec in hosts:
         if spec.jump and spec.jump == spec.name:
@@ -153,7 +155,7 @@ def _host(index: int, table: dict[str, Any], base: Path, fname: str, loc: _Locat
         value = table.get(key)
         if value is None:
             if required:
-                bad(index, None, f"{key}: missing (every [[host]] needs {key})")
+                bad(index, key, f"missing (every [[host]] needs {key})")
             return None
         if not isinstance(value, str) or not value.strip():
             bad(index, key, f"must be a non-empty string, not {value!r}")

@@ -1,0 +1,206 @@
+"""The TOML inventory, ~/.ssh/config resolution, and ProxyJump through a real sshd."""
+
+from __future__ import annotations
+
+import getpass
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from sevconsole.hosts.errors import InventoryError
+from sevconsole.hosts.inventory import hosts_from_ssh_config, load_inventory, parse_inventory
+from sevconsole.hosts.ssh import SshPool, resolve
+from tests.hosts.conftest import Sshd
+
+GOOD = """\
+# two hosts and a bastion
+[[host]]
+name = "bastion"
+address = "203.0.113.1"
+user = "ops"
+
+[[host]]
+name = "epyc-1"
+address = "10.0.0.11"
+port = 2222
+identity = "keys/id_ed25519"
+jump = "bastion"
+qmp_sockets = ["/run/qemu/*.qmp"]
+labels = ["rack-a", "rome"]
+
+[[host]]
+name = "lab-1"
+address = "127.0.0.1"
+port = 40001
+lab = true
+identity = ["keys/id_ed25519"]
+"""
+
+
+def write(tmp_path: Path, text: str, key: bool = True) -> Path:
+    if key:
+        (tmp_path / "keys").mkdir(exist_ok=True)
+        (tmp_path / "keys" / "id_ed25519").write_text("not read here\n")
+    path = tmp_path / "inventory.toml"
+    path.write_text(text)
+    return path
+
+
+def test_good_inventory(tmp_path: Path) -> None:
+    inv = load_inventory(write(tmp_path, GOOD))
+    by = inv.by_name()
+    assert list(by) == ["bastion", "epyc-1", "lab-1"]
+    epyc = by["epyc-1"]
+    assert (epyc.address, epyc.port, epyc.user, epyc.jump) == ("10.0.0.11", 2222, None, "bastion")
+    assert epyc.identity == ((tmp_path / "keys" / "id_ed25519").resolve(),)  # relative to the file
+    assert epyc.qmp_sockets == ("/run/qemu/*.qmp",) and epyc.labels == ("rack-a", "rome")
+    assert by["lab-1"].lab and not epyc.lab
+    assert epyc.origin == f"{tmp_path / 'inventory.toml'}:7"
+    endpoint = resolve(epyc, inventory=by)
+    assert [(j.name, j.user, j.address, j.port) for j in endpoint.jump] == [("bastion", "ops", "203.0.113.1", 22)]
+    assert endpoint.user == getpass.getuser()
+
+
+def test_every_problem_is_one_line_with_file_line_and_key(tmp_path: Path) -> None:
+    text = """\
+[[host]]
+name = "a"
+adress = "10.0.0.1"
+port = 70000
+
+[[host]]
+name = "a"
+address = "10.0.0.2"
+lab = "yes"
+identity = "keys/missing"
+qmp_sockets = ["relative/*.qmp"]
+
+[[host]]
+address = "10.0.0.3"
+jump = "no such thing!"
+"""
+    with pytest.raises(InventoryError) as info:
+        load_inventory(write(tmp_path, text))
+    lines = str(info.value).splitlines()
+    name = str(tmp_path / "inventory.toml")
+    assert all(line.startswith(name + ":") for line in lines)
+    expected = [
+        (3, "adress: unknown key (did you mean 'address'?)"),
+        (4, "port: must be a whole number from 1 to 65535, not 70000"),
+        (1, "address: missing"),
+        (9, "lab: must be true or false"),
+        (10, "identity: no such key file"),
+        (11, "qmp_sockets: 'relative/*.qmp' must be an absolute path"),
+        (13, "name: missing"),
+    ]
+    for lineno, words in expected:
+        assert any(line.startswith(f"{name}:{lineno}: {words}") for line in lines), (lineno, words, lines)
+    assert any(":7: name: duplicate host name 'a' (first at line 2)" in line for line in lines), lines
+
+
+def test_toml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    with pytest.raises(InventoryError) as info:
+        load_inventory(write(tmp_path, '[[host]]\nname = "a"\naddress = 10.0.0.1.5\n', key=False))
+    [problem] = info.value.problems
+    assert problem.line == 3 and "not valid TOML" in problem.message
+
+
+@pytest.mark.parametrize("text, words", [
+    ("", "no hosts"),
+    ("host = 3\n", "must be an array of tables"),
+    ('hosts = []\n[[host]]\nname="a"\naddress="b"\n', "hosts: unknown top-level key"),
+    ('[[host]]\nname = "a b"\naddress = "x"\n', "use letters, digits"),
+    ('[[host]]\nname = "a"\naddress = "x"\njump = "a"\n', "its own jump host"),
+    ('[[host]]\nname = "a"\naddress = "x"\nlabels = [1, 2]\n', "labels: must be a string or a list"),
+])
+def test_more_bad_inventories(tmp_path: Path, text: str, words: str) -> None:
+    with pytest.raises(InventoryError) as info:
+        parse_inventory(text, tmp_path / "inv.toml")
+    assert words in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(InventoryError) as info:
+        load_inventory(tmp_path / "nope.toml")
+    assert str(info.value) == f"{tmp_path / 'nope.toml'}: no such file"
+
+
+SSH_CONFIG = """\
+Host web1
+    HostName 10.1.0.5
+    User admin
+    Port 2200
+    IdentityFile ~/keys/web
+    ProxyJump hop1,hop2
+
+Host hop1
+    HostName 10.0.0.1
+    User jumper
+
+Host hop2
+    HostName 10.0.0.2
+    ProxyJump edge
+
+Host edge
+    HostName 198.51.100.7
+    Port 2022
+
+Host *.internal !bad.internal
+    User svc
+"""
+
+
+def test_ssh_config_applies_recursively(tmp_path: Path) -> None:
+    path = tmp_path / "config"
+    path.write_text(SSH_CONFIG)
+    config = paramiko.SSHConfig.from_path(str(path))
+    [web] = hosts_from_ssh_config("web*", path)
+    endpoint = resolve(web, config=config)
+    assert (endpoint.address, endpoint.port, endpoint.user) == ("10.1.0.5", 2200, "admin")
+    assert endpoint.identities == (Path.home() / "keys" / "web",)
+    # edge first (hop2's own jump), then hop1... no: hop1, then edge -> hop2, in ProxyJump order
+    assert [(j.address, j.port, j.user) for j in endpoint.jump] == [
+        ("10.0.0.1", 22, "jumper"), ("198.51.100.7", 2022, getpass.getuser()), ("10.0.0.2", 22, getpass.getuser())]
+    names = [h.name for h in hosts_from_ssh_config(None, path)]
+    assert names == ["edge", "hop1", "hop2", "web1"]  # no wildcard or negated patterns
+    with pytest.raises(InventoryError) as info:
+        hosts_from_ssh_config("db*", path)
+    assert "no Host entry matches 'db*'" in str(info.value)
+
+
+def test_proxyjump_loop_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "config"
+    path.write_text("Host a\n    ProxyJump b\nHost b\n    ProxyJump a\n")
+    [a, _] = hosts_from_ssh_config(None, path)
+    from sevconsole.hosts.errors import SshError
+
+    with pytest.raises(SshError) as info:
+        resolve(a, config=paramiko.SSHConfig.from_path(str(path)))
+    assert "loop" in str(info.value)
+
+
+@pytest.mark.needs_sshd
+def test_jump_through_a_real_sshd(sshd: Sshd, pool: SshPool, tmp_path: Path) -> None:
+    """ssh config with ProxyJump: the target is reached through a direct-tcpip channel of the
+    jump host's transport, and both transports are pooled."""
+    path = tmp_path / "config"
+    path.write_text(f"""\
+Host target
+    HostName 127.0.0.1
+    Port {sshd.port}
+    User {sshd.user}
+    IdentityFile {sshd.client_key}
+    ProxyJump {sshd.user}@jumpbox:{sshd.port}
+Host jumpbox
+    HostName 127.0.0.1
+    IdentityFile {sshd.client_key}
+""")
+    config = paramiko.SSHConfig.from_path(str(path))
+    [target] = [h for h in hosts_from_ssh_config("target", path)]
+    endpoint = resolve(target, config=config)
+    assert len(endpoint.jump) == 1
+    conn = pool.get(endpoint)
+    assert conn.via is not None and conn.via.endpoint.address == "127.0.0.1"
+    assert isinstance(conn.transport.sock, paramiko.Channel)  # rides on the jump host's transport
+    assert conn.run("echo through").stdout == b"through\n"
