@@ -16,7 +16,7 @@ import os
 import struct
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -96,7 +96,10 @@ def _as_bytes(data: object, name: str) -> bytes:
     raise SevFormatError(name, 0, f"expected bytes, got {type(data).__name__}")
 
 
-def _enum(kind: type[IntEnum], value: int, name: str, offset: int, what: str) -> IntEnum:
+E = TypeVar("E", bound=IntEnum)
+
+
+def _enum(kind: type[E], value: int, name: str, offset: int, what: str) -> E:
     try:
         return kind(value)
     except ValueError:
@@ -337,7 +340,7 @@ class AmdCert:
             raise SevFormatError(name, at, f"a {modulus_bits}-bit AMD root certificate is {key_end + mb} bytes "
                                  f"(or {key_end} with no signature), this is {len(data)}")
         signature = data[key_end:] if len(data) > key_end else None
-        return cls(version, data[0x04:0x14], data[0x14:0x24], usage, data[0x28:0x38],  # type: ignore[arg-type]
+        return cls(version, data[0x04:0x14], data[0x14:0x24], usage, data[0x28:0x38],
                    pubexp_bits, modulus_bits, data[AMD_HEADER_LEN : AMD_HEADER_LEN + pe],
                    data[AMD_HEADER_LEN + pe : key_end], signature, name)
 
