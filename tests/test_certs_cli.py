@@ -192,6 +192,19 @@ def test_lab_chain_verifies_only_with_lab_root(capsys, tmp_path: Path) -> None:
     assert code == 1 and "ARK self [UNTRUSTED_ROOT]" in out and "lab root" in out
 
 
+def test_lab_root_from_a_lab_state_folder(capsys, tmp_path: Path) -> None:
+    """The lab keeps its root as lab-root/lab-ark.cert and lab-ask.cert in its state folder."""
+    platform, root = _lab_platform(tmp_path)
+    state = tmp_path / "state"
+    (state / "lab-root").mkdir(parents=True)
+    for part in ("ark", "ask"):
+        (state / "lab-root" / f"lab-{part}.cert").write_bytes((root / f"{part}.cert").read_bytes())
+    for given in (state, state / "lab-root"):
+        code, out, err = run(capsys, "verify", "--platform-dir", platform, "--lab-root", given)
+        assert code == 0, out + err
+        assert "lab-ark.cert" in out
+
+
 def test_lab_root_must_be_a_lab_root(sev_certs: Path, capsys) -> None:
     code, _, err = run(capsys, "verify", "--platform-dir", sev_certs / "platforms/rome",
                        "--lab-root", sev_certs / "amd/rome")

@@ -238,9 +238,18 @@ def _load_platform(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load_roots(folder: Path) -> tuple[Any, Any]:
+    """(ask, ark) from a folder of ark.cert and ask.cert. A lab's state folder works too: its
+    lab-root/ holds lab-ark.cert and lab-ask.cert."""
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder (it should hold ark.cert and ask.cert)")
-    return _read_amd(folder / "ask.cert"), _read_amd(folder / "ark.cert")
+    if (folder / "lab-root").is_dir() and not (folder / "ark.cert").exists():
+        folder = folder / "lab-root"
+
+    def find(part: str) -> Path:
+        plain, lab = folder / f"{part}.cert", folder / f"lab-{part}.cert"
+        return lab if lab.exists() and not plain.exists() else plain
+
+    return _read_amd(find("ask")), _read_amd(find("ark"))
 
 
 def _imported_roots() -> list[tuple[Path, Any, Any]]:
