@@ -128,7 +128,14 @@ MAX_GUEST_LEN = 0x5000
 PAGE = 4096
 LOG_SIZE = 1024
 MNONCE_LEN = 16
+PSP_SLACK_S = 0.01  # timing model: how far behind its timeline a busy PSP may catch up
 
+_LUPDATE = frozenset({GuestState.LUPDATE})
+_LSECRET = frozenset({GuestState.LSECRET})
+_RUNNING = frozenset({GuestState.RUNNING})
+_SUPDATE = frozenset({GuestState.SUPDATE})
+_RUPDATE = frozenset({GuestState.RUPDATE})
+_ACTIVATABLE = frozenset(GuestState) - {GuestState.SENT, GuestState.UNINIT}
 _GUEST_CPU_STATES = frozenset({GuestState.LUPDATE, GuestState.LSECRET, GuestState.RUNNING, GuestState.SUPDATE})
 
 
@@ -204,6 +211,8 @@ class SevFirmware:
         self._log: deque[CommandRecord] = deque(maxlen=LOG_SIZE)
         self._counts: dict[Command, int] = {}
         self._last_status = Status.SUCCESS
+        self._work = bytearray(0)
+        self._psp_free_at = 0.0  # monotonic time the modelled PSP finishes its last command
 
     # ------------------------------------------------------------------ introspection
 
@@ -277,10 +286,21 @@ class SevFirmware:
             self._record(command, logged, status, packets)
             if self.timing is not None:
                 cost = self.timing.per_page_s * packets if pages and status is Status.SUCCESS else self.timing.per_command_s
-                delay = began + cost - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
+                self._occupy(began, cost)
             return result
+
+    def _occupy(self, began: float, cost: float) -> None:
+        """Hold the PSP until the command's modelled end, on a timeline of back-to-back commands.
+
+        A command queued right behind another starts where that one ended on the timeline, not
+        when the thread woke up, so sleep overshoot (often ~1 ms on a loaded host) does not
+        accumulate; after an idle gap longer than PSP_SLACK_S the timeline restarts at now.
+        """
+        start = max(self._psp_free_at, began - PSP_SLACK_S)
+        self._psp_free_at = start + cost
+        delay = self._psp_free_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
 
     def _guest(self, handle: object, allowed: frozenset[GuestState] | None) -> tuple[_Guest | None, Status, str]:
         """The guest for a guest command, or the status that refuses it (platform, handle, state)."""
@@ -304,6 +324,12 @@ class SevFirmware:
         if gpa + length > len(guest.memory):
             return f"guest range {gpa:#x}+{length:#x} ends beyond guest memory ({len(guest.memory):#x} bytes)"
         return ""
+
+    def _scratch(self, length: int) -> memoryview:
+        """A reused work buffer of `length` bytes (only used under the command lock)."""
+        if len(self._work) < length:
+            self._work = bytearray(length)
+        return memoryview(self._work)[:length]
 
     def _new_handle(self) -> int:
         handle = self._next_handle
@@ -464,7 +490,7 @@ class SevFirmware:
     def launch_update_data(self, handle: int, gpa: int, length: int) -> Result:
         """Encrypt [gpa, gpa+length) in place with the VEK and add it to the launch digest."""
         def body() -> Result:
-            guest, status, why = self._guest(handle, frozenset({GuestState.LUPDATE}))
+            guest, status, why = self._guest(handle, _LUPDATE)
             if guest is None:
                 return Result(status, f"LAUNCH_UPDATE_DATA: {why}")
             start, n = operator.index(gpa), operator.index(length)
@@ -473,15 +499,15 @@ class SevFirmware:
             why = self._span(guest, start, n)
             if why:
                 return Result(Status.INVALID_ADDRESS, f"LAUNCH_UPDATE_DATA: {why}")
-            plain = guest.memory[start:start + n].tobytes()
-            guest.launch_digest.update(plain)
-            guest.memory[start:start + n] = guest.cipher.encrypt(start, plain)
+            region = guest.memory[start:start + n]
+            guest.launch_digest.update(region)
+            guest.cipher.encrypt(start, region, out=region)  # in place, like the real command
             return Result(Status.SUCCESS)
         return self._run(Command.LAUNCH_UPDATE_DATA, handle, Result, body)
 
     def launch_measure(self, handle: int) -> MeasureResult:
         def body() -> MeasureResult:
-            guest, status, why = self._guest(handle, frozenset({GuestState.LUPDATE}))
+            guest, status, why = self._guest(handle, _LUPDATE)
             if guest is None:
                 return MeasureResult(status, detail=f"LAUNCH_MEASURE: {why}")
             mnonce = self._rng(MNONCE_LEN)
@@ -493,7 +519,7 @@ class SevFirmware:
 
     def launch_finish(self, handle: int) -> Result:
         def body() -> Result:
-            guest, status, why = self._guest(handle, frozenset({GuestState.LSECRET}))
+            guest, status, why = self._guest(handle, _LSECRET)
             if guest is None:
                 return Result(status, f"LAUNCH_FINISH: {why}")
             guest.state = GuestState.RUNNING
@@ -503,8 +529,7 @@ class SevFirmware:
 
     def activate(self, handle: int, asid: int) -> Result:
         def body() -> Result:
-            allowed = frozenset(GuestState) - {GuestState.SENT, GuestState.UNINIT}
-            guest, status, why = self._guest(handle, allowed)
+            guest, status, why = self._guest(handle, _ACTIVATABLE)
             if guest is None:
                 return Result(status, f"ACTIVATE: {why}")
             a = operator.index(asid)
@@ -550,7 +575,7 @@ class SevFirmware:
     def send_start(self, handle: int, pdh: bytes, plat_chain: bytes, amd_chain: bytes,
                    session_len: int = SESSION_LEN) -> SendStartResult:
         def body() -> SendStartResult:
-            guest, status, why = self._guest(handle, frozenset({GuestState.RUNNING}))
+            guest, status, why = self._guest(handle, _RUNNING)
             if guest is None:
                 return SendStartResult(status, detail=f"SEND_START: {why}")
             if operator.index(session_len) != SESSION_LEN:
@@ -577,7 +602,7 @@ class SevFirmware:
     def send_update_data(self, handle: int, gpa: int, length: int, hdr_len: int = HDR_LEN,
                          trans_len: int | None = None) -> SendUpdateResult:
         def body() -> SendUpdateResult:
-            guest, status, why = self._guest(handle, frozenset({GuestState.SUPDATE}))
+            guest, status, why = self._guest(handle, _SUPDATE)
             if guest is None:
                 return SendUpdateResult(status, detail=f"SEND_UPDATE_DATA: {why}")
             start, n = operator.index(gpa), operator.index(length)
@@ -602,7 +627,7 @@ class SevFirmware:
     def send_pages(self, handle: int, gpa: int, npages: int, packet_size: int = PAGE) -> SendPagesResult:
         """Batch SEND_UPDATE_DATA: `npages` packets of `packet_size` from gpa, one status for all."""
         def body() -> SendPagesResult:
-            guest, status, why = self._guest(handle, frozenset({GuestState.SUPDATE}))
+            guest, status, why = self._guest(handle, _SUPDATE)
             if guest is None:
                 return SendPagesResult(status, detail=f"SEND_UPDATE_DATA: {why}")
             start, count, size = operator.index(gpa), operator.index(npages), operator.index(packet_size)
@@ -614,14 +639,17 @@ class SevFirmware:
             if why:
                 return SendPagesResult(Status.INVALID_ADDRESS, detail=f"SEND_UPDATE_DATA: {why}")
             run = count * size
-            plain = guest.cipher.decrypt(start, guest.memory[start:start + run].tobytes())
-            headers, trans = seal_pages(guest.tek, guest.tik, plain, size, ivs=self._rng(16 * count))
-            return SendPagesResult(Status.SUCCESS, b"".join(headers), bytes(trans))
+            # Decrypt the run at rest into reused scratch, seal it into one fresh buffer: large
+            # fresh allocations cost page faults that outweigh the crypto.
+            plain = guest.cipher.decrypt(start, guest.memory[start:start + run], out=self._scratch(run))
+            trans = bytearray(run)
+            headers, _ = seal_pages(guest.tek, guest.tik, plain, size, ivs=self._rng(16 * count), out=trans)
+            return SendPagesResult(Status.SUCCESS, b"".join(headers), trans)
         return self._run(Command.SEND_UPDATE_DATA, handle, SendPagesResult, body, pages=_pages_of(packet_size, npages))
 
     def send_finish(self, handle: int) -> Result:
         def body() -> Result:
-            guest, status, why = self._guest(handle, frozenset({GuestState.SUPDATE}))
+            guest, status, why = self._guest(handle, _SUPDATE)
             if guest is None:
                 return Result(status, f"SEND_FINISH: {why}")
             guest.state = GuestState.SENT  # from now on only DECOMMISSION: no second runnable copy
@@ -631,7 +659,7 @@ class SevFirmware:
 
     def send_cancel(self, handle: int) -> Result:
         def body() -> Result:
-            guest, status, why = self._guest(handle, frozenset({GuestState.SUPDATE}))
+            guest, status, why = self._guest(handle, _SUPDATE)
             if guest is None:
                 return Result(status, f"SEND_CANCEL: {why}")
             guest.state = GuestState.RUNNING  # a cancelled migration can be retried
@@ -686,7 +714,7 @@ class SevFirmware:
                             hdr_len: int = HDR_LEN) -> ReceiveUpdateResult:
         """Check the packet's MAC, then decrypt it and store it encrypted at rest at gpa."""
         def body() -> ReceiveUpdateResult:
-            guest, status, why = self._guest(handle, frozenset({GuestState.RUPDATE}))
+            guest, status, why = self._guest(handle, _RUPDATE)
             if guest is None:
                 return ReceiveUpdateResult(status, detail=f"RECEIVE_UPDATE_DATA: {why}")
             if operator.index(hdr_len) < HDR_LEN or len(header) < HDR_LEN:
@@ -717,7 +745,7 @@ class SevFirmware:
         count = len(headers) // HDR_LEN if isinstance(headers, bytes | bytearray | memoryview) else 0
 
         def body() -> ReceiveUpdateResult:
-            guest, status, why = self._guest(handle, frozenset({GuestState.RUPDATE}))
+            guest, status, why = self._guest(handle, _RUPDATE)
             if guest is None:
                 return ReceiveUpdateResult(status, detail=f"RECEIVE_UPDATE_DATA: {why}")
             size = operator.index(packet_size)
@@ -734,18 +762,19 @@ class SevFirmware:
                 bad = int(np.argmax(flags != 0))
                 return ReceiveUpdateResult(*_flags_refusal(int(flags[bad]), bad, HDR_LEN))
             try:
-                plain = open_pages(guest.tek, guest.tik, bytes(headers), trans, size)
+                plain = open_pages(guest.tek, guest.tik, bytes(headers), trans, size, out=self._scratch(len(trans)))
             except IntegrityError as exc:
                 return ReceiveUpdateResult(Status.BAD_MEASUREMENT, HDR_LEN,
                                            f"RECEIVE_UPDATE_DATA at {start:#x}: {exc.sentence}; guest memory is unchanged")
-            guest.memory[start:start + len(trans)] = guest.cipher.encrypt(start, plain)
+            # Only now, every MAC good, does guest memory change: encrypted at rest in place.
+            guest.cipher.encrypt(start, plain, out=guest.memory[start:start + len(trans)])
             return ReceiveUpdateResult(Status.SUCCESS, HDR_LEN)
         return self._run(Command.RECEIVE_UPDATE_DATA, handle, ReceiveUpdateResult, body,
                          pages=_pages_of(packet_size, count))
 
     def receive_finish(self, handle: int) -> Result:
         def body() -> Result:
-            guest, status, why = self._guest(handle, frozenset({GuestState.RUPDATE}))
+            guest, status, why = self._guest(handle, _RUPDATE)
             if guest is None:
                 return Result(status, f"RECEIVE_FINISH: {why}")
             guest.state = GuestState.RUNNING

@@ -139,5 +139,5 @@ class ReceiveUpdateResult(_HasStatus):
 class SendPagesResult(_HasStatus):
     status: Status
     headers: bytes = b""  # npages * 52 bytes
-    trans: bytes = b""  # npages * packet_size bytes
+    trans: bytes | bytearray = b""  # npages * packet_size bytes (a fresh buffer, the caller's)
     detail: str = ""
