@@ -202,7 +202,7 @@ def test_lab_root_from_a_lab_state_folder(capsys, tmp_path: Path) -> None:
     for given in (state, state / "lab-root"):
         code, out, err = run(capsys, "verify", "--platform-dir", platform, "--lab-root", given)
         assert code == 0, out + err
-        assert "lab-ark.cert" in out
+        assert f"ARK {state / 'lab-root' / 'lab-ark.cert'}" in out.splitlines()[0]
 
 
 def test_lab_root_must_be_a_lab_root(sev_certs: Path, capsys) -> None:

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 PLATFORM_PARTS = ("pdh", "pek", "oca", "cek")
 SEV_LEN, CHAIN_LEN = 2084, 6252
@@ -237,8 +237,19 @@ def _load_platform(args: argparse.Namespace) -> dict[str, Any]:
     return {"pdh": _read_sev(args.pdh), "pek": pek, "oca": oca, "cek": cek}
 
 
-def _load_roots(folder: Path) -> tuple[Any, Any]:
-    """(ask, ark) from a folder of ark.cert and ask.cert. A lab's state folder works too: its
+class RootFiles(NamedTuple):
+    ask: Any  # AmdCert
+    ark: Any
+    ask_path: Path
+    ark_path: Path
+
+    @property
+    def folder(self) -> Path:
+        return self.ark_path.parent
+
+
+def _load_roots(folder: Path) -> RootFiles:
+    """ASK and ARK from a folder of ark.cert and ask.cert. A lab's state folder works too: its
     lab-root/ holds lab-ark.cert and lab-ask.cert."""
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder (it should hold ark.cert and ask.cert)")
@@ -249,22 +260,21 @@ def _load_roots(folder: Path) -> tuple[Any, Any]:
         plain, lab = folder / f"{part}.cert", folder / f"lab-{part}.cert"
         return lab if lab.exists() and not plain.exists() else plain
 
-    return _read_amd(find("ask")), _read_amd(find("ark"))
+    ask_path, ark_path = find("ask"), find("ark")
+    return RootFiles(_read_amd(ask_path), _read_amd(ark_path), ask_path, ark_path)
 
 
-def _imported_roots() -> list[tuple[Path, Any, Any]]:
-    """(folder, ask, ark) of every generation imported with `certs import-amd`; damaged ones skipped."""
+def _imported_roots() -> list[RootFiles]:
+    """Every generation imported with `certs import-amd`; damaged ones are skipped with a warning."""
     from sevconsole import paths
 
     found = []
     base = paths.amd_roots_dir()
     for folder in sorted(base.iterdir()) if base.is_dir() else []:
         try:
-            ask, ark = _load_roots(folder)
+            found.append(_load_roots(folder))
         except InputError as exc:
             print(f"sevconsole certs: skipping imported root {folder.name}: {exc}", file=sys.stderr)
-            continue
-        found.append((folder, ask, ark))
     return found
 
 
@@ -281,40 +291,39 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         if args.lab_root is not None:
             lab = _load_roots(args.lab_root)
             try:
-                trust = trust.with_lab_root(lab[1])
+                trust = trust.with_lab_root(lab.ark)
             except ValueError as exc:
                 raise InputError(f"{args.lab_root}: {exc}") from None
         hint = ""
+        roots: RootFiles | None
         if args.amd_dir is not None:
-            ask, ark = _load_roots(args.amd_dir)
-            source = str(args.amd_dir)
+            roots = _load_roots(args.amd_dir)
         else:
-            candidates = [(str(f), a, r) for f, a, r in _imported_roots()]
-            if lab is not None:
-                candidates.insert(0, (str(args.lab_root), lab[0], lab[1]))
-            match = trust.ask_for(platform["cek"], [ask for _, ask, _ in candidates])
-            chosen = next((c for c in candidates if c[1] is match), None) if match is not None else None
-            if chosen is None:
-                ask = ark = None
-                source = ""
+            # The lab root first (when given), then each imported generation: the one whose ASK
+            # signed this CEK is the chain's.
+            candidates = ([lab] if lab is not None else []) + _imported_roots()
+            match = trust.ask_for(platform["cek"], [c.ask for c in candidates])
+            roots = next((c for c in candidates if c.ask is match), None) if match is not None else None
+            if roots is None:
                 hint = ("no imported AMD root signed this CEK: import its generation with "
                         "`sevconsole certs import-amd DIR` or give --amd-dir DIR")
-            else:
-                source, ask, ark = chosen
     except InputError as exc:
         return _fail(str(exc), args.json)
 
-    report = verify_chain(**platform, ask=ask, ark=ark, trust=trust)
+    report = verify_chain(**platform, ask=roots.ask if roots else None, ark=roots.ark if roots else None,
+                          trust=trust)
     if args.json:
-        print(json.dumps({**report.to_dict(), "amd_roots": source or None, "hint": hint or None}, indent=2))
+        print(json.dumps({**report.to_dict(), "amd_roots": str(roots.folder) if roots else None,
+                          "hint": hint or None}, indent=2))
     else:
-        _print_tree(report, platform, ask, ark, _sources(args, source))
+        _print_tree(report, platform, roots, _sources(args, roots))
         if hint:
             print(f"hint: {hint}")
     return 0 if report.ok else 1
 
 
-def _print_tree(report: Any, platform: dict[str, Any], ask: Any, ark: Any, sources: dict[str, str]) -> None:
+def _print_tree(report: Any, platform: dict[str, Any], roots: RootFiles | None, sources: dict[str, str]) -> None:
+    ask, ark = (roots.ask, roots.ark) if roots else (None, None)
     fancy = _can_print("└✓✗")
     branch, last, pipe = ("├── ", "└── ", "│   ") if fancy else ("|-- ", "`-- ", "|   ")
     mark = {True: "✓" if fancy else "ok", False: "✗" if fancy else "FAIL"}
@@ -352,15 +361,15 @@ def _print_tree(report: Any, platform: dict[str, Any], ask: Any, ark: Any, sourc
         print(f"NOT verified: {len(report.failures)} of {len(report.links)} links fail: {failed}")
 
 
-def _sources(args: argparse.Namespace, amd_source: str) -> dict[str, str]:
+def _sources(args: argparse.Namespace, roots: RootFiles | None) -> dict[str, str]:
     """Where each certificate came from, for the tree's labels."""
     out: dict[str, str] = {}
     if args.platform_dir is not None:
         out.update({part: str(args.platform_dir / f"{part}.cert") for part in PLATFORM_PARTS})
     else:
         out.update({"pdh": str(args.pdh), **{p: f"{args.chain} ({p.upper()})" for p in ("pek", "oca", "cek")}})
-    if amd_source:
-        out.update({p: str(Path(amd_source) / f"{p}.cert") for p in ("ark", "ask")})
+    if roots is not None:
+        out.update({"ark": str(roots.ark_path), "ask": str(roots.ask_path)})
     return out
 
 
@@ -387,7 +396,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
     folder: Path = args.dir
     try:
-        ask, ark = _load_roots(folder)
+        ask, ark = _load_roots(folder)[:2]
     except InputError as exc:
         return _fail(str(exc))
     root, why = TrustStore.amd().root_for(ark)
