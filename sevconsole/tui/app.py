@@ -22,6 +22,9 @@ class SevConsoleApp(App[int]):
     CSS_PATH = "app.tcss"
     TITLE = "sevconsole"
     ENABLE_COMMAND_PALETTE = True
+    # screen classes for layouts that use the room: -wide / -tall
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (36, "-tall")]
     BINDINGS = [
         Binding("question_mark", "help", "Help", id="help"),
         Binding("f8", "screenshot", "Screenshot", id="screenshot", show=False),
@@ -35,7 +38,7 @@ class SevConsoleApp(App[int]):
                  screenshot_dir: Path | None = None) -> None:
         super().__init__()
         self.backend = backend
-        self.config = config or ConsoleConfig()
+        self.config = config if config is not None else ConsoleConfig.load()
         self.reports: dict[str, HostReport] = {}
         self.probe_log: list[str] = []  # one line per probe message, oldest first
         self.themes, self.theme_problems = load_themes()
@@ -48,7 +51,8 @@ class SevConsoleApp(App[int]):
     def on_mount(self) -> None:
         for named in self.themes.values():
             self.register_theme(named.theme)
-        self.apply_theme(self.requested_theme, save=False)
+        if not self.apply_theme(self.requested_theme, save=False):
+            self.apply_theme(DEFAULT, save=False)
         if self.config.keys:
             self.set_keymap(self.config.keys)
         for problem in (*self.config.problems, *self.theme_problems):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from textual.app import ComposeResult
-from textual.containers import Vertical
+from textual.containers import VerticalScroll
 from textual.markup import escape
 from textual.widgets import Static
 
@@ -28,13 +28,12 @@ def machine(names: Sequence[str], current: int | None) -> str:
 
 def end_lines(role: str, fw: FirmwareView | None) -> list[str]:
     if fw is None:
-        return [f"[b]{role}[/] [$text-muted]not seen yet[/]"]
+        return [f"[b]{role}[/] [$text-muted]not seen yet[/]", ""]
     handle = "" if fw.handle is None else f" handle {fw.handle}"
     last = "" if fw.last_status is None else f"  last {fmt.status(fw.last_status)}"
     return [
-        f"[b]{role}[/] {escape(fw.host)}{handle}{escape(last)}",
-        " guest    " + machine(SHORT_GUEST, fw.guest_state),
-        " platform " + machine(fmt.PLATFORM_STATES, fw.platform_state),
+        f"[b]{role}[/] {escape(fw.host)}{handle}{escape(last)}  [$text-muted](guest │ platform)[/]",
+        " " + machine(SHORT_GUEST, fw.guest_state) + " │ " + machine(fmt.PLATFORM_STATES, fw.platform_state),
     ]
 
 
@@ -44,11 +43,11 @@ def log_line(entry: SevLogEntry) -> str:
     return f"{escape(entry.host)} {entry.command}{times} [{colour}]{escape(fmt.status(entry.status))}[/]"
 
 
-class FirmwarePanel(Vertical):
+class FirmwarePanel(VerticalScroll):
     DEFAULT_CSS = """
-    FirmwarePanel { height: auto; border: round $panel-lighten-1; border-title-color: $text-muted; }
+    FirmwarePanel { height: 1fr; overflow-y: auto; padding: 0 1; }
     FirmwarePanel > #machines { height: auto; }
-    FirmwarePanel > #sevlog { height: auto; max-height: 8; color: $text; }
+    FirmwarePanel > #sevlog { height: auto; color: $text; }
     """
 
     def __init__(self, log_lines: int = 6, **kw: object) -> None:
@@ -58,9 +57,6 @@ class FirmwarePanel(Vertical):
     def compose(self) -> ComposeResult:
         yield Static(id="machines")
         yield Static(id="sevlog")
-
-    def on_mount(self) -> None:
-        self.border_title = "SEV firmware"
 
     def show(self, source: FirmwareView | None, target: FirmwareView | None, log: Sequence[SevLogEntry]) -> None:
         self.query_one("#machines", Static).update("\n".join(end_lines("source", source) + end_lines("target", target)))

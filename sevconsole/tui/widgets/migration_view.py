@@ -19,11 +19,15 @@ from sevconsole.tui.widgets.transfer import TransferPanel
 class MigrationView(Vertical):
     DEFAULT_CSS = """
     MigrationView { height: 1fr; }
-    MigrationView > #mv-top { height: 1fr; min-height: 10; }
-    MigrationView #mv-side { width: 46; height: auto; }
     MigrationView > #mv-title { height: 1; }
-    MigrationView > TabbedContent { height: 12; }
+    MigrationView > #mv-top { height: 13; }
+    MigrationView #mv-side { width: 40; height: auto; }
+    MigrationView > TabbedContent { height: 1fr; min-height: 6; }
+    MigrationView TabPane { padding: 0; }
     MigrationView RichLog { height: 1fr; }
+    .-tall MigrationView > #mv-top { height: 1fr; }
+    .-tall MigrationView > TabbedContent { height: 16; }
+    .-wide MigrationView #mv-side { width: 56; }
     """
 
     def __init__(self, **kw: object) -> None:

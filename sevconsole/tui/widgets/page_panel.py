@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.markup import escape
 from textual.widgets import Static
 
 from sevconsole.sev.pagestate import PageState
@@ -13,12 +12,12 @@ from sevconsole.tui import format as fmt
 from sevconsole.tui.widgets.page_map import PageMap
 
 LEGEND = (
-    (PageState.PRIVATE_UNSENT, "$primary-darken-2", "private unsent"),
-    (PageState.PRIVATE_SENT, "$success", "private sent (SEV packet)"),
-    (PageState.PRIVATE_DIRTY, "$error", "private dirty"),
-    (PageState.SHARED_UNSENT, "$panel-lighten-2", "shared unsent"),
-    (PageState.SHARED_SENT, "$accent", "shared sent (clear)"),
-    (PageState.SHARED_DIRTY, "$warning", "shared dirty"),
+    (PageState.PRIVATE_UNSENT, "$primary-darken-2", "unsent"),
+    (PageState.PRIVATE_SENT, "$success", "sent"),
+    (PageState.PRIVATE_DIRTY, "$error", "dirty"),
+    (PageState.SHARED_UNSENT, "$panel-lighten-2", "unsent"),
+    (PageState.SHARED_SENT, "$accent", "sent"),
+    (PageState.SHARED_DIRTY, "$warning", "dirty"),
 )
 
 
@@ -41,11 +40,20 @@ class PagePanel(Vertical):
         page_map = self.query_one(PageMap)
         page_map.show(states)
         totals = page_map.grid.view(0, 0).totals if states is not None else np.zeros(len(PageState), np.int64)
-        parts = [f"[{colour}]▀[/] {label} [b]{fmt.count(int(totals[state]))}[/]" for state, colour, label in LEGEND]
         source = "exact (firmware page state)" if exact else "estimated from QEMU counters"
         pages = int(totals.sum())
         per = page_map.grid.block_pages
-        self.border_subtitle = f"{fmt.count(pages)} pages × {fmt.size(page_size)}, {source}"
-        self.query_one("#legend", Static).update(
-            "  ".join(parts) + escape(f"  (a cell is a run of {per}+ pages, coloured by its majority)")
-        )
+
+        def cell(state: PageState, colour: str) -> str:
+            return f"[{colour}]█[/] {fmt.count(int(totals[state])):<7}"
+
+        rows = [
+            "[$text-muted]          unsent    sent      dirty[/]",
+            "private " + "".join(cell(st, c) for st, c, _ in LEGEND[:3]),
+            "shared  " + "".join(cell(st, c) for st, c, _ in LEGEND[3:]),
+        ]
+        self.border_subtitle = f"{fmt.count(pages)} pages, {'exact' if exact else 'estimated'}"
+        self.tooltip = (f"Each half cell is a run of {per}+ pages of {fmt.size(page_size)}, coloured by the "
+                        f"state most of them are in. Counts are {source}. Private pages travel as SEV "
+                        "packets (encrypted with the TEK); shared pages travel in clear.")
+        self.query_one("#legend", Static).update("\n".join(rows))

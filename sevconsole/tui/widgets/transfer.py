@@ -13,20 +13,19 @@ from sevconsole.tui import format as fmt
 
 def convergence_sentence(p: Progress) -> str:
     """The prediction in words; never a bare percentage."""
-    limit = p.downtime_limit_ms
     if p.phase.terminal:
         return f"finished: {p.phase.value}"
     if p.phase in (Phase.STOP_AND_COPY, Phase.FINISHING):
-        return "[$success]converged[/]: guest paused for the final copy"
+        return "[$success]converged[/]: guest paused for the last copy"
     if p.converging is None:
-        return "[$text-muted]measuring: not enough passes yet to predict[/]"
+        return "[$text-muted]measuring: too early to predict[/]"
     if p.converging:
-        eta = f", done in about {fmt.duration(p.eta_s)}" if p.eta_s is not None else ""
-        return f"[$success]converging[/]: the dirty set shrinks each pass{eta}"
+        eta = f", done in ~{fmt.duration(p.eta_s)}" if p.eta_s is not None else ""
+        return f"[$success]converging[/]{eta}"
     dirty_bps = p.dirty_pages_per_s * p.page_size
-    return (f"[$error]not converging[/]: the guest dirties {fmt.rate(dirty_bps)} while "
-            f"{fmt.rate(p.rate_bps)} is sent, so the last copy would not fit {limit} ms; "
-            "raise the downtime limit or cancel")
+    return (f"[$error]NOT converging[/]: dirtying {fmt.rate(dirty_bps)} vs sending "
+            f"{fmt.rate(p.rate_bps)}; the last copy cannot fit {p.downtime_limit_ms} ms. "
+            "Raise the limit or cancel (c).")
 
 
 class TransferPanel(Vertical):
@@ -45,19 +44,17 @@ class TransferPanel(Vertical):
         self.border_subtitle = "rate history"
 
     def show(self, p: Progress) -> None:
-        sent_pages = f"{fmt.count(p.pages_transferred)} pages"
         downtime = "-" if p.expected_downtime_ms is None else f"{p.expected_downtime_ms:.0f} ms"
         fits = ""
         if p.expected_downtime_ms is not None:
-            fits = " [$success]fits[/]" if p.expected_downtime_ms <= p.downtime_limit_ms else " [$error]over the limit[/]"
+            fits = ": [$success]fits[/]" if p.expected_downtime_ms <= p.downtime_limit_ms else ": [$error]too long[/]"
         phase = p.phase.value + (f", pass {p.pass_number}" if p.pass_number else "")
         lines = [
-            f"[b]{escape(phase)}[/]   elapsed {fmt.duration(p.elapsed_s)}",
-            f"rate [b]{fmt.rate(p.rate_bps)}[/]  {fmt.count(p.pages_per_s)} pages/s",
-            f"sent {fmt.size(p.bytes_transferred)} ({sent_pages})  left {fmt.size(p.bytes_remaining)}"
-            f"  of {fmt.size(p.bytes_total)}",
-            f"dirtied {fmt.count(p.dirty_pages_per_s)} pages/s ({fmt.rate(p.dirty_pages_per_s * p.page_size)})",
-            f"downtime {downtime} expected, limit {p.downtime_limit_ms} ms{fits}",
+            f"[b]{escape(phase)}[/] · {fmt.duration(p.elapsed_s)}",
+            f"[b]{fmt.rate(p.rate_bps)}[/] · {fmt.count(p.pages_per_s)} pages/s",
+            f"sent {fmt.size(p.bytes_transferred)} · left {fmt.size(p.bytes_remaining)} / {fmt.size(p.bytes_total)}",
+            f"dirtying {fmt.count(p.dirty_pages_per_s)} pages/s ({fmt.rate(p.dirty_pages_per_s * p.page_size)})",
+            f"downtime {downtime} of {p.downtime_limit_ms} ms{fits}",
             convergence_sentence(p),
         ]
         self.query_one("#numbers", Static).update("\n".join(lines))
