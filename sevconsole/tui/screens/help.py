@@ -42,7 +42,8 @@ def binding_rows(screen: Screen) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     seen: set[tuple[str, str]] = set()
     app = screen.app
-    nodes = [*(screen.focused.ancestors_with_self if screen.focused else []), screen, app]
+    focused = [n for n in (screen.focused.ancestors_with_self if screen.focused else []) if n is not screen]
+    nodes = [screen, app, *focused]  # the screen's own keys first, widget navigation last
     for node in nodes:
         owner = "app" if node is app else type(node).__name__
         for key, binding in _bindings(node):

@@ -1,0 +1,101 @@
+"""SVG snapshots of the main screens with deterministic data (real certificates, built Progress).
+
+Update after an intended change: pytest tests/tui/test_snapshots.py --snapshot-update
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from sevconsole.hosts.report import Capabilities
+from sevconsole.tui.app import SevConsoleApp
+from sevconsole.tui.screens.live import LiveScreen
+from sevconsole.tui.screens.result import ResultScreen
+from sevconsole.tui.scripted import ScriptedBackend, sample_progress, sample_reports, sample_result
+
+
+def make_app(rome: Capabilities, naples: Capabilities, theme: str | None = None) -> SevConsoleApp:
+    return SevConsoleApp(ScriptedBackend(sample_reports(rome, other_caps=naples)), theme=theme)
+
+
+async def idle(pilot) -> None:  # type: ignore[no-untyped-def]
+    await pilot.app.workers.wait_for_complete()
+    await pilot.pause()
+
+
+@pytest.mark.parametrize("theme", ["dark", "light", "high-contrast"])
+def test_hosts(snap_compare, rome_caps, naples_caps, theme) -> None:  # type: ignore[no-untyped-def]
+    assert snap_compare(make_app(rome_caps, naples_caps, theme), terminal_size=(80, 24), run_before=idle)
+
+
+def test_host_with_chain(snap_compare, rome_caps, naples_caps) -> None:  # type: ignore[no-untyped-def]
+    async def before(pilot) -> None:  # type: ignore[no-untyped-def]
+        await idle(pilot)
+        await pilot.press("enter")
+        await pilot.pause()
+
+    assert snap_compare(make_app(rome_caps, naples_caps), terminal_size=(110, 34), run_before=before)
+
+
+def test_preflight_compatible(snap_compare, rome_caps, naples_caps) -> None:  # type: ignore[no-untyped-def]
+    async def before(pilot) -> None:  # type: ignore[no-untyped-def]
+        await idle(pilot)
+        await pilot.press("m")
+        await idle(pilot)
+
+    assert snap_compare(make_app(rome_caps, naples_caps), terminal_size=(100, 30), run_before=before)
+
+
+def test_preflight_refused_nosend(snap_compare, rome_caps, naples_caps) -> None:  # type: ignore[no-untyped-def]
+    async def before(pilot) -> None:  # type: ignore[no-untyped-def]
+        await idle(pilot)
+        await pilot.press("enter", "down", "m")  # lab-1, the vault VM (NOSEND)
+        await idle(pilot)
+
+    assert snap_compare(make_app(rome_caps, naples_caps), terminal_size=(100, 30), run_before=before)
+
+
+def _live(size: tuple[int, int], frame: int, rome, naples, *, converging: bool = True):  # type: ignore[no-untyped-def]
+    app = make_app(rome, naples)
+
+    async def before(pilot) -> None:  # type: ignore[no-untyped-def]
+        await idle(pilot)
+        reports = app.reports
+        screen = LiveScreen(reports["lab-1"].vms[0], reports["lab-1"], reports["lab-2"], (), 300, start=False)
+        await app.push_screen(screen)
+        screen.apply(sample_progress(frames=12, converging=converging)[frame])
+        await pilot.pause()
+
+    return app, before
+
+
+def test_live_midway_80x24(snap_compare, rome_caps, naples_caps) -> None:  # type: ignore[no-untyped-def]
+    app, before = _live((80, 24), 4, rome_caps, naples_caps)
+    assert snap_compare(app, terminal_size=(80, 24), run_before=before)
+
+
+def test_live_wide_not_converging(snap_compare, rome_caps, naples_caps) -> None:  # type: ignore[no-untyped-def]
+    app, before = _live((160, 45), 10, rome_caps, naples_caps, converging=False)
+    assert snap_compare(app, terminal_size=(160, 45), run_before=before)
+
+
+def test_result(snap_compare, rome_caps, naples_caps) -> None:  # type: ignore[no-untyped-def]
+    app = make_app(rome_caps, naples_caps)
+
+    async def before(pilot) -> None:  # type: ignore[no-untyped-def]
+        await idle(pilot)
+        last = sample_progress()[-1]
+        audit = '{"seq": 7, "vm": "web", "from": "lab-1", "to": "lab-2", "result": "done", "prev": "3b1f…"}'
+        await app.push_screen(ResultScreen(sample_result(last, audit), last))
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=before)
+
+
+def test_help(snap_compare, rome_caps, naples_caps) -> None:  # type: ignore[no-untyped-def]
+    async def before(pilot) -> None:  # type: ignore[no-untyped-def]
+        await idle(pilot)
+        await pilot.press("question_mark")
+        await pilot.pause()
+
+    assert snap_compare(make_app(rome_caps, naples_caps), terminal_size=(80, 24), run_before=before)
