@@ -71,13 +71,13 @@ def run(args: argparse.Namespace) -> int:
             lab = load_lab(args.lab)
             hosts += lab.inventory.hosts
             known_hosts, lab_root = lab.known_hosts, lab.lab_root
-        elif args.inventory is not None:
-            hosts += load_inventory(args.inventory).hosts
-        elif args.ssh_config is None or paths.default_inventory().is_file():
-            if not paths.default_inventory().is_file():
+        elif args.inventory is not None or args.ssh_config is None or paths.default_inventory().is_file():
+            if args.inventory is None and not paths.default_inventory().is_file():
                 return _fail(f"no inventory: write {paths.default_inventory()}, or give --inventory FILE, "
                              "--lab DIR or --ssh-config")
-            hosts += load_inventory(None).hosts
+            inventory = load_inventory(args.inventory)
+            hosts += inventory.hosts
+            known_hosts, lab_root = inventory.known_hosts, inventory.lab_root
         if args.ssh_config is not None:
             taken = {h.name for h in hosts}
             hosts += [h for h in hosts_from_ssh_config(None if args.ssh_config == "*" else args.ssh_config)
@@ -151,6 +151,7 @@ def render_table(reports: list[Any]) -> str:
         vm_rows = [["VM", "PID", "STATUS", "MEM", "SEV", "POLICY", "STATE", "MIGRATION", "QMP"]]
         for vm in r.vms:
             migration = ("blocked: " + vm.migration_blocker if vm.migration_blocker
+                         else "no (NOSEND)" if vm.sev_enabled and vm.policy is not None and vm.policy & 0x8
                          else {True: "sev ok", False: "no sev migration", None: "-"}[vm.migration_support])
             vm_rows.append([vm.name, str(vm.pid or "-"), vm.status or "?",
                             "-" if vm.memory_mib is None else f"{vm.memory_mib} MiB",

@@ -34,7 +34,9 @@ class Roots:
 
 
 def load_roots(folder: Path | None) -> Roots:
-    """Every AMD root certificate (*.cert) under `folder`, sorted into ASKs and ARKs."""
+    """Every AMD root certificate (*.cert) under `folder` (or beside a file), sorted into ASKs and ARKs."""
+    if folder is not None and folder.is_file():
+        folder = folder.parent
     if folder is None or not folder.is_dir():
         return Roots()
     asks, arks, problems = [], [], []

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -264,12 +265,25 @@ async def _ask_vm(qmp: QmpLink, vm: VmInfo, *, lab: bool, caps_out: list[dict[st
     base_memory = memory.get("base-memory")
     return replace(
         vm, name=name, status=status.get("status"),
-        memory_mib=None if base_memory is None else int(base_memory) // MIB,
+        memory_mib=memory_from_argv(vm.argv) if base_memory is None else int(base_memory) // MIB,
         sev_enabled=bool(sev.get("enabled")), policy=sev.get("policy"), sev_state=sev.get("state"),
         handle=sev.get("handle"),
         firmware_guest_state=(firmware or {}).get("guest-state"),
         migration_support=support if sev.get("enabled") else None,
         migration_blocker="; ".join(str(r) for r in reasons) or None)
+
+
+def memory_from_argv(argv: Sequence[str]) -> int | None:
+    """MiB from QEMU's `-m 512`, `-m 4G`, `-m size=2048M,slots=...` (QEMU's default unit is MiB)."""
+    for i, arg in enumerate(argv[:-1]):
+        if arg not in ("-m", "--m"):
+            continue
+        value = argv[i + 1].split(",")[0].removeprefix("size=").strip()
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)[Bb]?", value, re.IGNORECASE)
+        if match:
+            scale = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}[match.group(2).upper()]
+            return int(float(match.group(1)) * scale)
+    return None
 
 
 def endpoint_for(spec: HostSpec, hosts: Sequence[HostSpec] = (), ssh_config: Path | None = None) -> Endpoint:

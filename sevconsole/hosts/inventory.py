@@ -19,8 +19,9 @@ from sevconsole import paths
 from sevconsole.hosts.errors import InventoryError, InventoryProblem
 
 HOST_KEYS = ("name", "address", "port", "user", "identity", "jump", "qmp_sockets", "labels", "lab")
-# Tables a lab or a later version may add at the top level; read by others, ignored here.
-TOP_LEVEL_KEYS = ("host", "lab", "defaults")
+# Top level: the hosts, and optionally the known_hosts file and lab root this inventory goes with
+# (a lab writes both; relative paths are relative to the inventory file).
+TOP_LEVEL_KEYS = ("host", "known_hosts", "lab_root")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class HostSpec:
 class Inventory:
     path: Path | None
     hosts: tuple[HostSpec, ...]
+    known_hosts: Path | None = None  # the console's own known_hosts to use with these hosts
+    lab_root: Path | None = None  # the lab ARK (file or folder) trusted for `lab = true` hosts
 
     def by_name(self) -> dict[str, HostSpec]:
         return {h.name: h for h in self.hosts}
@@ -108,6 +111,17 @@ def parse_inventory(text: str, path: Path) -> Inventory:
     for key in data:
         if key not in TOP_LEVEL_KEYS:
             bad(None, key, "unknown top-level key (expected [[host]] tables)")
+    extras: dict[str, Path] = {}
+    for key in ("known_hosts", "lab_root"):
+        value = data.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value:
+            bad(None, key, f"must be a path (a string), not {value!r}")
+        elif not _relative(path.parent, value).exists():
+            bad(None, key, f"no such file: {_relative(path.parent, value)}")
+        else:
+            extras[key] = _relative(path.parent, value)
     tables = data.get("host", [])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         bad(None, "host", "must be an array of tables: write each host as [[host]]")
@@ -137,7 +151,7 @@ def parse_inventory(text: str, path: Path) -> Inventory:
             bad(seen[spec.name], "jump", f"{spec.jump!r} is neither a host of this inventory nor an address")
     if problems:
         raise InventoryError(problems)
-    return Inventory(path, tuple(hosts))
+    return Inventory(path, tuple(hosts), extras.get("known_hosts"), extras.get("lab_root"))
 
 
 def _plausible_address(text: str) -> bool:

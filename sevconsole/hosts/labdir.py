@@ -2,8 +2,8 @@
 
     DIR/inventory.toml      the lab hosts ([[host]] with lab = true; identity relative to DIR)
     DIR/known_hosts         their host keys
-    DIR/lab-root/ark.cert   the lab's own AMD-format root (trusted only for lab = true hosts)
-    DIR/lab-root/ask.cert
+    DIR/lab-root/*.cert     the lab's own AMD-format root, ARK and ASK (trusted only for
+                            lab = true hosts); the inventory's `lab_root` may point elsewhere
 
 Only files are read: the lab itself (sevconsole.lab) is another machine to this layer.
 """
@@ -35,10 +35,16 @@ def load_lab(folder: Path | str) -> LabState:
     if not folder.is_dir():
         raise InventoryError([InventoryProblem(str(folder), None, None,
                                                "not a folder; give the state folder `sevconsole lab` printed")])
-    for name in (INVENTORY, KNOWN_HOSTS, f"{LAB_ROOT}/ark.cert", f"{LAB_ROOT}/ask.cert"):
+    for name in (INVENTORY, KNOWN_HOSTS):
         if not (folder / name).is_file():
             problems.append(InventoryProblem(str(folder / name), None, None,
                                              "missing; is this a lab state folder, and is the lab running?"))
     if problems:
         raise InventoryError(problems)
-    return LabState(folder, load_inventory(folder / INVENTORY), folder / KNOWN_HOSTS, folder / LAB_ROOT)
+    inventory = load_inventory(folder / INVENTORY)
+    lab_root = inventory.lab_root or folder / LAB_ROOT
+    root_dir = lab_root.parent if lab_root.is_file() else lab_root
+    if not root_dir.is_dir() or not any(root_dir.glob("*.cert")):
+        raise InventoryError([InventoryProblem(str(root_dir), None, None,
+                                               "no lab root certificates (*.cert) here")])
+    return LabState(folder, inventory, inventory.known_hosts or folder / KNOWN_HOSTS, lab_root)

@@ -192,6 +192,13 @@ class SshConnection:
         """A session channel running `command` (no pty). Raises typed errors."""
         if not self.transport.is_active():
             raise SshError(self.name, f"{self.endpoint.where()}: the SSH connection is closed.")
+        # One channel set-up at a time per transport: a server that holds an opened channel only
+        # weakly until its exec request arrives (paramiko servers, like the lab's) would lose it
+        # if a second channel opened in between. It costs one round trip per channel.
+        with self._lock:
+            return self._open_exec(command)
+
+    def _open_exec(self, command: str) -> paramiko.Channel:
         try:
             channel = self.transport.open_session(timeout=self.timeouts.channel)
         except paramiko.ChannelException as exc:
