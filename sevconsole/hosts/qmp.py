@@ -43,6 +43,8 @@ class Bridge:
         self._inner.sendall(first)  # the greeting bytes already read from the channel
         self.dropped = threading.Event()  # the remote side ended (not a close we asked for)
         self._closing = threading.Event()
+        self._ended = 0  # pump threads finished; the last one closes the inner socket
+        self._ended_lock = threading.Lock()
         self._threads = [threading.Thread(target=self._down, daemon=True, name="qmp-down"),
                          threading.Thread(target=self._up, daemon=True, name="qmp-up")]
         for thread in self._threads:
@@ -61,6 +63,7 @@ class Bridge:
             self.dropped.set()
         with contextlib.suppress(OSError):
             self._inner.shutdown(socket.SHUT_WR)
+        self._end()
 
     def _up(self) -> None:  # client -> host
         try:
@@ -76,13 +79,25 @@ class Bridge:
         with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
             self.channel.shutdown_write()
         self.channel.close()
+        self._end()
+
+    def _end(self) -> None:
+        with self._ended_lock:
+            self._ended += 1
+            last = self._ended == 2
+        if last:
+            with contextlib.suppress(OSError):
+                self._inner.close()
 
     def close(self) -> None:
+        """Close both ends now (the pumps then finish on their own)."""
         self._closing.set()
         self.channel.close()
         for sock in (self.local, self._inner):
             with contextlib.suppress(OSError):
-                sock.close()
+                sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self.local.close()
 
 
 def _bridge_commands(path: str) -> list[tuple[str, str]]:
