@@ -76,7 +76,25 @@ def _run_console(args: argparse.Namespace) -> int:
         print("sevconsole: the console is not part of this build yet; see `sevconsole --help`.",
               file=sys.stderr)
         return 2
+    if args.inventory is None and args.lab is None:
+        args.lab_starter = _embedded_lab  # the console never imports the lab itself
     return run_console(args)
+
+
+def _embedded_lab():  # type: ignore[no-untyped-def]
+    """A context manager: a 3-host lab in a temporary state folder, stopped on exit."""
+    import contextlib
+    import tempfile
+    from pathlib import Path
+
+    from sevconsole.lab.control import Lab
+
+    @contextlib.contextmanager
+    def lab():  # type: ignore[no-untyped-def]
+        with tempfile.TemporaryDirectory(prefix="sevconsole-lab-") as tmp, Lab.start(Path(tmp), 3) as running:
+            yield running.paths.root
+
+    return lab()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,10 +21,13 @@ def run_console(args: argparse.Namespace) -> int:
     lab_dir = getattr(args, "lab", None)
     inventory = getattr(args, "inventory", None)
     starter = getattr(args, "lab_starter", None)
-    if lab_dir is None and inventory is None and not paths.default_inventory().exists() and starter is None:
-        print("sevconsole: no inventory and no lab; pass --inventory FILE or --lab DIR "
-              "(or run `sevconsole lab` in another terminal).", file=sys.stderr)
-        return 2
+    if lab_dir is None and inventory is None:
+        if paths.default_inventory().is_file():
+            inventory = str(paths.default_inventory())
+        elif starter is None:
+            print("sevconsole: no inventory and no lab; pass --inventory FILE or --lab DIR "
+                  "(or run `sevconsole lab` in another terminal).", file=sys.stderr)
+            return 2
     try:
         with _lab_context(starter, lab_dir, inventory) as lab_state:
             backend = open_backend(inventory=Path(inventory) if inventory else None,

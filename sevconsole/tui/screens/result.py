@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
@@ -49,8 +51,19 @@ def result_lines(result: Result, progress: Progress | None) -> list[str]:
     for error in result.errors:
         lines.append(f"[$error]{escape(error)}[/]")
     if result.audit:
-        lines += ["", "[u]audit[/]", escape(result.audit)]
+        lines += ["", "[u]audit log[/]", escape(audit_summary(result.audit))]
     return lines
+
+
+def audit_summary(line: str) -> str:
+    """The audit line in one readable sentence (the log itself keeps the JSON)."""
+    try:
+        rec = json.loads(line)
+        return (f"#{rec['seq']} {rec.get('time', '')} by {rec.get('operator', '?')}: {rec.get('vm')} "
+                f"{rec.get('source')} -> {rec.get('target')} {rec.get('outcome')}, "
+                f"{len(rec.get('checks', []))} checks, chained to {str(rec.get('prev', ''))[:12]}…")
+    except (ValueError, KeyError, TypeError):
+        return line
 
 
 class ResultScreen(Screen[None]):
