@@ -111,6 +111,13 @@ def discover(hosts: Iterable[HostSpec], options: DiscoveryOptions | None = None,
 
 
 def discover_host(spec: HostSpec, ctx: _Context) -> HostReport:
+    """One host, never raising; `extra["duration_ms"]` is what this host cost."""
+    clock = time.monotonic()
+    report = _discover_host(spec, ctx)
+    return replace(report, extra={**report.extra, "duration_ms": round((time.monotonic() - clock) * 1000, 2)})
+
+
+def _discover_host(spec: HostSpec, ctx: _Context) -> HostReport:
     started = time.time()
     base = HostReport(name=spec.name, address=spec.address, port=spec.port or 22, reachable=False,
                       lab=spec.lab, labels=spec.labels, probed_at=started)
