@@ -32,6 +32,7 @@ from __future__ import annotations
 import socket
 import struct
 from enum import IntEnum
+from typing import BinaryIO
 
 import numpy as np
 
@@ -85,19 +86,21 @@ def sendall_parts(sock: socket.socket, parts: list[bytes | memoryview]) -> int:
     return total
 
 
-def recv_exact(sock: socket.socket, n: int, what: str = "frame") -> bytearray:
+def recv_exact(src: socket.socket | BinaryIO, n: int, what: str = "frame") -> bytearray:
+    """n bytes from a socket or a buffered reader (sock.makefile("rb")), or StreamError."""
     buf = bytearray(n)
     view = memoryview(buf)
+    read = src.readinto if hasattr(src, "readinto") else src.recv_into
     got = 0
     while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
+        k = read(view[got:])
+        if not k:
             raise StreamError(f"the stream ended in the middle of a {what} ({got} of {n} bytes)")
         got += k
     return buf
 
 
-def recv_frame(sock: socket.socket) -> tuple[Frame, bytearray]:
+def recv_frame(sock: socket.socket | BinaryIO) -> tuple[Frame, bytearray]:
     head = recv_exact(sock, HDR.size, "frame header")
     kind, length = HDR.unpack(head)
     try:
