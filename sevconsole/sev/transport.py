@@ -26,6 +26,8 @@ from __future__ import annotations
 import hmac
 import os
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -276,24 +278,30 @@ def seal_packet(
     tek: bytes, tik: bytes, plaintext: bytes, iv: bytes | None = None
 ) -> tuple[bytes, bytes]:
     """Encrypt then MAC one packet; returns (52-byte header, ciphertext of the same length)."""
-    tek, tik = _key("TEK", tek), _key("TIK", tik)
-    _check_len(len(plaintext))
-    iv = os.urandom(IV_LEN) if iv is None else _key("iv", iv, IV_LEN)
-    ciphertext = _ctr(tek, iv, plaintext)
-    mac = hmac.digest(tik, aad(0, iv, len(ciphertext)) + ciphertext, "sha256")
-    return _HEADER.pack(0, iv, mac), ciphertext
+    src = _byte_array(plaintext, "plaintext")
+    _check_len(src.size)
+    if iv is not None:
+        iv = _key("iv", iv, IV_LEN)
+    headers, ciphertext = seal_pages(tek, tik, src, src.size, ivs=iv)
+    return headers[0], ciphertext  # type: ignore[return-value]
 
 
 def open_packet(tek: bytes, tik: bytes, header: bytes, ciphertext: bytes) -> bytes:
     """Check the MAC, then decrypt; `IntegrityError("packet_mac")` leaves nothing decrypted."""
     tek, tik = _key("TEK", tek), _key("TIK", tik)
-    _check_len(len(ciphertext))
+    src = _byte_array(ciphertext, "ciphertext")
+    _check_len(src.size)
     hdr = PacketHeader.from_bytes(header)
     _check_flags(hdr.flags)
-    mac = hmac.digest(tik, aad(hdr.flags, hdr.iv, len(ciphertext)) + bytes(ciphertext), "sha256")
-    if not hmac.compare_digest(mac, hdr.mac):
+    h = crypto_hmac.HMAC(tik, hashes.SHA256())
+    h.update(aad(hdr.flags, hdr.iv, src.size))
+    h.update(memoryview(src))
+    if not hmac.compare_digest(h.finalize(), hdr.mac):
         raise IntegrityError("packet_mac")
-    return _ctr(tek, hdr.iv, ciphertext)
+    dst = np.empty(src.size, np.uint8)
+    ivs = np.frombuffer(hdr.iv, np.uint8).reshape(1, IV_LEN)
+    _Keystream(tek, ivs, src.size, 1).xor(0, 1, src, dst)
+    return dst.tobytes()
 
 
 # ---------------------------------------------------------------- batches
@@ -302,6 +310,8 @@ def open_packet(tek: bytes, tik: bytes, header: bytes, ciphertext: bytes) -> byt
 def _byte_array(data: object, name: str) -> np.ndarray:
     """A flat uint8 view (no copy) of any contiguous buffer."""
     try:
+        if isinstance(data, bytes | bytearray):
+            return np.frombuffer(data, dtype=np.uint8)
         if isinstance(data, np.ndarray):
             data = data.reshape(-1).view(np.uint8)
         return np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)  # type: ignore[arg-type]
@@ -328,6 +338,47 @@ def _plan(total: int, page_size: int) -> tuple[int, int]:
     return total // page_size, total % page_size
 
 
+class _Scratch(threading.local):
+    """Per-thread reusable state of the batch paths.
+
+    A fresh 256 KiB buffer per call costs page faults that outweigh the crypto of a short run,
+    and creating an AES context costs ~15 us, so each thread keeps one scratch buffer and the
+    ECB contexts of its last few TEKs (ECB carries no state between whole-block calls).
+    """
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(_CHUNK_BYTES + 16)  # counters, then keystream (ECB in place)
+        self.bytes = np.frombuffer(self.buffer, dtype=np.uint8)
+        self.view = memoryview(self.buffer)
+        self.ecb: OrderedDict[bytes, object] = OrderedDict()
+        self._counters: dict[tuple[int, int], np.ndarray] = {}
+
+    def counters(self, pages: int, blocks: int) -> np.ndarray:
+        """The buffer seen as (pages, blocks, 2) big-endian u64 counter halves."""
+        key = (pages, blocks)
+        view = self._counters.get(key)
+        if view is None:
+            if len(self._counters) > 64:
+                self._counters.clear()
+            view = self.bytes[: pages * blocks * 16].view(">u8").reshape(pages, blocks, 2)
+            self._counters[key] = view
+        return view
+
+    def ecb_for(self, tek: bytes):  # -> CipherContext (no public type to name)
+        ecb = self.ecb.pop(tek, None)
+        if ecb is None:
+            ecb = Cipher(algorithms.AES(tek), modes.ECB()).encryptor()
+            while len(self.ecb) >= _ECB_CACHE:
+                self.ecb.popitem(last=False)
+        self.ecb[tek] = ecb
+        return ecb
+
+
+_ECB_CACHE = 8
+_scratch = _Scratch()
+_STEPS = {blocks: np.arange(blocks, dtype=np.uint64) for blocks in range(1, MAX_PACKET_LEN // 16 + 1)}
+
+
 class _Keystream:
     """AES-CTR keystreams of a run of packets, each with its own IV, a chunk at a time.
 
@@ -338,33 +389,46 @@ class _Keystream:
     def __init__(self, tek: bytes, ivs: np.ndarray, page_size: int, chunk: int) -> None:
         self.tek, self.ivs, self.page = tek, ivs, page_size
         blocks = page_size // 16
-        self._ecb = Cipher(algorithms.AES(tek), modes.ECB()).encryptor()
+        scratch = _scratch
+        self._ecb = scratch.ecb_for(tek)
         self._words = ivs.view(">u8").astype(np.uint64)  # (pages, 2): high, low half of each IV
         # The layout adds j to the low 64 bits only; a page whose low half wraps would need a
         # carry (odds ~2^-56 for a random IV): such pages go through a CTR cipher of their own.
-        self._wrapping = set(np.flatnonzero(self._words[:, 1] > np.uint64(2**64 - blocks)).tolist())
-        self._steps = np.arange(blocks, dtype=np.uint64)
-        self._counters = np.empty((chunk, blocks, 2), dtype=">u8")
-        self._out = bytearray(chunk * page_size + 16)  # update_into wants a block of slack
-        self._stream = np.frombuffer(self._out, dtype=np.uint8)
+        lows, limit = self._words[:, 1], np.uint64(2**64 - blocks)
+        self._wrapping: set[int] = (
+            set(np.flatnonzero(lows > limit).tolist()) if lows.max() > limit else set()
+        )
+        self._steps = _STEPS[blocks]
+        self._buffer, self._bytes, self._view = scratch.buffer, scratch.bytes, scratch.view
+        self._counters = scratch.counters(chunk, blocks)
 
     def xor(self, first: int, count: int, src: np.ndarray, dst: np.ndarray) -> None:
         """dst = src XOR keystream for `count` whole pages from page `first`."""
+        n = count * self.page
         words, counters = self._words[first : first + count], self._counters[:count]
         counters[:, :, 0] = words[:, 0, None]
         np.add(words[:, 1, None], self._steps, out=counters[:, :, 1], casting="unsafe")
-        self._ecb.update_into(counters.reshape(-1).view(np.uint8), self._out)
-        lo, hi = first * self.page, (first + count) * self.page
-        np.bitwise_xor(src[lo:hi], self._stream[: hi - lo], out=dst[lo:hi])
+        self._ecb.update_into(self._view[:n], self._buffer)  # in place: counters -> keystream
+        lo = first * self.page
+        np.bitwise_xor(src[lo : lo + n], self._bytes[:n], out=dst[lo : lo + n])
         if self._wrapping:
             for p in self._wrapping.intersection(range(first, first + count)):
                 self.one(p, src, dst, self.page)
 
     def one(self, page: int, src: np.ndarray, dst: np.ndarray, length: int) -> None:
-        """One packet through its own CTR cipher (a short last packet, or a wrapping counter)."""
+        """One packet of `length` bytes (a shorter last one, or one whose counter wraps)."""
         a = page * self.page
-        plain = _ctr(self.tek, self.ivs[page].tobytes(), src[a : a + length].tobytes())
-        dst[a : a + length] = np.frombuffer(plain, np.uint8)
+        if page in self._wrapping:
+            plain = _ctr(self.tek, self.ivs[page].tobytes(), src[a : a + length].tobytes())
+            dst[a : a + length] = np.frombuffer(plain, np.uint8)
+            return
+        blocks = length // 16
+        hi, lo = self._words[page]
+        counters = self._bytes[:length].view(">u8").reshape(blocks, 2)
+        counters[:, 0] = hi
+        np.add(lo, _STEPS[blocks], out=counters[:, 1], casting="unsafe")
+        self._ecb.update_into(self._view[:length], self._buffer)
+        np.bitwise_xor(src[a : a + length], self._bytes[:length], out=dst[a : a + length])
 
 
 def _iv_array(ivs: bytes | None, count: int) -> np.ndarray:
@@ -378,7 +442,14 @@ def _iv_array(ivs: bytes | None, count: int) -> np.ndarray:
 
 
 def _aads(ivs: np.ndarray, full: int, page_size: int, rest: int) -> memoryview:
-    """Every packet's 29-byte AAD, built in one go, as one flat byte view."""
+    """Every packet's 29-byte AAD as one flat byte view (numpy pays off from a few dozen)."""
+    if len(ivs) < 32:
+        blob = ivs.tobytes()
+        lengths = [_LE32.pack(page_size) * 2] * full + ([_LE32.pack(rest) * 2] if rest else [])
+        return memoryview(b"".join(
+            b"\x02\x00\x00\x00\x00" + blob[16 * p : 16 * p + 16] + tail
+            for p, tail in enumerate(lengths)
+        ))
     head = np.zeros((len(ivs), AAD_LEN), np.uint8)
     head[:, 0] = 2  # flags stay zero: this firmware never compresses
     head[:, 5:21] = ivs
@@ -481,12 +552,9 @@ def seal_pages(
     if rest:
         keystream.one(full, src, dst, rest)
         _mac_run(tik, aads, body, page_size, full, count, total, macs)
-    headers = np.zeros((count, HEADER_LEN), np.uint8)
-    headers[:, 4:20] = iv_arr
-    headers[:, 20:] = np.frombuffer(b"".join(macs), np.uint8).reshape(count, MAC_LEN)
-    blob = headers.tobytes()
-    split = [blob[i : i + HEADER_LEN] for i in range(0, len(blob), HEADER_LEN)]
-    return split, (dst.tobytes() if out is None else out)
+    blob, zero = iv_arr.tobytes(), b"\x00\x00\x00\x00"
+    headers = [zero + blob[16 * p : 16 * p + 16] + mac for p, mac in enumerate(macs)]
+    return headers, (dst.tobytes() if out is None else out)
 
 
 def open_pages(
@@ -507,11 +575,11 @@ def open_pages(
     src = _byte_array(ciphertext, "ciphertext")
     full, rest = _plan(src.size, page_size)
     count = full + (1 if rest else 0)
-    table = np.frombuffer(_header_blob(headers, count), np.uint8).reshape(count, HEADER_LEN)
-    flags = table[:, :4].copy().view("<u4").ravel()
-    if flags.any():
-        p = int(np.flatnonzero(flags)[0])
-        _check_flags(int(flags[p]), p)
+    blob = _header_blob(headers, count)
+    if any(blob[k::HEADER_LEN].count(0) != count for k in range(4)):  # some flags are set
+        p = next(i for i in range(count) if blob[i * HEADER_LEN : i * HEADER_LEN + 4] != bytes(4))
+        _check_flags(_LE32.unpack_from(blob, p * HEADER_LEN)[0], p)
+    table = np.frombuffer(blob, np.uint8).reshape(count, HEADER_LEN)
     dst = None if out is None else _writable(out, src.size, "out")
     iv_arr = np.ascontiguousarray(table[:, 4:20])
     computed: list[bytes] = []

@@ -226,9 +226,15 @@ def test_tampering_is_caught_before_anything_is_decrypted(
         del ciphertext[-16:]
     else:
         tik = bytes(16)
-    decrypted: list[bytes] = []
-    real_ctr = transport._ctr
-    monkeypatch.setattr(transport, "_ctr", lambda *a: decrypted.append(a[1]) or real_ctr(*a))
+    decrypted: list[object] = []
+    for name in ("xor", "one"):  # the only two ways keystream reaches data
+        real = getattr(transport._Keystream, name)
+        monkeypatch.setattr(
+            transport._Keystream, name,
+            lambda self, *a, _real=real: decrypted.append(a) or _real(self, *a),
+        )
+    assert open_packet(TEK, TIK, h, c) and len(decrypted) == 1  # the probe sees a good packet
+    decrypted.clear()
     with pytest.raises(IntegrityError) as err:
         open_packet(TEK, tik, bytes(header), bytes(ciphertext))
     assert err.value.what == "packet_mac" and "nothing was decrypted" in str(err.value)
@@ -363,3 +369,43 @@ def test_batch_round_trips(pages: int, tail: int, seed: bytes) -> None:
     plaintext = os.urandom(pages * 256 + tail * 16)  # a shorter last packet when tail > 0
     headers, ciphertext = seal_pages(tek, tik, plaintext, page_size=256)
     assert open_pages(tek, tik, headers, ciphertext, page_size=256) == plaintext
+
+
+def test_threads_sealing_with_their_own_keys_do_not_mix() -> None:
+    """Batches keep per-thread scratch buffers and AES contexts; results must not leak across."""
+    import threading
+
+    results: dict[int, bool] = {}
+    start = threading.Barrier(4)
+
+    def work(n: int) -> None:
+        tek, tik = bytes([n]) * 16, bytes([n + 100]) * 16
+        plaintext = bytes([n]) * (4096 * 70)  # more than one 256 KiB chunk
+        ivs = _ivs(70)
+        start.wait(timeout=10)
+        ok = True
+        for _ in range(5):
+            headers, ciphertext = seal_pages(tek, tik, plaintext, ivs=ivs)
+            expected = seal_packet(tek, tik, plaintext[:4096], iv=ivs[:16])
+            ok &= (headers[0], ciphertext[:4096]) == expected
+            ok &= open_pages(tek, tik, headers, ciphertext) == plaintext
+        results[n] = ok
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == {0: True, 1: True, 2: True, 3: True}
+
+
+def test_many_keys_in_turn_each_get_their_own_keystream() -> None:
+    """More TEKs than the per-thread AES context cache holds, revisited: still exact."""
+    plaintext = os.urandom(4096 * 2)
+    keys = [os.urandom(16) for _ in range(transport._ECB_CACHE + 3)]
+    ivs = _ivs(2)
+    first = [seal_pages(k, TIK, plaintext, ivs=ivs) for k in keys]
+    again = [seal_pages(k, TIK, plaintext, ivs=ivs) for k in reversed(keys)]
+    assert first == list(reversed(again))
+    for key, (headers, ciphertext) in zip(keys, first, strict=True):
+        assert (headers[1], ciphertext[4096:]) == _independent_packet(key, TIK, ivs[16:], plaintext[4096:])
