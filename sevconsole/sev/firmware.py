@@ -322,11 +322,14 @@ class SevFirmware(MigrationCommands):
             return Result(Status.SUCCESS)
         return self._run(Command.DECOMMISSION, handle, Result, body)
 
-
     # ------------------------------------------------------------------ the guest CPU's view
 
     def _cpu_guest(self, handle: int, gpa: int, length: int) -> GuestContext:
-        guest = self._guests.get(handle)
+        try:
+            guest = self._guests.get(operator.index(handle))
+            gpa, length = operator.index(gpa), operator.index(length)
+        except TypeError:
+            raise GuestAccessError(f"guest {handle!r}: handle, address and length must be integers") from None
         if guest is None:
             raise GuestAccessError(f"guest {handle} does not exist on this platform")
         if guest.state not in GUEST_CPU_STATES:

@@ -140,6 +140,7 @@ class FirmwareCore:
         self._last_status = Status.SUCCESS
         self._work = bytearray(0)
         self._psp_free_at = 0.0  # monotonic time the modelled PSP finishes its last command
+        self._charged: tuple[int, int] | None = None  # set by a page command that succeeds
 
     # ------------------------------------------------------------------ introspection
 
@@ -178,7 +179,7 @@ class FirmwareCore:
 
     @property
     def handles(self) -> list[int]:
-        return sorted(self._guests)
+        return sorted(list(self._guests))
 
     def guest_state(self, handle: int) -> GuestState:
         """A guest's state without a command (UNINIT for a handle that is not, or no longer, there)."""
@@ -195,26 +196,31 @@ class FirmwareCore:
             self._counts[command] = self._counts.get(command, 0) + packets
             self._last_status = status
 
-    def _run(self, command: Command, handle: int | None, result_type: type, body: Callable[[], object],
-             pages: int = 0):
+    def _run(self, command: Command, handle: int | None, result_type: type, body: Callable[[], object]):
         """Run one command: under the lock, typed failure for bad input, logged, paced if timed.
 
-        `pages` > 0 marks a page command: that many packets on success (cost per page).
+        A page command that succeeds calls `_charge` with its packets and pages; anything else
+        is one record and costs `per_command_s`.
         """
         with self._lock:
             began = time.monotonic()
+            self._charged = None
             try:
                 result = body()
             except (TypeError, ValueError, OverflowError, SevFormatError, TransportFormatError) as exc:
                 result = result_type(Status.INVALID_PARAM, detail=f"{command.name}: invalid parameter: {exc}")
             status = result.status
-            packets = pages if (pages and status is Status.SUCCESS) else 1
-            logged = getattr(result, "handle", None) or handle
-            self._record(command, logged, status, packets)
+            charged = self._charged if status is Status.SUCCESS else None
+            packets = charged[0] if charged else 1
+            self._record(command, getattr(result, "handle", None) or handle, status, packets)
             if self.timing is not None:
-                cost = self.timing.per_page_s * packets if pages and status is Status.SUCCESS else self.timing.per_command_s
+                cost = self.timing.per_page_s * charged[1] if charged else self.timing.per_command_s
                 self._occupy(began, cost)
             return result
+
+    def _charge(self, packets: int, pages: int) -> None:
+        """A page command succeeded: `packets` go to the log and counts, `pages` to PSP time."""
+        self._charged = (packets, pages)
 
     def _occupy(self, began: float, cost: float) -> None:
         """Hold the PSP until the command's modelled end, on a timeline of back-to-back commands.
@@ -246,6 +252,8 @@ class FirmwareCore:
 
     def _span(self, guest: GuestContext, gpa: int, length: int) -> str:
         """Why [gpa, gpa+length) is not a valid address range of the guest, or ''."""
+        if length < 0:
+            return f"length {length} is negative"
         if gpa < 0 or gpa % 16:
             return f"guest address {gpa:#x} is not 16-byte aligned"
         if gpa + length > len(guest.memory):
@@ -299,17 +307,6 @@ def flags_refusal(flags: int, packet: int, hdr_len: int) -> tuple[Status, int, s
                                            f"header flag bits {flags:#010x}")
 
 
-def size_of(data: object) -> int:
-    try:
-        return len(data)  # type: ignore[arg-type]
-    except TypeError:
-        return 0
-
-
-def pages_of(size: object, count: object = 1) -> int:
+def pages_of(size: int, count: int = 1) -> int:
     """Modelled page cost of `count` packets of `size` bytes (a started 4 KiB counts whole)."""
-    try:
-        return max(1, -(-operator.index(size) // PAGE)) * max(1, operator.index(count))
-    except TypeError:
-        return 1
-
+    return -(-size // PAGE) * count

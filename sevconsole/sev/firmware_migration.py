@@ -26,7 +26,6 @@ from .firmware_core import (
     flags_refusal,
     length_ok,
     pages_of,
-    size_of,
 )
 from .firmware_results import (
     ReceiveStartResult,
@@ -111,8 +110,9 @@ class MigrationCommands(FirmwareCore):
                 return SendUpdateResult(Status.INVALID_ADDRESS, detail=f"SEND_UPDATE_DATA: {why}")
             plain = guest.cipher.decrypt(start, guest.memory[start:start + n].tobytes())
             header, trans = seal_packet(guest.tek, guest.tik, plain, self._rng(16))
+            self._charge(1, pages_of(n))
             return SendUpdateResult(Status.SUCCESS, header, trans, HDR_LEN, n)
-        return self._run(Command.SEND_UPDATE_DATA, handle, SendUpdateResult, body, pages=pages_of(length))
+        return self._run(Command.SEND_UPDATE_DATA, handle, SendUpdateResult, body)
 
     def send_pages(self, handle: int, gpa: int, npages: int, packet_size: int = PAGE) -> SendPagesResult:
         """Batch SEND_UPDATE_DATA: `npages` packets of `packet_size` from gpa, one status for all."""
@@ -134,11 +134,13 @@ class MigrationCommands(FirmwareCore):
             plain = guest.cipher.decrypt(start, guest.memory[start:start + run], out=self._scratch(run))
             if count == 1:  # one packet: the plain call is cheaper than setting up a batch
                 header, sealed = seal_packet(guest.tek, guest.tik, bytes(plain), self._rng(16))
+                self._charge(1, pages_of(size))
                 return SendPagesResult(Status.SUCCESS, header, sealed)
             trans = bytearray(run)
             headers, _ = seal_pages(guest.tek, guest.tik, plain, size, ivs=self._rng(16 * count), out=trans)
+            self._charge(count, pages_of(size, count))
             return SendPagesResult(Status.SUCCESS, b"".join(headers), trans)
-        return self._run(Command.SEND_UPDATE_DATA, handle, SendPagesResult, body, pages=pages_of(packet_size, npages))
+        return self._run(Command.SEND_UPDATE_DATA, handle, SendPagesResult, body)
 
     def send_finish(self, handle: int) -> Result:
         def body() -> Result:
@@ -230,8 +232,9 @@ class MigrationCommands(FirmwareCore):
                 return ReceiveUpdateResult(Status.BAD_MEASUREMENT, hdr_len,
                                            f"RECEIVE_UPDATE_DATA at {start:#x}: {exc.sentence}; guest memory is unchanged")
             guest.cipher.encrypt(start, plain, out=guest.memory[start:start + n])
+            self._charge(1, pages_of(n))
             return ReceiveUpdateResult(Status.SUCCESS, hdr_len)
-        return self._run(Command.RECEIVE_UPDATE_DATA, handle, ReceiveUpdateResult, body, pages=pages_of(size_of(trans)))
+        return self._run(Command.RECEIVE_UPDATE_DATA, handle, ReceiveUpdateResult, body)
 
     def receive_pages(self, handle: int, gpa: int, headers: bytes, trans: bytes, packet_size: int = PAGE) -> ReceiveUpdateResult:
         """Batch RECEIVE_UPDATE_DATA: every MAC is checked before any page is decrypted or stored."""
@@ -264,9 +267,9 @@ class MigrationCommands(FirmwareCore):
                                            f"RECEIVE_UPDATE_DATA at {start:#x}: {exc.sentence}; guest memory is unchanged")
             # Only now, every MAC good, does guest memory change: encrypted at rest in place.
             guest.cipher.encrypt(start, plain, out=guest.memory[start:start + len(trans)])
+            self._charge(count, pages_of(size, count))
             return ReceiveUpdateResult(Status.SUCCESS, HDR_LEN)
-        return self._run(Command.RECEIVE_UPDATE_DATA, handle, ReceiveUpdateResult, body,
-                         pages=pages_of(packet_size, count))
+        return self._run(Command.RECEIVE_UPDATE_DATA, handle, ReceiveUpdateResult, body)
 
     def receive_finish(self, handle: int) -> Result:
         def body() -> Result:

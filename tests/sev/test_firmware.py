@@ -437,3 +437,31 @@ def test_concurrent_page_commands_from_several_threads(lab_root: LabRoot) -> Non
     assert src.counts[Command.SEND_UPDATE_DATA] == pages
     assert src.send_finish(handle).ok and dst.receive_finish(m.dst_handle).ok
     assert dst.guest_read(m.dst_handle, 0, len(mem)) == expected
+
+
+def test_the_guest_cpu_view_and_its_limits(lab_root: LabRoot) -> None:
+    fw = make_fw(lab_root)
+    mem = bytearray(2 * PAGE)
+    handle = fw.launch_start(POLICY, mem).handle
+    fw.guest_write(handle, 16, b"secret".ljust(32, b"\0"))
+    assert b"secret" not in mem  # at rest it is ciphertext
+    assert fw.guest_read(handle, 16, 32) == b"secret".ljust(32, b"\0")
+    for gpa, length, why in ((8, 16, "aligned"), (0, 24, "multiple of 16"), (PAGE, 2 * PAGE, "beyond"),
+                             (0, -16, "negative"), ("0", 16, "integers")):
+        with pytest.raises(GuestAccessError, match=why):
+            fw.guest_read(handle, gpa, length)
+    with pytest.raises(GuestAccessError, match="does not exist"):
+        fw.guest_read(handle + 1, 0, 16)
+
+
+def test_packets_are_counted_as_packets_whatever_their_size(lab_root: LabRoot) -> None:
+    src, dst = make_fw(lab_root), make_fw(lab_root)
+    mem = random_memory(8, seed=9)
+    handle = launch(src, mem)
+    m = begin_migration(src, handle, dst, np.zeros_like(mem))
+    batch = src.send_pages(handle, 0, 3, packet_size=0x2000)  # 3 packets of two pages each
+    assert batch.ok and len(batch.headers) == 3 * 52
+    assert dst.receive_pages(m.dst_handle, 0, batch.headers, batch.trans, packet_size=0x2000).ok
+    assert src.counts[Command.SEND_UPDATE_DATA] == 3 and dst.counts[Command.RECEIVE_UPDATE_DATA] == 3
+    assert dst.receive_finish(m.dst_handle).ok
+    assert dst.guest_read(m.dst_handle, 0, 6 * PAGE) == src.guest_read(handle, 0, 6 * PAGE)
