@@ -114,8 +114,19 @@ class IntegrityError(Exception):
 # ---------------------------------------------------------------- keys
 
 
+def _bytes(name: str, value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str | int) or value is None:  # bytes(int) would make zeros
+        raise TransportFormatError(name, f"must be bytes, not {type(value).__name__}")
+    try:
+        return bytes(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise TransportFormatError(name, f"must be bytes, not {type(value).__name__}") from exc
+
+
 def _key(name: str, value: bytes, length: int = KEY_LEN) -> bytes:
-    value = bytes(value)
+    value = _bytes(name, value)
     if len(value) != length:
         raise TransportFormatError(name, f"is {len(value)} bytes, expected {length}")
     return value
@@ -124,10 +135,14 @@ def _key(name: str, value: bytes, length: int = KEY_LEN) -> bytes:
 def kdf(key: bytes, label: bytes | str, context: bytes = b"", length: int = KEY_LEN) -> bytes:
     """SP 800-108 counter-mode KDF with HMAC-SHA256, as the SEV firmware uses it."""
     if isinstance(label, str):
-        label = label.encode("ascii")
-    if length <= 0:
-        raise TransportFormatError("kdf", f"output length {length} must be positive")
-    tail = label + b"\x00" + bytes(context) + _LE32.pack(length * 8)
+        try:
+            label = label.encode("ascii")
+        except UnicodeEncodeError:
+            raise TransportFormatError("kdf label", f"{label!r} is not ASCII") from None
+    if not isinstance(length, int) or not 0 < length <= 32 * 0xFFFF:
+        raise TransportFormatError("kdf", f"output length {length!r} must be a positive integer")
+    key = _bytes("kdf key", key)
+    tail = _bytes("kdf label", label) + b"\x00" + _bytes("kdf context", context) + _LE32.pack(length * 8)
     out = b"".join(
         hmac.digest(key, _LE32.pack(i) + tail, "sha256") for i in range(1, -(-length // 32) + 1)
     )
@@ -146,6 +161,10 @@ def ecdh_z(
     private_key: ec.EllipticCurvePrivateKey, peer_public_key: ec.EllipticCurvePublicKey
 ) -> bytes:
     """The 48-byte shared x-coordinate (big-endian) of an ECDH on P-384."""
+    if not isinstance(private_key, ec.EllipticCurvePrivateKey):
+        raise TransportFormatError("own PDH key", "is not an EC private key")
+    if not isinstance(peer_public_key, ec.EllipticCurvePublicKey):
+        raise TransportFormatError("peer PDH key", "is not an EC public key")
     for name, key in (("own PDH key", private_key), ("peer PDH key", peer_public_key)):
         if not isinstance(key.curve, ec.SECP384R1):
             raise TransportFormatError(
@@ -160,7 +179,12 @@ def _ctr(key: bytes, iv: bytes, data: bytes) -> bytes:
 
 
 def _policy_u32(policy: int | HasU32) -> int:
-    value = policy if isinstance(policy, int) else policy.to_u32()
+    if isinstance(policy, int):
+        value = policy
+    elif callable(getattr(policy, "to_u32", None)):
+        value = policy.to_u32()
+    else:
+        raise TransportFormatError("policy", f"must be an int or a GuestPolicy, not {type(policy).__name__}")
     if not 0 <= value <= 0xFFFFFFFF:
         raise TransportFormatError("policy", f"0x{value:x} does not fit in 32 bits")
     return value
@@ -184,7 +208,7 @@ class Session:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Session:
-        data = bytes(data)
+        data = _bytes("session", data)
         if len(data) != SESSION_LEN:
             raise TransportFormatError(
                 "session", f"is {len(data)} bytes, a SEV session is exactly {SESSION_LEN}"
@@ -251,6 +275,7 @@ class PacketHeader:
     @classmethod
     def from_bytes(cls, data: bytes) -> PacketHeader:
         # hdr_len may exceed 52 (the firmware accepts >= 52); only the first 52 bytes count.
+        data = _bytes("packet header", data)
         if len(data) < HEADER_LEN:
             raise TransportFormatError(
                 "packet header", f"is {len(data)} bytes, a SEV packet header is {HEADER_LEN}"
@@ -501,6 +526,10 @@ def _header_blob(headers: Sequence[bytes] | bytes, count: int) -> bytes:
                 "headers", f"is {len(blob)} bytes, {count} packets need {HEADER_LEN * count}"
             )
         return blob
+    try:
+        headers = [h if isinstance(h, bytes) else _bytes("packet header", h) for h in headers]
+    except TypeError:
+        raise TransportFormatError("headers", "must be a list of headers or their bytes") from None
     if len(headers) != count:
         raise TransportFormatError(
             "headers", f"holds {len(headers)} headers for {count} packets of ciphertext"
@@ -513,7 +542,7 @@ def _header_blob(headers: Sequence[bytes] | bytes, count: int) -> bytes:
         )
     if max(lengths) == HEADER_LEN:
         return b"".join(headers)
-    return b"".join(bytes(h[:HEADER_LEN]) for h in headers)
+    return b"".join(h[:HEADER_LEN] for h in headers)
 
 
 def packet_count(total: int, page_size: int = DEFAULT_PAGE_SIZE) -> int:

@@ -409,3 +409,42 @@ def test_many_keys_in_turn_each_get_their_own_keystream() -> None:
     assert first == list(reversed(again))
     for key, (headers, ciphertext) in zip(keys, first, strict=True):
         assert (headers[1], ciphertext[4096:]) == _independent_packet(key, TIK, ivs[16:], plaintext[4096:])
+
+
+@settings(max_examples=100, deadline=None)
+@given(z=st.binary(min_size=1, max_size=64), blob=st.binary(min_size=128, max_size=128),
+       policy=st.integers(0, 0xFFFF_FFFF))
+def test_random_sessions_fail_only_as_integrity_errors(z: bytes, blob: bytes, policy: int) -> None:
+    with pytest.raises(IntegrityError) as err:
+        open_session(z, blob, policy)
+    assert err.value.what in ("wrap_mac", "policy_mac")
+
+
+@settings(max_examples=50, deadline=None)
+@given(z=st.binary(min_size=16, max_size=48), keys=st.binary(min_size=32, max_size=32),
+       policy=st.integers(0, 0xFFFF_FFFF))
+def test_sessions_round_trip(z: bytes, keys: bytes, policy: int) -> None:
+    from sevconsole.sev.policy import GuestPolicy
+
+    session = build_session(z, keys[:16], keys[16:], GuestPolicy.from_u32(policy))
+    assert open_session(z, Session.from_bytes(session.to_bytes()), policy) == (keys[:16], keys[16:])
+
+
+_BAD_CALLS = {
+    "session of None": lambda: Session.from_bytes(None),  # type: ignore[arg-type]
+    "session of str": lambda: open_session(bytes(48), "x" * 128, 0),  # type: ignore[arg-type]
+    "policy of str": lambda: build_session(bytes(48), TEK, TIK, "0x1"),  # type: ignore[arg-type]
+    "key of int": lambda: seal_packet(16, TIK, bytes(16)),  # type: ignore[arg-type]
+    "header of int": lambda: open_packet(TEK, TIK, 52, bytes(16)),  # type: ignore[arg-type]
+    "headers of ints": lambda: open_pages(TEK, TIK, [1, 2], bytes(8192)),  # type: ignore[list-item]
+    "headers of None": lambda: open_pages(TEK, TIK, None, bytes(8192)),  # type: ignore[arg-type]
+    "non-ASCII label": lambda: kdf(bytes(16), "sév"),
+    "zero kdf length": lambda: kdf(bytes(16), "x", length=0),
+    "ecdh with an RSA-like object": lambda: ecdh_z(object(), object()),  # type: ignore[arg-type]
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_CALLS))
+def test_wrong_types_are_format_errors(case: str) -> None:
+    with pytest.raises(TransportFormatError):
+        _BAD_CALLS[case]()
