@@ -103,7 +103,12 @@ class ConsoleBackend(Protocol):
 
     def migration(self, vm: VmInfo, source: HostReport, target: HostReport,
                   downtime_limit_ms: int, checks: Sequence[CheckLine],
-                  on_progress: ProgressSink) -> MigrationHandle:
+                  on_progress: ProgressSink, bandwidth_bps: int | None = None) -> MigrationHandle:
+        ...
+
+    async def lab_command(self, host: HostReport, vm: VmInfo, command: str,
+                          arguments: dict[str, Any]) -> Any:
+        """A lab-only QMP command (x-lab-...) to `vm` on `host`; the guide's failure demos."""
         ...
 
     def close(self) -> None: ...

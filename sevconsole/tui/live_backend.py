@@ -101,8 +101,10 @@ class LiveBackend:
         return [check_line(c) for c in preflight(self._plan(vm, source, target, downtime_limit_ms), self._trust)]
 
     def migration(self, vm: VmInfo, source: HostReport, target: HostReport, downtime_limit_ms: int,
-                  checks: Sequence[CheckLine], on_progress: ProgressSink) -> LiveMigration:
-        return LiveMigration(self, self._plan(vm, source, target, downtime_limit_ms), checks, on_progress)
+                  checks: Sequence[CheckLine], on_progress: ProgressSink,
+                  bandwidth_bps: int | None = None) -> LiveMigration:
+        plan = replace(self._plan(vm, source, target, downtime_limit_ms), bandwidth_bps=bandwidth_bps)
+        return LiveMigration(self, plan, checks, on_progress)
 
     def connection(self, name: str) -> Any:
         from sevconsole.hosts.discovery import endpoint_for
@@ -111,6 +113,19 @@ class LiveBackend:
         with self._lock:
             pool = self._pool
         return pool.get(endpoint_for(spec, list(self.specs.values()), self.options.ssh_config))
+
+    async def lab_command(self, host: HostReport, vm: VmInfo, command: str, arguments: dict[str, Any]) -> Any:
+        import asyncio
+
+        from sevconsole.hosts.qmp import open_qmp
+
+        if not host.lab:
+            raise BackendError(f"{host.name} is not a lab host; {command} exists only in the lab")
+        if vm.qmp_path is None:
+            raise BackendError(f"{vm.name} on {host.name} has no QMP socket")
+        conn = await asyncio.to_thread(self.connection, host.name)
+        async with open_qmp(conn, vm.qmp_path) as link:
+            return await link.execute(command, arguments)
 
     def close(self) -> None:
         self._pool.close()
@@ -179,4 +194,4 @@ def _last_audit_line() -> str | None:
     return lines[-1].decode("utf-8", "replace") if lines else None
 
 
-__all__ = ["BackendError", "LiveBackend", "open_backend", "replace"]
+__all__ = ["BackendError", "LiveBackend", "open_backend"]

@@ -185,6 +185,7 @@ class ScriptedBackend:
     trust: object = None
     migrations: list[ScriptedMigration] = field(default_factory=list)
     accepted: list[str] = field(default_factory=list)
+    lab_commands: list[tuple[str, str, str]] = field(default_factory=list)
 
     def host_names(self) -> list[str]:
         return list(self.reports)
@@ -210,12 +211,17 @@ class ScriptedBackend:
         return [check_line(c) for c in preflight(plan, self.trust)]
 
     def migration(self, vm: VmInfo, source: HostReport, target: HostReport, downtime_limit_ms: int,
-                  checks: Sequence[CheckLine], on_progress: ProgressSink) -> ScriptedMigration:
+                  checks: Sequence[CheckLine], on_progress: ProgressSink,
+                  bandwidth_bps: int | None = None) -> ScriptedMigration:
         snaps = self.snapshots or sample_progress(vm.name, source.name, target.name)
         result = self.result or sample_result(snaps[-1])
         run = ScriptedMigration(snaps, result, on_progress, self.step, self.interval_s)
         self.migrations.append(run)
         return run
+
+    async def lab_command(self, host: HostReport, vm: VmInfo, command: str, arguments: dict[str, object]) -> dict[str, object]:
+        self.lab_commands.append((host.name, vm.name, command))
+        return {}
 
     def close(self) -> None:
         pass

@@ -1,17 +1,183 @@
-"""Guide mode: placeholder until the walkthrough lands."""
+"""Guide mode: a walkthrough of a lab migration, explaining each SEV step as it happens, pausing
+between steps, then the failure demos. The script is in guide_steps.py."""
 
 from __future__ import annotations
 
+import asyncio
+
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.markup import escape
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
+from sevconsole.engine.progress import Phase, Progress
+from sevconsole.hosts.report import HostReport
+from sevconsole.tui.backend import MigrationHandle, Result
+from sevconsole.tui.guide_steps import PHASE_NOTES, STEPS, Step
+from sevconsole.tui.messages import HostProbed, MigrationEnded, ProgressPosted
+from sevconsole.tui.screens.migrate import checklist, first_failure
+from sevconsole.tui.screens.result import result_lines
+from sevconsole.tui.widgets.migration_view import MigrationView
+
 
 class GuideScreen(Screen[None]):
-    BINDINGS = [Binding("escape", "app.pop_screen", "Leave guide", id="guide.leave")]
+    BINDINGS = [
+        Binding("space,n", "next", "Next step", id="guide.next"),
+        Binding("c", "cancel", "Cancel migration", id="guide.cancel"),
+        Binding("escape", "leave", "Leave guide", id="guide.leave"),
+    ]
+
+    def __init__(self, steps: tuple[Step, ...] = STEPS) -> None:
+        super().__init__()
+        self.steps = steps
+        self.index = -1
+        self.busy = False
+        self.handle: MigrationHandle | None = None
+        self.narration: list[str] = []
+        self.phases_seen: set[Phase] = set()
+        self._pending: Progress | None = None
+        self.outcomes: list[str] = []  # result per action step, for tests and the last page
+        self._cancel_sent = False
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Static("guide", id="guide-text")
+        with VerticalScroll(id="guide-box"):
+            yield Static(id="guide-text")
+            yield Static(id="guide-now")
+        yield MigrationView()
         yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = "guided tour"
+        self.action_next()
+
+    # -- narration
+    def say(self, *lines: str, reset: bool = False) -> None:
+        """The step's own text (reset=True) or what is happening now (replaces the last)."""
+        if reset:
+            self.narration = list(lines)
+            self.query_one("#guide-text", Static).update("\n".join(lines))
+            self.query_one("#guide-now", Static).update("")
+        else:
+            self.narration += lines
+            self.query_one("#guide-now", Static).update("\n".join(lines))
+        self.query_one("#guide-box", VerticalScroll).scroll_home(animate=False)
+
+    @property
+    def step(self) -> Step:
+        return self.steps[self.index]
+
+    def action_next(self) -> None:
+        if self.busy:
+            self.notify("This step is still running; wait for it, or c cancels the migration.")
+            return
+        if self.index + 1 >= len(self.steps):
+            self.notify("That was the last step; Esc leaves the guide.")
+            return
+        self.index += 1
+        step = self.step
+        self.say(f"[b]{escape(step.title)}[/]  [$text-muted]({self.index + 1}/{len(self.steps)})[/]",
+                 escape(step.text), reset=True)
+        if step.action == "read":
+            self.say("[$accent]Space: next step[/]" if self.index + 1 < len(self.steps) else "")
+            return
+        self.busy = True
+        self.run_step(step)
+
+    @work(exclusive=True, group="guide", exit_on_error=False)
+    async def run_step(self, step: Step) -> None:
+        backend = self.app.backend  # type: ignore[attr-defined]
+        try:
+            source, target = await asyncio.gather(asyncio.to_thread(backend.probe, step.source),
+                                                  asyncio.to_thread(backend.probe, step.target))
+        except Exception as exc:
+            self.finish_step(f"[$warning]This step needs {step.source} and {step.target}: {escape(str(exc))}. "
+                             "Skipped.[/]")
+            return
+        for report in (source, target):
+            self.app.post_message(HostProbed(report))
+        vm = source.vm(step.vm)
+        if vm is None:
+            self.finish_step(f"[$warning]{step.vm} is not on {step.source} in this lab; skipped.[/]")
+            return
+        checks = tuple(await asyncio.to_thread(backend.preflight, vm, source, target, 300))
+        bad = first_failure(checks)
+        if step.action == "preflight":
+            verdict = (f"[$error]Refused: {escape(bad.sentence)}[/]" if bad else
+                       "[$success]Every check allows it.[/]")
+            self.outcomes.append("refused" if bad else "allowed")
+            self.finish_step(verdict, checklist(checks))
+            return
+        if bad is not None:
+            self.outcomes.append("refused")
+            self.finish_step(f"[$error]Preflight refused it: {escape(bad.sentence)}[/]")
+            return
+        for command, args in step.lab_commands:
+            try:
+                await backend.lab_command(source, vm, command, args)
+            except Exception as exc:
+                self.finish_step(f"[$warning]The lab did not take {command}: {escape(str(exc))}; skipped.[/]")
+                return
+            self.say(f"[$text-muted]lab: {escape(command)} {escape(str(args))}[/]")
+        self.phases_seen = set()
+        try:
+            self.handle = backend.migration(vm, source, target, 300, checks, self.post_progress,
+                                            bandwidth_bps=step.bandwidth_bps)
+            result = await self.handle.run()
+        except Exception as exc:
+            result = Result(result="failed", message=str(exc) or type(exc).__name__)
+        self.post_message(MigrationEnded(result))
+
+    def post_progress(self, progress: Progress) -> None:
+        self._pending = progress
+        self.post_message(ProgressPosted(progress))
+
+    def on_progress_posted(self, message: ProgressPosted) -> None:
+        p = message.progress
+        if p.phase not in self.phases_seen and p.phase in PHASE_NOTES:
+            self.phases_seen.add(p.phase)
+            self.say(f"[$accent]▸ {escape(p.phase.value)}[/]: {escape(PHASE_NOTES[p.phase])}")
+        if (self.step.cancel_if_not_converging and p.converging is False and self.handle is not None
+                and not self._cancel_sent):
+            self._cancel_sent = True
+            self.say("[$warning]The prediction is clear: it cannot converge. The guide cancels.[/]")
+            self.handle.cancel("cancelled by the guide: the migration could not converge")
+        if p is self._pending:
+            self.query_one(MigrationView).apply(p)
+
+    def on_migration_ended(self, message: MigrationEnded) -> None:
+        self.handle = None
+        self._cancel_sent = False
+        if self._pending is not None:
+            self.query_one(MigrationView).apply(self._pending)
+        self.outcomes.append(message.result.result)
+        lines = [line for line in result_lines(message.result, self._pending)[:6] if line]
+        if self.step.expect:
+            lines.append(f"[$text-muted]expected: {escape(self.step.expect)}[/]")
+        self.finish_step("", *lines)
+
+    def finish_step(self, *lines: str) -> None:
+        self.busy = False
+        more = self.index + 1 < len(self.steps)
+        self.say(*lines, "[$accent]Space: next step[/]" if more else "[$accent]Esc: back to the hosts[/]")
+        if self.step.source:
+            for name in (self.step.source, self.step.target):
+                if name in self.app.reports:  # type: ignore[attr-defined]
+                    self.app.probe(name)  # type: ignore[attr-defined]
+
+    def action_cancel(self) -> None:
+        if self.handle is None:
+            self.notify("No migration is running.")
+            return
+        self.handle.cancel("cancelled by the operator during the guide")
+
+    def action_leave(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel("the operator left the guide")
+        self.app.pop_screen()
+
+    def report_updated(self, report: HostReport) -> None:
+        pass  # the guide probes what it needs itself
