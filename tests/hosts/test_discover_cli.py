@@ -40,6 +40,7 @@ labels = ["test"]
     return path
 
 
+@pytest.mark.slow
 def test_unknown_key_then_accepted_then_listed(sshd: Sshd, qemu_vm, tmp_path: Path) -> None:
     vm = qemu_vm()
     inv = inventory(tmp_path, sshd)

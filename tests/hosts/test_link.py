@@ -14,6 +14,7 @@ from tests.hosts.conftest import Sshd, pid_gone
 pytestmark = [pytest.mark.needs_sshd, pytest.mark.needs_qemu]
 
 
+@pytest.mark.slow
 async def test_ssh_host_is_a_host_link(sshd: Sshd, pool: SshPool, qemu_vm) -> None:
     vm = qemu_vm()
     host = SshHost(resolve(sshd.spec("h1")), pool)

@@ -93,6 +93,22 @@ async def test_dropped_link_is_a_typed_error(sshd: Sshd, pool: SshPool, qemu_vm)
         assert qmp.dropped
 
 
+async def test_ssh_transport_dying_under_a_link_is_a_typed_error(sshd: Sshd, pool: SshPool, qemu_vm) -> None:
+    vm = qemu_vm()
+    conn = pool.get(resolve(sshd.spec()))
+    async with open_qmp(conn, str(vm.qmp)) as qmp:
+        await qmp.execute("query-status")
+        conn.transport.close()  # the network goes away, QEMU stays
+        with pytest.raises(QmpLinkError) as info:
+            await qmp.execute("query-migrate")
+        assert "dropped during query-migrate" in str(info.value)
+    # the pool notices and reconnects on the next use
+    fresh = pool.get(resolve(sshd.spec()))
+    assert fresh is not conn and fresh.alive
+    async with open_qmp(fresh, str(vm.qmp)) as qmp:
+        assert (await qmp.execute("query-status"))["status"] == "running"
+
+
 @pytest.mark.slow
 async def test_launch_incoming_then_stop(sshd: Sshd, pool: SshPool, qemu_vm) -> None:
     source = qemu_vm()
