@@ -119,9 +119,13 @@ class SevFirmware(MigrationCommands):
     def init(self) -> Result:
         def body() -> Result:
             if self._state is not PlatformState.UNINIT:
-                return Result(Status.INVALID_PLATFORM_STATE, f"INIT: the platform is already {self._state.name}")
+                return Result(
+                    Status.INVALID_PLATFORM_STATE,
+                    f"INIT: the platform is already {self._state.name}",
+                )
             self._state = PlatformState.INIT
             return Result(Status.SUCCESS)
+
         return self._run(Command.INIT, None, Result, body)
 
     def shutdown(self) -> Result:
@@ -129,84 +133,146 @@ class SevFirmware(MigrationCommands):
             self._guests.clear()  # every guest context is lost; memory stays as the hypervisor has it
             self._state = PlatformState.UNINIT
             return Result(Status.SUCCESS)
+
         return self._run(Command.SHUTDOWN, None, Result, body)
 
     def platform_status(self) -> PlatformStatusResult:
         def body() -> PlatformStatusResult:
-            flags = (FLAG_OWNER_EXTERNAL if self._external_owner else 0) | (FLAG_ES_CONFIGURED if self.es else 0)
-            return PlatformStatusResult(Status.SUCCESS, self.api[0], self.api[1], self._state, flags,
-                                        self.build, len(self._guests))
+            flags = (FLAG_OWNER_EXTERNAL if self._external_owner else 0) | (
+                FLAG_ES_CONFIGURED if self.es else 0
+            )
+            return PlatformStatusResult(
+                Status.SUCCESS,
+                self.api[0],
+                self.api[1],
+                self._state,
+                flags,
+                self.build,
+                len(self._guests),
+            )
+
         return self._run(Command.PLATFORM_STATUS, None, PlatformStatusResult, body)
 
     def pek_gen(self) -> Result:
         def body() -> Result:
             if self._state is not PlatformState.INIT:
-                return Result(Status.INVALID_PLATFORM_STATE, f"PEK_GEN needs the platform INIT, it is {self._state.name}")
+                return Result(
+                    Status.INVALID_PLATFORM_STATE,
+                    f"PEK_GEN needs the platform INIT, it is {self._state.name}",
+                )
             self._keys = regenerate_pek(self._keys, self.api)
             self._external_owner = False
             return Result(Status.SUCCESS)
+
         return self._run(Command.PEK_GEN, None, Result, body)
 
     def pdh_gen(self) -> Result:
         def body() -> Result:
             if self._state is PlatformState.UNINIT:
-                return Result(Status.INVALID_PLATFORM_STATE, "PDH_GEN needs the platform INIT or WORKING, it is UNINIT")
+                return Result(
+                    Status.INVALID_PLATFORM_STATE,
+                    "PDH_GEN needs the platform INIT or WORKING, it is UNINIT",
+                )
             self._keys = regenerate_pdh(self._keys, self.api)
             return Result(Status.SUCCESS)
+
         return self._run(Command.PDH_GEN, None, Result, body)
 
-    def pdh_cert_export(self, pdh_len: int = PDH_LEN, chain_len: int = CHAIN_LEN) -> PdhExportResult:
+    def pdh_cert_export(
+        self, pdh_len: int = PDH_LEN, chain_len: int = CHAIN_LEN
+    ) -> PdhExportResult:
         def body() -> PdhExportResult:
             if self._state is PlatformState.UNINIT:
-                return PdhExportResult(Status.INVALID_PLATFORM_STATE,
-                                       detail="PDH_CERT_EXPORT needs the platform INIT or WORKING, it is UNINIT")
+                return PdhExportResult(
+                    Status.INVALID_PLATFORM_STATE,
+                    detail="PDH_CERT_EXPORT needs the platform INIT or WORKING, it is UNINIT",
+                )
             if operator.index(pdh_len) < PDH_LEN or operator.index(chain_len) < CHAIN_LEN:
-                return PdhExportResult(Status.INVALID_LENGTH, pdh_len=PDH_LEN, chain_len=CHAIN_LEN,
-                                       detail=f"PDH_CERT_EXPORT needs pdh_len >= {PDH_LEN} and chain_len >= {CHAIN_LEN}")
-            return PdhExportResult(Status.SUCCESS, self._keys.pdh.to_bytes(), self.cert_chain, PDH_LEN, CHAIN_LEN)
+                return PdhExportResult(
+                    Status.INVALID_LENGTH,
+                    pdh_len=PDH_LEN,
+                    chain_len=CHAIN_LEN,
+                    detail=f"PDH_CERT_EXPORT needs pdh_len >= {PDH_LEN} and chain_len >= {CHAIN_LEN}",
+                )
+            return PdhExportResult(
+                Status.SUCCESS, self._keys.pdh.to_bytes(), self.cert_chain, PDH_LEN, CHAIN_LEN
+            )
+
         return self._run(Command.PDH_CERT_EXPORT, None, PdhExportResult, body)
 
     def pek_csr(self, csr_len: int = SEV_CERT_LEN) -> CsrResult:
         def body() -> CsrResult:
             if self._state is not PlatformState.INIT:
-                return CsrResult(Status.INVALID_PLATFORM_STATE, detail=f"PEK_CSR needs the platform INIT, it is {self._state.name}")
+                return CsrResult(
+                    Status.INVALID_PLATFORM_STATE,
+                    detail=f"PEK_CSR needs the platform INIT, it is {self._state.name}",
+                )
             if operator.index(csr_len) < SEV_CERT_LEN:
-                return CsrResult(Status.INVALID_LENGTH, csr_len=SEV_CERT_LEN,
-                                 detail=f"PEK_CSR needs csr_len >= {SEV_CERT_LEN}")
+                return CsrResult(
+                    Status.INVALID_LENGTH,
+                    csr_len=SEV_CERT_LEN,
+                    detail=f"PEK_CSR needs csr_len >= {SEV_CERT_LEN}",
+                )
             pek = self._keys.pek
-            csr = SevCert.build(self._keys.pek_key.public_key(), Usage.PEK, pek.algo, pek.api_major, pek.api_minor)
+            csr = SevCert.build(
+                self._keys.pek_key.public_key(), Usage.PEK, pek.algo, pek.api_major, pek.api_minor
+            )
             return CsrResult(Status.SUCCESS, csr.to_bytes(), SEV_CERT_LEN)
+
         return self._run(Command.PEK_CSR, None, CsrResult, body)
 
     def pek_cert_import(self, pek: bytes, oca: bytes) -> Result:
         """An owner's OCA and the PEK (our CSR) it signed; the firmware adds the CEK signature."""
+
         def body() -> Result:
             if self._state is not PlatformState.INIT:
-                return Result(Status.INVALID_PLATFORM_STATE, f"PEK_CERT_IMPORT needs the platform INIT, it is {self._state.name}")
+                return Result(
+                    Status.INVALID_PLATFORM_STATE,
+                    f"PEK_CERT_IMPORT needs the platform INIT, it is {self._state.name}",
+                )
             if self._external_owner:
-                return Result(Status.ALREADY_OWNED, "PEK_CERT_IMPORT: the platform already has an external owner (PEK_GEN resets it)")
+                return Result(
+                    Status.ALREADY_OWNED,
+                    "PEK_CERT_IMPORT: the platform already has an external owner (PEK_GEN resets it)",
+                )
             if len(pek) != SEV_CERT_LEN or len(oca) != SEV_CERT_LEN:
-                return Result(Status.INVALID_LENGTH, f"PEK_CERT_IMPORT: PEK and OCA certificates are {SEV_CERT_LEN} bytes each")
+                return Result(
+                    Status.INVALID_LENGTH,
+                    f"PEK_CERT_IMPORT: PEK and OCA certificates are {SEV_CERT_LEN} bytes each",
+                )
             try:
                 pek_cert = SevCert.from_bytes(pek, "imported PEK")
                 oca_cert = SevCert.from_bytes(oca, "imported OCA")
             except SevFormatError as exc:
                 return Result(Status.INVALID_CERTIFICATE, str(exc))
             if oca_cert.usage != Usage.OCA or pek_cert.usage != Usage.PEK:
-                return Result(Status.INVALID_CERTIFICATE,
-                              f"PEK_CERT_IMPORT: got usages {oca_cert.usage.name} and {pek_cert.usage.name}, need OCA and PEK")
-            for signer, subject, what in ((oca_cert, oca_cert, "OCA self-signature"), (oca_cert, pek_cert, "OCA -> PEK signature")):
+                return Result(
+                    Status.INVALID_CERTIFICATE,
+                    f"PEK_CERT_IMPORT: got usages {oca_cert.usage.name} and {pek_cert.usage.name}, need OCA and PEK",
+                )
+            for signer, subject, what in (
+                (oca_cert, oca_cert, "OCA self-signature"),
+                (oca_cert, pek_cert, "OCA -> PEK signature"),
+            ):
                 link = check_link(signer, subject)
                 if not link.ok:
-                    return Result(Status.BAD_SIGNATURE, f"PEK_CERT_IMPORT: the {what} does not verify ({link.detail})")
+                    return Result(
+                        Status.BAD_SIGNATURE,
+                        f"PEK_CERT_IMPORT: the {what} does not verify ({link.detail})",
+                    )
             if not same_key(pek_cert, self._keys.pek):
-                return Result(Status.INVALID_CERTIFICATE,
-                              "PEK_CERT_IMPORT: the PEK is not this platform's (sign the CSR from PEK_CSR)")
+                return Result(
+                    Status.INVALID_CERTIFICATE,
+                    "PEK_CERT_IMPORT: the PEK is not this platform's (sign the CSR from PEK_CSR)",
+                )
             found = pek_cert.signature_for(Usage.OCA)
             oca_slot = found[0] if found else 0
             unsigned = pek_cert.sigs[1 - oca_slot]
             if unsigned.used and unsigned.usage != Usage.CEK:
-                return Result(Status.INVALID_CERTIFICATE, "PEK_CERT_IMPORT: the PEK's other signature slot must be free for the CEK")
+                return Result(
+                    Status.INVALID_CERTIFICATE,
+                    "PEK_CERT_IMPORT: the PEK's other signature slot must be free for the CEK",
+                )
             cleared = list(pek_cert.sigs)
             cleared[1 - oca_slot] = Signature(Usage.INVALID, Algo.NONE, bytes(len(unsigned.raw)))
             pek_cert = replace(pek_cert, sigs=(cleared[0], cleared[1]))
@@ -214,6 +280,7 @@ class SevFirmware(MigrationCommands):
             self._keys = replace(self._keys, oca_key=None, oca=oca_cert, pek=signed)
             self._external_owner = True
             return Result(Status.SUCCESS)
+
         return self._run(Command.PEK_CERT_IMPORT, None, Result, body)
 
     # ------------------------------------------------------------------ launch and guests
@@ -221,14 +288,20 @@ class SevFirmware(MigrationCommands):
     def launch_start(self, policy: int, memory: object, handle: int = 0) -> HandleResult:
         def body() -> HandleResult:
             if self._state is PlatformState.UNINIT:
-                return HandleResult(Status.INVALID_PLATFORM_STATE, detail="LAUNCH_START needs the platform INIT or WORKING, it is UNINIT")
+                return HandleResult(
+                    Status.INVALID_PLATFORM_STATE,
+                    detail="LAUNCH_START needs the platform INIT or WORKING, it is UNINIT",
+                )
             pol = GuestPolicy.from_u32(operator.index(policy))
             why = self._policy_failure(pol)
             if why:
                 return HandleResult(Status.POLICY_FAILURE, detail=f"LAUNCH_START: {why}")
             view = as_memory(memory)
             if view is None:
-                return HandleResult(Status.INVALID_PARAM, detail="LAUNCH_START: guest memory must be a writable contiguous byte buffer")
+                return HandleResult(
+                    Status.INVALID_PARAM,
+                    detail="LAUNCH_START: guest memory must be a writable contiguous byte buffer",
+                )
             vek: bytes | None = self._rng(16)
             if operator.index(handle):
                 vek, status, why = self._shared_vek(handle, pol)
@@ -237,24 +310,30 @@ class SevFirmware(MigrationCommands):
             guest = self._attach(pol, view, vek, GuestState.LUPDATE)
             guest.tek, guest.tik = self._rng(16), self._rng(16)  # the launch session's keys
             return HandleResult(Status.SUCCESS, guest.handle)
+
         return self._run(Command.LAUNCH_START, None, HandleResult, body)
 
     def launch_update_data(self, handle: int, gpa: int, length: int) -> Result:
         """Encrypt [gpa, gpa+length) in place with the VEK and add it to the launch digest."""
+
         def body() -> Result:
             guest, status, why = self._guest(handle, IN_LUPDATE)
             if guest is None:
                 return Result(status, f"LAUNCH_UPDATE_DATA: {why}")
             start, n = operator.index(gpa), operator.index(length)
             if n <= 0 or n % 16:
-                return Result(Status.INVALID_LENGTH, f"LAUNCH_UPDATE_DATA: length {n} must be a non-zero multiple of 16")
+                return Result(
+                    Status.INVALID_LENGTH,
+                    f"LAUNCH_UPDATE_DATA: length {n} must be a non-zero multiple of 16",
+                )
             why = self._span(guest, start, n)
             if why:
                 return Result(Status.INVALID_ADDRESS, f"LAUNCH_UPDATE_DATA: {why}")
-            region = guest.memory[start:start + n]
+            region = guest.memory[start : start + n]
             guest.launch_digest.update(region)
             guest.cipher.encrypt(start, region, out=region)  # in place, like the real command
             return Result(Status.SUCCESS)
+
         return self._run(Command.LAUNCH_UPDATE_DATA, handle, Result, body)
 
     def launch_measure(self, handle: int) -> MeasureResult:
@@ -263,10 +342,17 @@ class SevFirmware(MigrationCommands):
             if guest is None:
                 return MeasureResult(status, detail=f"LAUNCH_MEASURE: {why}")
             mnonce = self._rng(MNONCE_LEN)
-            msg = (bytes([0x04, self.api[0], self.api[1], self.build & 0xFF])
-                   + guest.policy.to_u32().to_bytes(4, "little") + guest.launch_digest.digest() + mnonce)
+            msg = (
+                bytes([0x04, self.api[0], self.api[1], self.build & 0xFF])
+                + guest.policy.to_u32().to_bytes(4, "little")
+                + guest.launch_digest.digest()
+                + mnonce
+            )
             guest.state = GuestState.LSECRET
-            return MeasureResult(Status.SUCCESS, hmac.digest(guest.tik or b"", msg, "sha256") + mnonce)
+            return MeasureResult(
+                Status.SUCCESS, hmac.digest(guest.tik or b"", msg, "sha256") + mnonce
+            )
+
         return self._run(Command.LAUNCH_MEASURE, handle, MeasureResult, body)
 
     def launch_finish(self, handle: int) -> Result:
@@ -277,6 +363,7 @@ class SevFirmware(MigrationCommands):
             guest.state = GuestState.RUNNING
             guest.tek = guest.tik = None
             return Result(Status.SUCCESS)
+
         return self._run(Command.LAUNCH_FINISH, handle, Result, body)
 
     def activate(self, handle: int, asid: int) -> Result:
@@ -286,12 +373,17 @@ class SevFirmware(MigrationCommands):
                 return Result(status, f"ACTIVATE: {why}")
             a = operator.index(asid)
             if not 1 <= a <= self.max_asid:
-                return Result(Status.INVALID_ASID, f"ACTIVATE: ASID {a} is outside 1..{self.max_asid}")
-            owner = next((g.handle for g in self._guests.values() if g.asid == a and g is not guest), None)
+                return Result(
+                    Status.INVALID_ASID, f"ACTIVATE: ASID {a} is outside 1..{self.max_asid}"
+                )
+            owner = next(
+                (g.handle for g in self._guests.values() if g.asid == a and g is not guest), None
+            )
             if owner is not None:
                 return Result(Status.ASID_OWNED, f"ACTIVATE: ASID {a} is in use by guest {owner}")
             guest.asid = a
             return Result(Status.SUCCESS)
+
         return self._run(Command.ACTIVATE, handle, Result, body)
 
     def deactivate(self, handle: int) -> Result:
@@ -301,6 +393,7 @@ class SevFirmware(MigrationCommands):
                 return Result(status, f"DEACTIVATE: {why}")
             guest.asid = 0
             return Result(Status.SUCCESS)
+
         return self._run(Command.DEACTIVATE, handle, Result, body)
 
     def guest_status(self, handle: int) -> GuestStatusResult:
@@ -309,6 +402,7 @@ class SevFirmware(MigrationCommands):
             if guest is None:
                 return GuestStatusResult(status, detail=f"GUEST_STATUS: {why}")
             return GuestStatusResult(Status.SUCCESS, guest.policy.to_u32(), guest.asid, guest.state)
+
         return self._run(Command.GUEST_STATUS, handle, GuestStatusResult, body)
 
     def decommission(self, handle: int) -> Result:
@@ -320,6 +414,7 @@ class SevFirmware(MigrationCommands):
             if not self._guests:
                 self._state = PlatformState.INIT
             return Result(Status.SUCCESS)
+
         return self._run(Command.DECOMMISSION, handle, Result, body)
 
     # ------------------------------------------------------------------ the guest CPU's view
@@ -329,12 +424,18 @@ class SevFirmware(MigrationCommands):
             guest = self._guests.get(operator.index(handle))
             gpa, length = operator.index(gpa), operator.index(length)
         except TypeError:
-            raise GuestAccessError(f"guest {handle!r}: handle, address and length must be integers") from None
+            raise GuestAccessError(
+                f"guest {handle!r}: handle, address and length must be integers"
+            ) from None
         if guest is None:
             raise GuestAccessError(f"guest {handle} does not exist on this platform")
         if guest.state not in GUEST_CPU_STATES:
             raise GuestAccessError(f"guest {handle} is {guest.state.name}: its CPU cannot run here")
-        why = self._span(guest, gpa, length) if length % 16 == 0 else f"length {length} is not a multiple of 16"
+        why = (
+            self._span(guest, gpa, length)
+            if length % 16 == 0
+            else f"length {length} is not a multiple of 16"
+        )
         if why:
             raise GuestAccessError(f"guest {handle}: {why}")
         return guest
@@ -342,11 +443,9 @@ class SevFirmware(MigrationCommands):
     def guest_write(self, handle: int, gpa: int, plaintext: bytes) -> None:
         """The guest writes its private memory: stored encrypted with its VEK (not a PSP command)."""
         guest = self._cpu_guest(handle, gpa, len(plaintext))
-        guest.memory[gpa:gpa + len(plaintext)] = guest.cipher.encrypt(gpa, bytes(plaintext))
+        guest.memory[gpa : gpa + len(plaintext)] = guest.cipher.encrypt(gpa, bytes(plaintext))
 
     def guest_read(self, handle: int, gpa: int, length: int) -> bytes:
         """The guest reads its private memory: decrypted with its VEK (not a PSP command)."""
         guest = self._cpu_guest(handle, gpa, length)
-        return guest.cipher.decrypt(gpa, guest.memory[gpa:gpa + length].tobytes())
-
-
+        return guest.cipher.decrypt(gpa, guest.memory[gpa : gpa + length].tobytes())

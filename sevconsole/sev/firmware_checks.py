@@ -45,7 +45,9 @@ def parse_pdh(data: bytes, name: str) -> tuple[SevCert | None, str]:
     return pdh, ""
 
 
-def _link_failure(rule: str, signer: SevCert | AmdCert, subject: SevCert | AmdCert, what: str) -> str | None:
+def _link_failure(
+    rule: str, signer: SevCert | AmdCert, subject: SevCert | AmdCert, what: str
+) -> str | None:
     link = check_link(signer, subject)
     if link.ok:
         return None
@@ -77,7 +79,10 @@ def check_target(
     if failure:
         return _fail(Status.POLICY_FAILURE, failure)
     if need_domain:
-        for signer, subject, what in ((oca, oca, "OCA self-signature"), (oca, pek, "OCA -> PEK signature")):
+        for signer, subject, what in (
+            (oca, oca, "OCA self-signature"),
+            (oca, pek, "OCA -> PEK signature"),
+        ):
             failure = _link_failure("DOMAIN", signer, subject, what)
             if failure:
                 return _fail(Status.POLICY_FAILURE, failure)

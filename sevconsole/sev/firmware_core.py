@@ -62,7 +62,9 @@ IN_RUNNING = frozenset({GuestState.RUNNING})
 IN_SUPDATE = frozenset({GuestState.SUPDATE})
 IN_RUPDATE = frozenset({GuestState.RUPDATE})
 ACTIVATABLE = frozenset(GuestState) - {GuestState.SENT, GuestState.UNINIT}
-GUEST_CPU_STATES = frozenset({GuestState.LUPDATE, GuestState.LSECRET, GuestState.RUNNING, GuestState.SUPDATE})
+GUEST_CPU_STATES = frozenset(
+    {GuestState.LUPDATE, GuestState.LSECRET, GuestState.RUNNING, GuestState.SUPDATE}
+)
 
 
 class GuestAccessError(RuntimeError):
@@ -98,7 +100,6 @@ def as_memory(memory: object) -> memoryview | None:
 
 def length_ok(length: int) -> bool:
     return 0 < length <= MAX_GUEST_LEN and length % 16 == 0
-
 
 
 class FirmwareCore:
@@ -196,7 +197,9 @@ class FirmwareCore:
             self._counts[command] = self._counts.get(command, 0) + packets
             self._last_status = status
 
-    def _run(self, command: Command, handle: int | None, result_type: type, body: Callable[[], object]):
+    def _run(
+        self, command: Command, handle: int | None, result_type: type, body: Callable[[], object]
+    ):
         """Run one command: under the lock, typed failure for bad input, logged, paced if timed.
 
         A page command that succeeds calls `_charge` with its packets and pages; anything else
@@ -207,8 +210,16 @@ class FirmwareCore:
             self._charged = None
             try:
                 result = body()
-            except (TypeError, ValueError, OverflowError, SevFormatError, TransportFormatError) as exc:
-                result = result_type(Status.INVALID_PARAM, detail=f"{command.name}: invalid parameter: {exc}")
+            except (
+                TypeError,
+                ValueError,
+                OverflowError,
+                SevFormatError,
+                TransportFormatError,
+            ) as exc:
+                result = result_type(
+                    Status.INVALID_PARAM, detail=f"{command.name}: invalid parameter: {exc}"
+                )
             status = result.status
             charged = self._charged if status is Status.SUCCESS else None
             packets = charged[0] if charged else 1
@@ -235,10 +246,16 @@ class FirmwareCore:
         if delay > 0:
             time.sleep(delay)
 
-    def _guest(self, handle: object, allowed: frozenset[GuestState] | None) -> tuple[GuestContext | None, Status, str]:
+    def _guest(
+        self, handle: object, allowed: frozenset[GuestState] | None
+    ) -> tuple[GuestContext | None, Status, str]:
         """The guest for a guest command, or the status that refuses it (platform, handle, state)."""
         if self._state is not PlatformState.WORKING:
-            return None, Status.INVALID_PLATFORM_STATE, f"the platform is {self._state.name}, guest commands need WORKING"
+            return (
+                None,
+                Status.INVALID_PLATFORM_STATE,
+                f"the platform is {self._state.name}, guest commands need WORKING",
+            )
         try:
             guest = self._guests.get(operator.index(handle))  # type: ignore[arg-type]
         except TypeError:
@@ -247,7 +264,11 @@ class FirmwareCore:
             return None, Status.INVALID_GUEST, f"no guest has handle {handle!r}"
         if allowed is not None and guest.state not in allowed:
             names = "/".join(s.name for s in sorted(allowed))
-            return None, Status.INVALID_GUEST_STATE, f"guest {guest.handle} is {guest.state.name}, this command needs {names}"
+            return (
+                None,
+                Status.INVALID_GUEST_STATE,
+                f"guest {guest.handle} is {guest.state.name}, this command needs {names}",
+            )
         return guest, Status.SUCCESS, ""
 
     def _span(self, guest: GuestContext, gpa: int, length: int) -> str:
@@ -276,8 +297,10 @@ class FirmwareCore:
         if policy.reserved:
             return f"reserved policy bits 6-15 must be zero, policy has {policy.reserved << 6:#06x}"
         if (policy.api_major, policy.api_minor) > self.api:
-            return (f"the policy asks for firmware API {policy.api_major}.{policy.api_minor}, "
-                    f"this firmware is {self.api[0]}.{self.api[1]}")
+            return (
+                f"the policy asks for firmware API {policy.api_major}.{policy.api_minor}, "
+                f"this firmware is {self.api[0]}.{self.api[1]}"
+            )
         if policy.flags & PolicyFlag.ES and not self.es:
             return "the policy sets ES, and SEV-ES is not configured on this platform"
         return ""
@@ -288,10 +311,16 @@ class FirmwareCore:
         if other is None:
             return None, Status.INVALID_GUEST, f"no guest has handle {handle} to share keys with"
         if policy.flags & PolicyFlag.NOKS or other.policy.flags & PolicyFlag.NOKS:
-            return None, Status.POLICY_FAILURE, f"NOKS: key sharing with guest {handle} is forbidden by policy"
+            return (
+                None,
+                Status.POLICY_FAILURE,
+                f"NOKS: key sharing with guest {handle} is forbidden by policy",
+            )
         return other.vek, Status.SUCCESS, ""
 
-    def _attach(self, policy: GuestPolicy, memory: memoryview, vek: bytes, state: GuestState) -> GuestContext:
+    def _attach(
+        self, policy: GuestPolicy, memory: memoryview, vek: bytes, state: GuestState
+    ) -> GuestContext:
         guest = GuestContext(self._new_handle(), policy, memory, vek, GuestMemoryCipher(vek), state)
         self._guests[guest.handle] = guest
         self._state = PlatformState.WORKING
@@ -301,10 +330,19 @@ class FirmwareCore:
 def flags_refusal(flags: int, packet: int, hdr_len: int) -> tuple[Status, int, str]:
     """COMPRESSED is UNSUPPORTED; any other flag bit is reserved (INVALID_PARAM)."""
     if flags & 1:
-        return Status.UNSUPPORTED, hdr_len, (f"RECEIVE_UPDATE_DATA: packet {packet} is COMPRESSED, "
-                                             "which this firmware does not support")
-    return Status.INVALID_PARAM, hdr_len, (f"RECEIVE_UPDATE_DATA: packet {packet} sets reserved "
-                                           f"header flag bits {flags:#010x}")
+        return (
+            Status.UNSUPPORTED,
+            hdr_len,
+            (
+                f"RECEIVE_UPDATE_DATA: packet {packet} is COMPRESSED, "
+                "which this firmware does not support"
+            ),
+        )
+    return (
+        Status.INVALID_PARAM,
+        hdr_len,
+        (f"RECEIVE_UPDATE_DATA: packet {packet} sets reserved header flag bits {flags:#010x}"),
+    )
 
 
 def pages_of(size: int, count: int = 1) -> int:

@@ -36,7 +36,9 @@ class PlatformKeys:
     pdh: SevCert
 
 
-def make_cek(ask_key: rsa.RSAPrivateKey, api: tuple[int, int]) -> tuple[ec.EllipticCurvePrivateKey, SevCert]:
+def make_cek(
+    ask_key: rsa.RSAPrivateKey, api: tuple[int, int]
+) -> tuple[ec.EllipticCurvePrivateKey, SevCert]:
     key = new_ec_key()
     cert = SevCert.build(key.public_key(), Usage.CEK, Algo.ECDSA_SHA256, api[0], api[1])
     return key, sign_sev_cert(cert, ask_key, Usage.ASK, 0)
@@ -56,14 +58,18 @@ def make_pek(
     return key, sign_sev_cert(cert, cek_key, Usage.CEK, PEK_CEK_SLOT)
 
 
-def make_pdh(pek_key: ec.EllipticCurvePrivateKey, api: tuple[int, int]) -> tuple[ec.EllipticCurvePrivateKey, SevCert]:
+def make_pdh(
+    pek_key: ec.EllipticCurvePrivateKey, api: tuple[int, int]
+) -> tuple[ec.EllipticCurvePrivateKey, SevCert]:
     key = new_ec_key()
     cert = SevCert.build(key.public_key(), Usage.PDH, Algo.ECDH_SHA256, api[0], api[1])
     return key, sign_sev_cert(cert, pek_key, Usage.PEK, 0)
 
 
 def generate_platform_keys(
-    ask_key: rsa.RSAPrivateKey, api: tuple[int, int], oca_key: ec.EllipticCurvePrivateKey | None = None
+    ask_key: rsa.RSAPrivateKey,
+    api: tuple[int, int],
+    oca_key: ec.EllipticCurvePrivateKey | None = None,
 ) -> PlatformKeys:
     cek_key, cek = make_cek(ask_key, api)
     oca_key = oca_key if oca_key is not None else new_ec_key()
@@ -79,7 +85,9 @@ def regenerate_pek(keys: PlatformKeys, api: tuple[int, int]) -> PlatformKeys:
     oca = make_oca(oca_key, api)
     pek_key, pek = make_pek(keys.cek_key, oca_key, api)
     pdh_key, pdh = make_pdh(pek_key, api)
-    return replace(keys, oca_key=oca_key, oca=oca, pek_key=pek_key, pek=pek, pdh_key=pdh_key, pdh=pdh)
+    return replace(
+        keys, oca_key=oca_key, oca=oca, pek_key=pek_key, pek=pek, pdh_key=pdh_key, pdh=pdh
+    )
 
 
 def regenerate_pdh(keys: PlatformKeys, api: tuple[int, int]) -> PlatformKeys:

@@ -79,7 +79,9 @@ class Migration:
     session: bytes
 
 
-def begin_migration(src: SevFirmware, handle: int, dst: SevFirmware, dst_memory, policy: int = POLICY) -> Migration:
+def begin_migration(
+    src: SevFirmware, handle: int, dst: SevFirmware, dst_memory, policy: int = POLICY
+) -> Migration:
     """SEND_START with the target's PDH and chains, then RECEIVE_START with the source's PDH."""
     target = dst.pdh_cert_export()
     assert target.status is Status.SUCCESS
@@ -125,7 +127,7 @@ def test_migration_moves_random_pages_intact_and_leaves_the_source_sent(lab_root
     for page in singles:
         out = src.send_update_data(handle, page * PAGE, PAGE)
         assert out.status is Status.SUCCESS and len(out.header) == 52 and len(out.trans) == PAGE
-        assert out.trans != expected[page * PAGE:(page + 1) * PAGE]
+        assert out.trans != expected[page * PAGE : (page + 1) * PAGE]
         got = dst.receive_update_data(m.dst_handle, page * PAGE, out.header, out.trans)
         assert got.status is Status.SUCCESS, got.detail
     page = pages // 2
@@ -133,7 +135,10 @@ def test_migration_moves_random_pages_intact_and_leaves_the_source_sent(lab_root
         batch = src.send_pages(handle, page * PAGE, run)
         assert batch.status is Status.SUCCESS
         assert len(batch.headers) == 52 * run and len(batch.trans) == PAGE * run
-        assert dst.receive_pages(m.dst_handle, page * PAGE, batch.headers, batch.trans).status is Status.SUCCESS
+        assert (
+            dst.receive_pages(m.dst_handle, page * PAGE, batch.headers, batch.trans).status
+            is Status.SUCCESS
+        )
         page += run
     assert page == pages
 
@@ -165,7 +170,9 @@ def test_migration_moves_random_pages_intact_and_leaves_the_source_sent(lab_root
         "receive_update_data": src.receive_update_data(handle, 0, bytes(52), bytes(PAGE)),
         "receive_finish": src.receive_finish(handle),
     }
-    assert {name: r.status for name, r in refused.items()} == dict.fromkeys(refused, Status.INVALID_GUEST_STATE)
+    assert {name: r.status for name, r in refused.items()} == dict.fromkeys(
+        refused, Status.INVALID_GUEST_STATE
+    )
     with pytest.raises(GuestAccessError, match="SENT"):
         src.guest_read(handle, 0, PAGE)
     with pytest.raises(GuestAccessError, match="SENT"):
@@ -192,7 +199,9 @@ def test_counts_and_log_record_every_packet(lab_root: LabRoot) -> None:
     # A failing command is one record with its status, and becomes the last status.
     assert src.send_pages(handle, 8, 2).status is Status.INVALID_ADDRESS
     assert src.counts[Command.SEND_UPDATE_DATA] == 41
-    assert src.log[-1].status is Status.INVALID_ADDRESS and src.last_status is Status.INVALID_ADDRESS
+    assert (
+        src.log[-1].status is Status.INVALID_ADDRESS and src.last_status is Status.INVALID_ADDRESS
+    )
     # The log is bounded.
     for _ in range(30):
         assert src.send_pages(handle, 0, 40).ok
@@ -215,10 +224,15 @@ def test_send_cancel_returns_the_guest_to_running_and_a_retry_works(lab_root: La
     batch = src.send_pages(handle, 0, 4)
     assert dst.receive_pages(m.dst_handle, 0, batch.headers, batch.trans).ok
     assert src.send_finish(handle).ok and dst.receive_finish(m.dst_handle).ok
-    assert dst.guest_read(m.dst_handle, 0, len(mem)) == b"after cancel".ljust(PAGE, b".") + expected[PAGE:]
+    assert (
+        dst.guest_read(m.dst_handle, 0, len(mem))
+        == b"after cancel".ljust(PAGE, b".") + expected[PAGE:]
+    )
 
 
-def test_generated_chain_verifies_under_the_lab_root_and_only_there(lab_root: LabRoot, other_root: LabRoot) -> None:
+def test_generated_chain_verifies_under_the_lab_root_and_only_there(
+    lab_root: LabRoot, other_root: LabRoot
+) -> None:
     fw = make_fw(lab_root, api=(0, 24))
     export = fw.pdh_cert_export()
     assert export.status is Status.SUCCESS
@@ -226,22 +240,50 @@ def test_generated_chain_verifies_under_the_lab_root_and_only_there(lab_root: La
     pek, oca, cek = split_platform_chain(export.cert_chain)
     ask, ark = split_amd_chain(fw.amd_chain)
     pdh = SevCert.from_bytes(export.pdh, "pdh.cert")
-    assert (pdh.usage, pek.usage, oca.usage, cek.usage) == (Usage.PDH, Usage.PEK, Usage.OCA, Usage.CEK)
+    assert (pdh.usage, pek.usage, oca.usage, cek.usage) == (
+        Usage.PDH,
+        Usage.PEK,
+        Usage.OCA,
+        Usage.CEK,
+    )
     assert (pdh.api_major, pdh.api_minor) == (0, 24)
-    report = verify_chain(pdh=pdh, pek=pek, oca=oca, cek=cek, ask=ask, ark=ark,
-                          trust=TrustStore.amd().with_lab_root(lab_root.ark))
+    report = verify_chain(
+        pdh=pdh,
+        pek=pek,
+        oca=oca,
+        cek=cek,
+        ask=ask,
+        ark=ark,
+        trust=TrustStore.amd().with_lab_root(lab_root.ark),
+    )
     assert report.ok, report.to_dict()
     assert report.root is not None and report.root.is_lab
     # Not trusted without the lab root, nor under another lab's root.
-    assert not verify_chain(pdh=pdh, pek=pek, oca=oca, cek=cek, ask=ask, ark=ark, trust=TrustStore.amd()).ok
-    assert not verify_chain(pdh=pdh, pek=pek, oca=oca, cek=cek, ask=ask, ark=ark,
-                            trust=TrustStore.amd().with_lab_root(other_root.ark)).ok
+    assert not verify_chain(
+        pdh=pdh, pek=pek, oca=oca, cek=cek, ask=ask, ark=ark, trust=TrustStore.amd()
+    ).ok
+    assert not verify_chain(
+        pdh=pdh,
+        pek=pek,
+        oca=oca,
+        cek=cek,
+        ask=ask,
+        ark=ark,
+        trust=TrustStore.amd().with_lab_root(other_root.ark),
+    ).ok
     # PDH_GEN: a new PDH key, still signed by the same PEK.
     assert fw.pdh_gen().status is Status.SUCCESS
     new_pdh = SevCert.from_bytes(fw.pdh_cert_export().pdh, "pdh.cert")
     assert new_pdh.fingerprint() != pdh.fingerprint()
-    assert verify_chain(pdh=new_pdh, pek=pek, oca=oca, cek=cek, ask=ask, ark=ark,
-                        trust=TrustStore.amd().with_lab_root(lab_root.ark)).ok
+    assert verify_chain(
+        pdh=new_pdh,
+        pek=pek,
+        oca=oca,
+        cek=cek,
+        ask=ask,
+        ark=ark,
+        trust=TrustStore.amd().with_lab_root(lab_root.ark),
+    ).ok
 
 
 def test_pek_gen_makes_a_new_self_owned_pek(lab_root: LabRoot) -> None:
@@ -252,12 +294,22 @@ def test_pek_gen_makes_a_new_self_owned_pek(lab_root: LabRoot) -> None:
     assert fw.pek_gen().status is Status.SUCCESS
     pek, oca, cek = split_platform_chain(fw.pdh_cert_export().cert_chain)
     assert fw.platform_status().flags & 1 == 0
-    assert pek.fingerprint() != before[0].fingerprint() and oca.fingerprint() != before[1].fingerprint()
+    assert (
+        pek.fingerprint() != before[0].fingerprint()
+        and oca.fingerprint() != before[1].fingerprint()
+    )
     assert cek.fingerprint() == before[2].fingerprint()  # the chip key never changes
     ask, ark = split_amd_chain(fw.amd_chain)
     pdh = SevCert.from_bytes(fw.pdh_cert_export().pdh)
-    assert verify_chain(pdh=pdh, pek=pek, oca=oca, cek=cek, ask=ask, ark=ark,
-                        trust=TrustStore.amd().with_lab_root(lab_root.ark)).ok
+    assert verify_chain(
+        pdh=pdh,
+        pek=pek,
+        oca=oca,
+        cek=cek,
+        ask=ask,
+        ark=ark,
+        trust=TrustStore.amd().with_lab_root(lab_root.ark),
+    ).ok
 
 
 def _owner_signs(fw: SevFirmware, owner_key: ec.EllipticCurvePrivateKey) -> tuple[bytes, bytes]:
@@ -269,7 +321,9 @@ def _owner_signs(fw: SevFirmware, owner_key: ec.EllipticCurvePrivateKey) -> tupl
     return pek.to_bytes(), oca.to_bytes()
 
 
-def test_pek_cert_import_takes_an_owner_and_two_owned_hosts_share_a_domain(lab_root: LabRoot) -> None:
+def test_pek_cert_import_takes_an_owner_and_two_owned_hosts_share_a_domain(
+    lab_root: LabRoot,
+) -> None:
     owner = ec.generate_private_key(ec.SECP384R1())
     src, dst = make_fw(lab_root), make_fw(lab_root)
     for fw in (src, dst):
@@ -280,8 +334,15 @@ def test_pek_cert_import_takes_an_owner_and_two_owned_hosts_share_a_domain(lab_r
         p, o, c = split_platform_chain(fw.pdh_cert_export().cert_chain)
         ask, ark = split_amd_chain(fw.amd_chain)
         pdh = SevCert.from_bytes(fw.pdh_cert_export().pdh)
-        assert verify_chain(pdh=pdh, pek=p, oca=o, cek=c, ask=ask, ark=ark,
-                            trust=TrustStore.amd().with_lab_root(lab_root.ark)).ok
+        assert verify_chain(
+            pdh=pdh,
+            pek=p,
+            oca=o,
+            cek=c,
+            ask=ask,
+            ark=ark,
+            trust=TrustStore.amd().with_lab_root(lab_root.ark),
+        ).ok
     mem = random_memory(2, seed=4)
     handle = launch(src, mem, DOMAIN_POLICY | 0x20)
     m = begin_migration(src, handle, dst, np.zeros_like(mem), DOMAIN_POLICY | 0x20)
@@ -332,7 +393,9 @@ def test_domain_guest_refuses_a_target_of_another_owner(lab_root: LabRoot) -> No
     assert src.guest_state(handle) is GuestState.RUNNING
     # Without DOMAIN the same target is fine.
     plain = launch(src, random_memory(1), POLICY)
-    assert src.send_start(plain, target.pdh, target.cert_chain, dst.amd_chain).status is Status.SUCCESS
+    assert (
+        src.send_start(plain, target.pdh, target.cert_chain, dst.amd_chain).status is Status.SUCCESS
+    )
 
 
 def test_domain_refuses_a_pdh_its_pek_did_not_sign(lab_root: LabRoot) -> None:
@@ -365,14 +428,19 @@ def test_sev_guest_refuses_a_target_of_another_root(lab_root: LabRoot, other_roo
     assert src.guest_state(handle) is GuestState.RUNNING
 
 
-@pytest.mark.parametrize(("target_api", "policy_api", "expected"), [
-    ((0, 17), (0, 24), Status.POLICY_FAILURE),
-    ((0, 23), (0, 24), Status.POLICY_FAILURE),
-    ((0, 24), (0, 24), Status.SUCCESS),
-    ((1, 0), (0, 24), Status.SUCCESS),
-    ((0, 24), (1, 0), Status.POLICY_FAILURE),
-])
-def test_sev_policy_needs_the_target_api(lab_root: LabRoot, target_api, policy_api, expected) -> None:
+@pytest.mark.parametrize(
+    ("target_api", "policy_api", "expected"),
+    [
+        ((0, 17), (0, 24), Status.POLICY_FAILURE),
+        ((0, 23), (0, 24), Status.POLICY_FAILURE),
+        ((0, 24), (0, 24), Status.SUCCESS),
+        ((1, 0), (0, 24), Status.SUCCESS),
+        ((0, 24), (1, 0), Status.POLICY_FAILURE),
+    ],
+)
+def test_sev_policy_needs_the_target_api(
+    lab_root: LabRoot, target_api, policy_api, expected
+) -> None:
     src, dst = make_fw(lab_root, api=(1, 2)), make_fw(lab_root, api=target_api)
     policy = SEV_POLICY | (policy_api[0] << 16) | (policy_api[1] << 24)
     handle = launch(src, random_memory(1), policy)
@@ -383,7 +451,9 @@ def test_sev_policy_needs_the_target_api(lab_root: LabRoot, target_api, policy_a
         assert "API" in out.detail
 
 
-def test_real_rome_platform_is_checked_against_the_policy(lab_root: LabRoot, sev_certs: Path) -> None:
+def test_real_rome_platform_is_checked_against_the_policy(
+    lab_root: LabRoot, sev_certs: Path
+) -> None:
     """A real Rome PDH and chain: any policy without DOMAIN/SEV accepts it; SEV and DOMAIN refuse it."""
     rome = sev_certs / "platforms" / "rome"
     pdh = (rome / "pdh.cert").read_bytes()
@@ -401,10 +471,16 @@ def test_real_rome_platform_is_checked_against_the_policy(lab_root: LabRoot, sev
     assert src.send_start(domain_guest, pdh, chain, amd).status is Status.POLICY_FAILURE
     # A real PEK (or a flipped PDH key) is no PDH.
     pek = (rome / "pek.cert").read_bytes()
-    assert src.send_start(launch(src, random_memory(1)), pek, chain, amd).status is Status.INVALID_CERTIFICATE
+    assert (
+        src.send_start(launch(src, random_memory(1)), pek, chain, amd).status
+        is Status.INVALID_CERTIFICATE
+    )
     bad = bytearray(pdh)
     bad[0x20] ^= 0x40
-    assert src.send_start(launch(src, random_memory(1)), bytes(bad), chain, amd).status is Status.INVALID_CERTIFICATE
+    assert (
+        src.send_start(launch(src, random_memory(1)), bytes(bad), chain, amd).status
+        is Status.INVALID_CERTIFICATE
+    )
 
 
 # --------------------------------------------------------------------------------------------- threads
@@ -446,8 +522,13 @@ def test_the_guest_cpu_view_and_its_limits(lab_root: LabRoot) -> None:
     fw.guest_write(handle, 16, b"secret".ljust(32, b"\0"))
     assert b"secret" not in mem  # at rest it is ciphertext
     assert fw.guest_read(handle, 16, 32) == b"secret".ljust(32, b"\0")
-    for gpa, length, why in ((8, 16, "aligned"), (0, 24, "multiple of 16"), (PAGE, 2 * PAGE, "beyond"),
-                             (0, -16, "negative"), ("0", 16, "integers")):
+    for gpa, length, why in (
+        (8, 16, "aligned"),
+        (0, 24, "multiple of 16"),
+        (PAGE, 2 * PAGE, "beyond"),
+        (0, -16, "negative"),
+        ("0", 16, "integers"),
+    ):
         with pytest.raises(GuestAccessError, match=why):
             fw.guest_read(handle, gpa, length)
     with pytest.raises(GuestAccessError, match="does not exist"):
@@ -462,6 +543,8 @@ def test_packets_are_counted_as_packets_whatever_their_size(lab_root: LabRoot) -
     batch = src.send_pages(handle, 0, 3, packet_size=0x2000)  # 3 packets of two pages each
     assert batch.ok and len(batch.headers) == 3 * 52
     assert dst.receive_pages(m.dst_handle, 0, batch.headers, batch.trans, packet_size=0x2000).ok
-    assert src.counts[Command.SEND_UPDATE_DATA] == 3 and dst.counts[Command.RECEIVE_UPDATE_DATA] == 3
+    assert (
+        src.counts[Command.SEND_UPDATE_DATA] == 3 and dst.counts[Command.RECEIVE_UPDATE_DATA] == 3
+    )
     assert dst.receive_finish(m.dst_handle).ok
     assert dst.guest_read(m.dst_handle, 0, 6 * PAGE) == src.guest_read(handle, 0, 6 * PAGE)

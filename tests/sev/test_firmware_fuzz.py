@@ -14,7 +14,9 @@ from tests.sev.test_firmware import PAGE, lab_root, launch, make_fw, random_memo
 
 __all__ = ["lab_root"]
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 anything = st.one_of(
     st.none(),
@@ -42,10 +44,22 @@ def ends(lab_root: LabRoot) -> tuple[SevFirmware, int, SevFirmware, int, np.ndar
 
 
 COMMANDS = {
-    "launch_start": 3, "launch_update_data": 3, "launch_measure": 1, "launch_finish": 1,
-    "activate": 2, "deactivate": 1, "guest_status": 1, "send_start": 5, "send_update_data": 5,
-    "send_pages": 4, "receive_start": 7, "receive_update_data": 5, "receive_pages": 5,
-    "pdh_cert_export": 2, "pek_csr": 1, "pek_cert_import": 2,
+    "launch_start": 3,
+    "launch_update_data": 3,
+    "launch_measure": 1,
+    "launch_finish": 1,
+    "activate": 2,
+    "deactivate": 1,
+    "guest_status": 1,
+    "send_start": 5,
+    "send_update_data": 5,
+    "send_pages": 4,
+    "receive_start": 7,
+    "receive_update_data": 5,
+    "receive_pages": 5,
+    "pdh_cert_export": 2,
+    "pek_csr": 1,
+    "pek_cert_import": 2,
 }
 
 
@@ -65,9 +79,14 @@ def test_any_arguments_give_a_status(ends, name: str, args: list) -> None:
 
 
 @FUZZ
-@given(header=st.binary(min_size=52, max_size=52), trans=st.binary(min_size=16, max_size=64).map(
-    lambda b: b[: len(b) // 16 * 16]), page=st.integers(0, 3))
-def test_forged_packets_never_reach_guest_memory(ends, header: bytes, trans: bytes, page: int) -> None:
+@given(
+    header=st.binary(min_size=52, max_size=52),
+    trans=st.binary(min_size=16, max_size=64).map(lambda b: b[: len(b) // 16 * 16]),
+    page=st.integers(0, 3),
+)
+def test_forged_packets_never_reach_guest_memory(
+    ends, header: bytes, trans: bytes, page: int
+) -> None:
     src, handle, dst, target, dst_mem = ends
     before = dst_mem.copy()
     got = dst.receive_update_data(target, page * PAGE, header, trans)

@@ -41,10 +41,18 @@ def migration(lab_root: LabRoot):
 
 # Offsets into header || ciphertext: flags are covered by the MAC (but bit 0 is COMPRESSED),
 # then IV, MAC, and bytes of the ciphertext.
-@pytest.mark.parametrize("where", [
-    ("header", 4), ("header", 19), ("header", 0x14), ("header", 51),
-    ("trans", 0), ("trans", 2048), ("trans", PAGE - 1),
-])
+@pytest.mark.parametrize(
+    "where",
+    [
+        ("header", 4),
+        ("header", 19),
+        ("header", 0x14),
+        ("header", 51),
+        ("trans", 0),
+        ("trans", 2048),
+        ("trans", PAGE - 1),
+    ],
+)
 def test_tampered_packet_is_bad_measurement_and_memory_is_untouched(migration, where) -> None:
     src, handle, dst, target, dst_mem = migration
     out = src.send_update_data(handle, PAGE, PAGE)
@@ -80,7 +88,10 @@ def test_packet_replayed_at_another_length_or_swapped_is_refused(migration) -> N
     b = src.send_update_data(handle, 2 * PAGE, PAGE)
     before = dst_mem.copy()
     assert dst.receive_update_data(target, PAGE, a.header, b.trans).status is Status.BAD_MEASUREMENT
-    assert dst.receive_update_data(target, PAGE, a.header, a.trans[:PAGE // 2]).status is Status.BAD_MEASUREMENT
+    assert (
+        dst.receive_update_data(target, PAGE, a.header, a.trans[: PAGE // 2]).status
+        is Status.BAD_MEASUREMENT
+    )
     assert np.array_equal(dst_mem, before)
 
 
@@ -124,10 +135,19 @@ def session_parts(lab_root: LabRoot):
 
 
 # nonce @0x00, wrap_tk @0x10, wrap_iv @0x30, wrap_mac @0x40, policy_mac @0x60
-@pytest.mark.parametrize(("offset", "what"), [
-    (0x00, "wrap_mac"), (0x10, "wrap_mac"), (0x2F, "wrap_mac"), (0x40, "wrap_mac"), (0x5F, "wrap_mac"),
-    (0x30, "policy_mac"), (0x60, "policy_mac"), (0x7F, "policy_mac"),
-])
+@pytest.mark.parametrize(
+    ("offset", "what"),
+    [
+        (0x00, "wrap_mac"),
+        (0x10, "wrap_mac"),
+        (0x2F, "wrap_mac"),
+        (0x40, "wrap_mac"),
+        (0x5F, "wrap_mac"),
+        (0x30, "policy_mac"),
+        (0x60, "policy_mac"),
+        (0x7F, "policy_mac"),
+    ],
+)
 def test_tampered_session_is_bad_measurement(session_parts, offset: int, what: str) -> None:
     src, dst, sent = session_parts
     session = _flip(sent.session, offset)
@@ -140,13 +160,17 @@ def test_tampered_session_is_bad_measurement(session_parts, offset: int, what: s
 
 
 @pytest.mark.parametrize("other_policy", [0x0, 0x3, 0x5, 0x11, POLICY | (24 << 24)])
-def test_another_policy_than_at_send_start_is_bad_measurement(session_parts, other_policy: int) -> None:
+def test_another_policy_than_at_send_start_is_bad_measurement(
+    session_parts, other_policy: int
+) -> None:
     src, dst, sent = session_parts
     got = dst.receive_start(other_policy, src.pdh_cert_export().pdh, sent.session, bytearray(PAGE))
     assert got.status is Status.BAD_MEASUREMENT and "policy_mac" in got.detail
 
 
-def test_session_with_another_source_pdh_is_bad_measurement(lab_root: LabRoot, session_parts) -> None:
+def test_session_with_another_source_pdh_is_bad_measurement(
+    lab_root: LabRoot, session_parts
+) -> None:
     src, dst, sent = session_parts
     impostor = make_fw(lab_root).pdh_cert_export().pdh
     got = dst.receive_start(sent.policy, impostor, sent.session, bytearray(PAGE))
@@ -156,5 +180,7 @@ def test_session_with_another_source_pdh_is_bad_measurement(lab_root: LabRoot, s
 def test_session_for_another_target_is_bad_measurement(lab_root: LabRoot, session_parts) -> None:
     src, dst, sent = session_parts
     elsewhere = make_fw(lab_root)
-    got = elsewhere.receive_start(sent.policy, src.pdh_cert_export().pdh, sent.session, bytearray(PAGE))
+    got = elsewhere.receive_start(
+        sent.policy, src.pdh_cert_export().pdh, sent.session, bytearray(PAGE)
+    )
     assert got.status is Status.BAD_MEASUREMENT

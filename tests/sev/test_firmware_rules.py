@@ -55,7 +55,9 @@ class ForeignSource:
 
     def __init__(self, target: SevFirmware) -> None:
         self.key = ec.generate_private_key(ec.SECP384R1())
-        self.pdh = SevCert.build(self.key.public_key(), Usage.PDH, Algo.ECDH_SHA256, 0, 24).to_bytes()
+        self.pdh = SevCert.build(
+            self.key.public_key(), Usage.PDH, Algo.ECDH_SHA256, 0, 24
+        ).to_bytes()
         target_pdh = SevCert.from_bytes(target.pdh_cert_export().pdh)
         self.z = ecdh_z(self.key, target_pdh.public_key())
         self.tek, self.tik = os.urandom(16), os.urandom(16)
@@ -116,7 +118,10 @@ GUEST_COMMANDS: dict[str, tuple[set[str], Callable[[Staged], object]]] = {
     "SEND_PAGES": ({"SUPDATE"}, lambda s: s.fw.send_pages(s.handle, 0, 2)),
     "SEND_FINISH": ({"SUPDATE"}, lambda s: s.fw.send_finish(s.handle)),
     "SEND_CANCEL": ({"SUPDATE"}, lambda s: s.fw.send_cancel(s.handle)),
-    "RECEIVE_UPDATE_DATA": ({"RUPDATE"}, lambda s: s.fw.receive_update_data(s.handle, 0, *s.packet)),
+    "RECEIVE_UPDATE_DATA": (
+        {"RUPDATE"},
+        lambda s: s.fw.receive_update_data(s.handle, 0, *s.packet),
+    ),
     "RECEIVE_FINISH": ({"RUPDATE"}, lambda s: s.fw.receive_finish(s.handle)),
     "ACTIVATE": (set(STATES) - {"SENT"}, lambda s: s.fw.activate(s.handle, 3)),
     "DEACTIVATE": (set(STATES), lambda s: s.fw.deactivate(s.handle)),
@@ -126,8 +131,12 @@ GUEST_COMMANDS: dict[str, tuple[set[str], Callable[[Staged], object]]] = {
 
 # The state a guest is in after a successful command (None: unchanged; UNINIT: gone).
 NEXT_STATE = {
-    "LAUNCH_MEASURE": "LSECRET", "LAUNCH_FINISH": "RUNNING", "SEND_START": "SUPDATE",
-    "SEND_FINISH": "SENT", "SEND_CANCEL": "RUNNING", "RECEIVE_FINISH": "RUNNING",
+    "LAUNCH_MEASURE": "LSECRET",
+    "LAUNCH_FINISH": "RUNNING",
+    "SEND_START": "SUPDATE",
+    "SEND_FINISH": "SENT",
+    "SEND_CANCEL": "RUNNING",
+    "RECEIVE_FINISH": "RUNNING",
     "DECOMMISSION": "UNINIT",
 }
 
@@ -212,9 +221,16 @@ def test_platform_command_in_each_state(lab_root: LabRoot, command: str, state: 
 
 
 def test_platform_transitions(lab_root: LabRoot) -> None:
-    fw = SevFirmware(ask_key=lab_root.ask_key, ask=lab_root.ask, ark=lab_root.ark, api=(0, 22), build=7)
+    fw = SevFirmware(
+        ask_key=lab_root.ask_key, ask=lab_root.ask, ark=lab_root.ark, api=(0, 22), build=7
+    )
     status = fw.platform_status()
-    assert (status.state, status.api_major, status.api_minor, status.build) == (PlatformState.UNINIT, 0, 22, 7)
+    assert (status.state, status.api_major, status.api_minor, status.build) == (
+        PlatformState.UNINIT,
+        0,
+        22,
+        7,
+    )
     assert status.flags == 0x100  # ES configured, self-owned
     assert fw.init().ok and fw.platform_state is PlatformState.INIT
     a = fw.launch_start(POLICY, bytearray(PAGE)).handle
@@ -226,8 +242,12 @@ def test_platform_transitions(lab_root: LabRoot) -> None:
     assert c not in (a, b)
     assert fw.shutdown().ok and fw.platform_state is PlatformState.UNINIT
     assert fw.guest_state(c) is GuestState.UNINIT and fw.platform_status().guest_count == 0
-    assert SevFirmware(ask_key=lab_root.ask_key, ask=lab_root.ask, ark=lab_root.ark,
-                       es=False).platform_status().flags == 0
+    assert (
+        SevFirmware(ask_key=lab_root.ask_key, ask=lab_root.ask, ark=lab_root.ark, es=False)
+        .platform_status()
+        .flags
+        == 0
+    )
 
 
 def test_activate_rules(lab_root: LabRoot) -> None:
@@ -273,18 +293,21 @@ def test_send_update_hdr_len_below_52_writes_back_52(sending: Pair, hdr_len: int
     assert sending.src.send_update_data(sending.handle, 0, PAGE, hdr_len=out.hdr_len).ok
 
 
-@pytest.mark.parametrize(("length", "expected"), [
-    (0, Status.INVALID_LENGTH),
-    (8, Status.INVALID_LENGTH),
-    (4095, Status.INVALID_LENGTH),
-    (4100, Status.INVALID_LENGTH),
-    (0x5010, Status.INVALID_LENGTH),
-    (0x10000, Status.INVALID_LENGTH),
-    (-16, Status.INVALID_LENGTH),
-    (16, Status.SUCCESS),
-    (PAGE, Status.SUCCESS),
-    (0x5000, Status.SUCCESS),  # the firmware allows up to 0x5000 (KVM asks for one page)
-])
+@pytest.mark.parametrize(
+    ("length", "expected"),
+    [
+        (0, Status.INVALID_LENGTH),
+        (8, Status.INVALID_LENGTH),
+        (4095, Status.INVALID_LENGTH),
+        (4100, Status.INVALID_LENGTH),
+        (0x5010, Status.INVALID_LENGTH),
+        (0x10000, Status.INVALID_LENGTH),
+        (-16, Status.INVALID_LENGTH),
+        (16, Status.SUCCESS),
+        (PAGE, Status.SUCCESS),
+        (0x5000, Status.SUCCESS),  # the firmware allows up to 0x5000 (KVM asks for one page)
+    ],
+)
 def test_send_update_guest_len(sending: Pair, length: int, expected: Status) -> None:
     out = sending.src.send_update_data(sending.handle, 0, length)
     assert out.status is expected, out.detail
@@ -293,34 +316,49 @@ def test_send_update_guest_len(sending: Pair, length: int, expected: Status) -> 
 
 
 @pytest.mark.parametrize("trans_len", [0, 16, PAGE - 16])
-def test_send_update_trans_len_below_guest_len_writes_back_guest_len(sending: Pair, trans_len: int) -> None:
+def test_send_update_trans_len_below_guest_len_writes_back_guest_len(
+    sending: Pair, trans_len: int
+) -> None:
     out = sending.src.send_update_data(sending.handle, 0, PAGE, trans_len=trans_len)
     assert (out.status, out.trans_len) == (Status.INVALID_LENGTH, PAGE)
     assert sending.src.send_update_data(sending.handle, 0, PAGE, trans_len=2 * PAGE).ok
 
 
-@pytest.mark.parametrize(("gpa", "length"), [
-    (8, PAGE), (PAGE + 1, 16), (-16, 16), (MEM_PAGES * PAGE, 16), (MEM_PAGES * PAGE - 16, 32), (1 << 70, 16),
-])
+@pytest.mark.parametrize(
+    ("gpa", "length"),
+    [
+        (8, PAGE),
+        (PAGE + 1, 16),
+        (-16, 16),
+        (MEM_PAGES * PAGE, 16),
+        (MEM_PAGES * PAGE - 16, 32),
+        (1 << 70, 16),
+    ],
+)
 def test_send_update_bad_address(sending: Pair, gpa: int, length: int) -> None:
     out = sending.src.send_update_data(sending.handle, gpa, length)
     assert out.status is Status.INVALID_ADDRESS
     assert out.header == b""
 
 
-@pytest.mark.parametrize(("gpa", "npages", "size", "expected"), [
-    (0, 0, PAGE, Status.INVALID_LENGTH),
-    (0, -1, PAGE, Status.INVALID_LENGTH),
-    (0, 2, 100, Status.INVALID_LENGTH),
-    (0, 1, 0x5010, Status.INVALID_LENGTH),
-    (8, 2, PAGE, Status.INVALID_ADDRESS),
-    (PAGE, MEM_PAGES, PAGE, Status.INVALID_ADDRESS),
-    (0, MEM_PAGES, PAGE, Status.SUCCESS),
-    (16, 1, 0x5000, Status.SUCCESS),
-    (0, 2, 0x5000, Status.INVALID_ADDRESS),
-    (0, 5, 16, Status.SUCCESS),
-])
-def test_send_pages_rules(sending: Pair, gpa: int, npages: int, size: int, expected: Status) -> None:
+@pytest.mark.parametrize(
+    ("gpa", "npages", "size", "expected"),
+    [
+        (0, 0, PAGE, Status.INVALID_LENGTH),
+        (0, -1, PAGE, Status.INVALID_LENGTH),
+        (0, 2, 100, Status.INVALID_LENGTH),
+        (0, 1, 0x5010, Status.INVALID_LENGTH),
+        (8, 2, PAGE, Status.INVALID_ADDRESS),
+        (PAGE, MEM_PAGES, PAGE, Status.INVALID_ADDRESS),
+        (0, MEM_PAGES, PAGE, Status.SUCCESS),
+        (16, 1, 0x5000, Status.SUCCESS),
+        (0, 2, 0x5000, Status.INVALID_ADDRESS),
+        (0, 5, 16, Status.SUCCESS),
+    ],
+)
+def test_send_pages_rules(
+    sending: Pair, gpa: int, npages: int, size: int, expected: Status
+) -> None:
     out = sending.src.send_pages(sending.handle, gpa, npages, size)
     assert out.status is expected, out.detail
     if expected is Status.SUCCESS:
@@ -335,7 +373,10 @@ def receiving(pair: Pair) -> tuple[Pair, int]:
     return pair, got.handle
 
 
-@pytest.mark.parametrize(("session_len", "pdh_len"), [(0, 2084), (127, 2084), (256, 2084), (128, 0), (128, 2083), (128, 4096)])
+@pytest.mark.parametrize(
+    ("session_len", "pdh_len"),
+    [(0, 2084), (127, 2084), (256, 2084), (128, 0), (128, 2083), (128, 4096)],
+)
 def test_receive_start_lengths_write_back(pair: Pair, session_len: int, pdh_len: int) -> None:
     sent = pair.src.send_start(pair.handle, *pair.target_args())
     args = (sent.policy, pair.source_pdh(), sent.session, pair.dst_mem)
@@ -348,8 +389,14 @@ def test_receive_start_lengths_write_back(pair: Pair, session_len: int, pdh_len:
 def test_receive_start_short_buffers(pair: Pair) -> None:
     sent = pair.src.send_start(pair.handle, *pair.target_args())
     pdh = pair.source_pdh()
-    assert pair.dst.receive_start(sent.policy, pdh, sent.session[:-1], pair.dst_mem).status is Status.INVALID_LENGTH
-    assert pair.dst.receive_start(sent.policy, pdh[:-1], sent.session, pair.dst_mem).status is Status.INVALID_LENGTH
+    assert (
+        pair.dst.receive_start(sent.policy, pdh, sent.session[:-1], pair.dst_mem).status
+        is Status.INVALID_LENGTH
+    )
+    assert (
+        pair.dst.receive_start(sent.policy, pdh[:-1], sent.session, pair.dst_mem).status
+        is Status.INVALID_LENGTH
+    )
 
 
 @pytest.mark.parametrize("hdr_len", [0, 51])
@@ -358,7 +405,10 @@ def test_receive_update_hdr_len_below_52(receiving, hdr_len: int) -> None:
     out = pair.src.send_update_data(pair.handle, 0, PAGE)
     got = pair.dst.receive_update_data(handle, 0, out.header, out.trans, hdr_len=hdr_len)
     assert (got.status, got.hdr_len) == (Status.INVALID_LENGTH, 52)
-    assert pair.dst.receive_update_data(handle, 0, out.header[:51], out.trans).status is Status.INVALID_LENGTH
+    assert (
+        pair.dst.receive_update_data(handle, 0, out.header[:51], out.trans).status
+        is Status.INVALID_LENGTH
+    )
     assert pair.dst.receive_update_data(handle, 0, out.header, out.trans, hdr_len=got.hdr_len).ok
 
 
@@ -374,7 +424,10 @@ def test_receive_update_trans_len(receiving, trans_len: int) -> None:
 def test_receive_update_bad_address(receiving, gpa: int) -> None:
     pair, handle = receiving
     out = pair.src.send_update_data(pair.handle, 0, PAGE)
-    assert pair.dst.receive_update_data(handle, gpa, out.header, out.trans).status is Status.INVALID_ADDRESS
+    assert (
+        pair.dst.receive_update_data(handle, gpa, out.header, out.trans).status
+        is Status.INVALID_ADDRESS
+    )
     assert not pair.dst_mem.any()
 
 
@@ -387,11 +440,15 @@ def test_receive_update_compressed_is_unsupported(receiving) -> None:
     batch = pair.src.send_pages(pair.handle, 0, 3)
     headers = bytearray(batch.headers)
     headers[52] |= 1
-    assert pair.dst.receive_pages(handle, 0, bytes(headers), batch.trans).status is Status.UNSUPPORTED
+    assert (
+        pair.dst.receive_pages(handle, 0, bytes(headers), batch.trans).status is Status.UNSUPPORTED
+    )
     assert not pair.dst_mem.any()
 
 
-@pytest.mark.parametrize(("cut_headers", "cut_trans", "size"), [(1, 0, PAGE), (0, 16, PAGE), (52, 0, PAGE), (0, 0, 100)])
+@pytest.mark.parametrize(
+    ("cut_headers", "cut_trans", "size"), [(1, 0, PAGE), (0, 16, PAGE), (52, 0, PAGE), (0, 0, 100)]
+)
 def test_receive_pages_lengths(receiving, cut_headers: int, cut_trans: int, size: int) -> None:
     pair, handle = receiving
     batch = pair.src.send_pages(pair.handle, 0, 3)
@@ -402,11 +459,18 @@ def test_receive_pages_lengths(receiving, cut_headers: int, cut_trans: int, size
     assert not pair.dst_mem.any()
 
 
-@pytest.mark.parametrize(("pdh_len", "chain_len"), [(0, 0), (2083, 6252), (2084, 6251), (100, 100000)])
+@pytest.mark.parametrize(
+    ("pdh_len", "chain_len"), [(0, 0), (2083, 6252), (2084, 6251), (100, 100000)]
+)
 def test_pdh_cert_export_lengths(lab_root: LabRoot, pdh_len: int, chain_len: int) -> None:
     fw = make_fw(lab_root)
     out = fw.pdh_cert_export(pdh_len, chain_len)
-    assert (out.status, out.pdh_len, out.chain_len, out.pdh) == (Status.INVALID_LENGTH, 2084, 6252, b"")
+    assert (out.status, out.pdh_len, out.chain_len, out.pdh) == (
+        Status.INVALID_LENGTH,
+        2084,
+        6252,
+        b"",
+    )
     assert fw.pdh_cert_export(out.pdh_len, out.chain_len).ok
 
 
@@ -450,15 +514,25 @@ def test_reserved_policy_bit_is_refused_at_receive_start(lab_root: LabRoot, bit:
     assert dst.platform_status().guest_count == 0
 
 
-@pytest.mark.parametrize(("policy_api", "expected"), [
-    ((0, 23), Status.SUCCESS), ((0, 24), Status.SUCCESS), ((0, 25), Status.POLICY_FAILURE),
-    ((1, 0), Status.POLICY_FAILURE),
-])
-def test_policy_api_above_the_firmware_is_refused(lab_root: LabRoot, policy_api, expected: Status) -> None:
+@pytest.mark.parametrize(
+    ("policy_api", "expected"),
+    [
+        ((0, 23), Status.SUCCESS),
+        ((0, 24), Status.SUCCESS),
+        ((0, 25), Status.POLICY_FAILURE),
+        ((1, 0), Status.POLICY_FAILURE),
+    ],
+)
+def test_policy_api_above_the_firmware_is_refused(
+    lab_root: LabRoot, policy_api, expected: Status
+) -> None:
     dst = make_fw(lab_root, api=(0, 24))
     source = ForeignSource(dst)
     policy = POLICY | (policy_api[0] << 16) | (policy_api[1] << 24)
-    assert dst.receive_start(policy, source.pdh, source.session(policy), bytearray(PAGE)).status is expected
+    assert (
+        dst.receive_start(policy, source.pdh, source.session(policy), bytearray(PAGE)).status
+        is expected
+    )
     assert dst.launch_start(policy, bytearray(PAGE)).status is expected
 
 
@@ -470,14 +544,19 @@ def test_es_guest_needs_es_on_the_target(lab_root: LabRoot) -> None:
     assert out.status is Status.POLICY_FAILURE and "ES" in out.detail
     with_es = make_fw(lab_root)
     source = ForeignSource(with_es)
-    assert with_es.receive_start(es_policy, source.pdh, source.session(es_policy), bytearray(PAGE)).ok
+    assert with_es.receive_start(
+        es_policy, source.pdh, source.session(es_policy), bytearray(PAGE)
+    ).ok
 
 
-@pytest.mark.parametrize(("first", "second", "expected"), [
-    (POLICY, POLICY, Status.SUCCESS),
-    (POLICY | 0x2, POLICY, Status.POLICY_FAILURE),
-    (POLICY, POLICY | 0x2, Status.POLICY_FAILURE),
-])
+@pytest.mark.parametrize(
+    ("first", "second", "expected"),
+    [
+        (POLICY, POLICY, Status.SUCCESS),
+        (POLICY | 0x2, POLICY, Status.POLICY_FAILURE),
+        (POLICY, POLICY | 0x2, Status.POLICY_FAILURE),
+    ],
+)
 def test_key_sharing_and_noks(lab_root: LabRoot, first: int, second: int, expected: Status) -> None:
     fw = make_fw(lab_root)
     mem_a = bytearray(PAGE)
@@ -493,7 +572,12 @@ def test_key_sharing_and_noks(lab_root: LabRoot, first: int, second: int, expect
         header, trans = source.packet(bytes(PAGE))
         assert fw.receive_update_data(out.handle, 0, header, trans).ok
         assert bytes(mem_b) == bytes(mem_a)
-    assert fw.receive_start(POLICY, source.pdh, source.session(POLICY), bytearray(PAGE), handle=77).status is Status.INVALID_GUEST
+    assert (
+        fw.receive_start(
+            POLICY, source.pdh, source.session(POLICY), bytearray(PAGE), handle=77
+        ).status
+        is Status.INVALID_GUEST
+    )
 
 
 def test_foreign_source_interoperates(lab_root: LabRoot) -> None:
@@ -506,7 +590,7 @@ def test_foreign_source_interoperates(lab_root: LabRoot) -> None:
     page = os.urandom(PAGE)
     header, trans = source.packet(page)
     assert dst.receive_update_data(got.handle, 2 * PAGE, header, trans).ok
-    assert bytes(mem[2 * PAGE:3 * PAGE]) not in (page, trans)
+    assert bytes(mem[2 * PAGE : 3 * PAGE]) not in (page, trans)
     assert dst.receive_finish(got.handle).ok
     assert dst.guest_read(got.handle, 2 * PAGE, PAGE) == page
 
@@ -519,9 +603,14 @@ def test_bad_input_never_raises(lab_root: LabRoot) -> None:
     h = fw.launch_start(POLICY, bytearray(PAGE)).handle
     assert fw.launch_update_data(h, None, 16).status is Status.INVALID_PARAM  # type: ignore[arg-type]
     assert fw.guest_status("1").status is Status.INVALID_GUEST  # type: ignore[arg-type]
-    assert fw.receive_start(POLICY, bytes(2084), bytes(128), bytearray(PAGE)).status is Status.INVALID_CERTIFICATE
+    assert (
+        fw.receive_start(POLICY, bytes(2084), bytes(128), bytearray(PAGE)).status
+        is Status.INVALID_CERTIFICATE
+    )
     assert fw.receive_start(-1, bytes(2084), bytes(128), bytearray(PAGE)).status in (
-        Status.INVALID_PARAM, Status.INVALID_CERTIFICATE)
+        Status.INVALID_PARAM,
+        Status.INVALID_CERTIFICATE,
+    )
     fresh = make_fw(lab_root)
     assert fresh.pek_cert_import(None, bytes(2084)).status is Status.INVALID_PARAM  # type: ignore[arg-type]
     assert fresh.log[-1].status is Status.INVALID_PARAM
