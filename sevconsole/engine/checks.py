@@ -77,6 +77,14 @@ def _reachable(host: HostReport, role: str) -> Check:
 
 
 def _vm_state(vm: VmInfo, src: HostReport) -> Check:
+    if vm.status is None and vm.errors:
+        return _c("vm", "Guest state", CheckStatus.FAIL,
+                  f"{vm.name} on {src.name} could not be queried ({'; '.join(vm.errors)}); probe again.")
+    if not vm.sev_enabled and any("sev-guest" in a or "sev-snp-guest" in a for a in vm.argv):
+        # never let a guest whose SEV state is unknown be sent in plain
+        return _c("vm", "Guest state", CheckStatus.FAIL,
+                  f"{vm.name} on {src.name} is started as an SEV guest (sev-guest object) but its SEV "
+                  "state was not read; probe again.")
     if vm.status in (None, "running", "paused"):
         detail = vm.status or "state unknown"
         status = CheckStatus.PASS if vm.status else CheckStatus.WARN
@@ -300,17 +308,14 @@ def _domain(plan: MigrationPlan, policy: Any, oca: Any) -> Check:
         _, src_oca, _ = split_platform_chain(src.capabilities.cert_chain)
     except ValueError as exc:
         return _c("domain", title, CheckStatus.FAIL, f"{src.name}: its certificate chain cannot be read: {exc}")
-    if _cert_bytes(src_oca) == _cert_bytes(oca):
+    # The owner is the OCA key: each platform signs its own copy, so the bytes may differ.
+    if src_oca.fingerprint() == oca.fingerprint():
         return _c("domain", title, CheckStatus.PASS,
-                  f"DOMAIN (bit 4): {dst.name}'s OCA equals {src.name}'s (fingerprint {oca.fingerprint()[:16]}).")
+                  f"DOMAIN (bit 4): {dst.name}'s OCA key equals {src.name}'s (fingerprint {oca.fingerprint()[:16]}).")
     return _c("domain", title, CheckStatus.FAIL,
-              f"{plan.vm.name}'s policy sets DOMAIN (bit 4): {dst.name}'s OCA "
+              f"{plan.vm.name}'s policy sets DOMAIN (bit 4): {dst.name}'s OCA key "
               f"({oca.fingerprint()[:16]}) differs from {src.name}'s ({src_oca.fingerprint()[:16]}); "
               "SEND_START would fail with POLICY_FAILURE.")
-
-
-def _cert_bytes(cert: Any) -> bytes:
-    return bytes(cert) if isinstance(cert, bytes | bytearray) else cert.to_bytes()
 
 
 def _api(plan: MigrationPlan, policy: Any, pek: Any) -> Check:

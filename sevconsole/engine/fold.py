@@ -20,7 +20,8 @@ from sevconsole.sev.pagestate import PAGE_SIZE, decode_states
 
 HISTORY = 240  # rate samples kept (a minute at the default cadence)
 EVENTS_KEPT = 100
-SEV_LOG_KEPT = 200
+SEV_LOG_KEPT = 1000
+UNSEEN_STATUS = -1  # SevLogEntry.status of a command known only from the firmware's counts
 
 
 class ProgressFolder:
@@ -119,47 +120,71 @@ class ProgressFolder:
         self.set(page_states=np.array(states, dtype=np.uint8), page_map_exact=True, total_pages=count,
                  page_size=int(answer.get("page-size", PAGE_SIZE)))
 
-    def fold_firmware(self, role: str, host: str, answer: Mapping[str, Any]) -> None:
-        """The lab's `x-query-sev-firmware` for one end; new log lines join the folded SEV log."""
+    def fold_firmware(self, role: str, host: str, answer: Mapping[str, Any], *, baseline: bool = False) -> None:
+        """The lab's `x-query-sev-firmware` for one end. New log lines join the folded SEV log; a
+        `baseline` read (before the migration) only marks where the migration's commands start."""
         counts = {str(k): int(v) for k, v in (answer.get("counts") or {}).items()}
         view = FirmwareView(host=host, platform_state=answer.get("platform-state"),
                             guest_state=answer.get("guest-state"), handle=answer.get("handle"),
                             counts=counts, last_status=answer.get("last-status"))
         self.set(**{f"{role}_fw": view})
-        self._fold_log(host, answer.get("log") or [], counts)
+        log = answer.get("log") or []
+        if baseline:
+            self._fw_counts[host] = counts
+            self._fw_seen[host] = max((float(e.get("time", 0.0)) for e in log), default=float("-inf"))
+            return
+        self._fold_log(host, log, counts)
 
     def _fold_log(self, host: str, log: list[Mapping[str, Any]], counts: dict[str, int]) -> None:
         seen_until = self._fw_seen.get(host, float("-inf"))
         fresh = [e for e in log if float(e.get("time", 0.0)) > seen_until]
-        if not fresh:
-            self._fw_counts[host] = counts
-            return
-        self._fw_seen[host] = max(float(e.get("time", 0.0)) for e in fresh)
+        if fresh:
+            self._fw_seen[host] = max(float(e.get("time", 0.0)) for e in fresh)
         new: list[SevLogEntry] = []
+        # Fold runs per host (SEND_UPDATE_DATA x N), even while the other end's lines interleave.
+        mine = next((i for i in range(len(self._sev_log) - 1, -1, -1) if self._sev_log[i].host == host), None)
         for e in fresh:
             cmd, status, t = str(e.get("command")), int(e.get("status", 0)), float(e.get("time", 0.0))
-            last = self._sev_log[-1] if (self._sev_log and not new) else (new[-1] if new else None)
-            if last is not None and last.host == host and last.command == cmd and last.status == status:
+            last = new[-1] if new else (self._sev_log[mine] if mine is not None else None)
+            if last is not None and last.command == cmd and last.status == status:
                 folded = replace(last, count=last.count + 1, time=t)
                 if new:
                     new[-1] = folded
                 else:
-                    self._sev_log[-1] = folded
+                    self._sev_log[mine] = folded  # type: ignore[index]
             else:
                 new.append(SevLogEntry(host=host, command=cmd, status=status, time=t))
-        # The firmware keeps only its last 64 lines: commands that scrolled away between two polls
-        # are added from its per-command counts, so the folded log still adds up.
-        before = self._fw_counts.get(host, {})
-        seen: dict[str, int] = {}
-        for e in fresh:
-            seen[str(e.get("command"))] = seen.get(str(e.get("command")), 0) + 1
-        for cmd, n in seen.items():
-            missed = counts.get(cmd, 0) - before.get(cmd, 0) - n
-            if missed > 0 and before:
+        # The firmware keeps only its last 64 lines: commands that scrolled away between two reads
+        # come back from its per-command counts. A command never seen in the log gets status
+        # UNSEEN_STATUS (it ran; its status was not read).
+        before = self._fw_counts.get(host)
+        self._fw_counts[host] = counts
+        if before is not None:
+            seen: dict[str, int] = {}
+            for e in fresh:
+                seen[str(e.get("command"))] = seen.get(str(e.get("command")), 0) + 1
+            unseen: list[SevLogEntry] = []
+            first_t = min((float(e.get("time", 0.0)) for e in fresh), default=0.0)
+            for cmd, total in counts.items():
+                missed = total - before.get(cmd, 0) - seen.get(cmd, 0)
+                if missed <= 0:
+                    continue
                 idx = max((i for i, x in enumerate(new) if x.command == cmd), default=None,
                           key=lambda i: new[i].count)
                 if idx is not None:
                     new[idx] = replace(new[idx], count=new[idx].count + missed)
-        self._fw_counts[host] = counts
+                elif not new and mine is not None and self._sev_log[mine].command == cmd:
+                    self._sev_log[mine] = replace(self._sev_log[mine], count=self._sev_log[mine].count + missed)
+                else:
+                    unseen.append(SevLogEntry(host=host, command=cmd, status=UNSEEN_STATUS,
+                                              count=missed, time=first_t))
+            unseen.sort(key=lambda x: _command_order(x.command))
+            new = unseen + new
         self._sev_log = (self._sev_log + new)[-SEV_LOG_KEPT:]
         self.set(sev_log=tuple(self._sev_log))
+
+
+def _command_order(name: str) -> int:
+    from sevconsole.sev.status import Command
+
+    return int(Command[name]) if name in Command.__members__ else 0x100

@@ -37,6 +37,7 @@ LAB_PAGE_STATE = "x-query-sev-page-state"
 LAB_FIRMWARE = "x-query-sev-firmware"
 LAB_DIGEST = "x-query-guest-digest"
 TERMINAL = ("completed", "failed", "cancelled")
+SETTLED = ("postmigrate", "paused", "running", "shutdown", "guest-panicked", "internal-error")
 QMP_TIMEOUT_S = 10.0
 RECONNECT_S = 3.0
 
@@ -84,6 +85,10 @@ class _LinkLost(EngineError):
     pass
 
 
+class _Refuse(LinkError):
+    """A reason found at connect time not to start (not a broken link)."""
+
+
 class _End(Exception):
     """Leaves the watch loop with the QEMU status that ended it."""
 
@@ -123,6 +128,7 @@ class Migration:
         self._src_cmds: set[str] = set()
         self._dst_cmds: set[str] = set()
         self._incoming: IncomingVm | None = None
+        self._hold_target = False
         self._tasks: list[asyncio.Task[None]] = []
         self._stall_warned = False
         self._source_initial: str | None = None
@@ -173,7 +179,8 @@ class Migration:
             bad = [c.sentence for c in self.checks if c.status.value == "fail"]
             f.phase(Phase.FAILED)
             f.error("refused by preflight: " + " ".join(bad))
-            return Outcome("refused", "refused by preflight: " + " ".join(bad))
+            return Outcome("refused", "refused by preflight: " + " ".join(bad),
+                           runnable=(self.plan.source.name,))  # nothing was touched
         f.phase(Phase.CONNECTING)
         self._post()
         try:
@@ -190,6 +197,7 @@ class Migration:
             return await self._rollback("failed", f"setup failed: {_sentence(exc)}")
         if self._cancel.is_set():
             return await self._rollback("cancelled", self._cancel_reason)
+        await self._lab_extras(baseline=True)  # the SEV log starts here, not at the guest's launch
         f.phase(Phase.SEND_START)
         self._post()
         try:
@@ -220,6 +228,13 @@ class Migration:
         self._source_initial = self._src_status = str(status.get("status"))
         if self._source_initial not in ("running", "paused"):
             raise LinkError(self.source.name, f"{vm.name} is '{self._source_initial}', not running or paused")
+        if not vm.sev_enabled and "query-sev" in self._src_cmds:
+            answer: dict[str, Any] = {}
+            with contextlib.suppress(LinkError):  # QEMU without SEV support answers with an error
+                answer = await self._qmp(self._src, "source", "query-sev")
+            if answer.get("enabled"):
+                raise _Refuse(self.source.name, f"{vm.name} is an SEV guest but the plan was made for "
+                              "a plain one; an SEV guest is never migrated in plain. Probe again.")
         if vm.sev_enabled and not await self._sev_migration_method(self._src, self._src_cmds):
             raise LinkError(self.source.name, "QEMU offers neither the sev-pdh migration parameters nor "
                             "migrate-set-sev-info: SEV: Migration is not implemented")
@@ -227,7 +242,13 @@ class Migration:
 
     async def _prepare_target(self) -> int:
         f = self.folder
-        self._incoming = await self.target.launch_incoming(self.plan.vm.argv)
+        argv = tuple(self.plan.vm.argv)
+        self._hold_target = LAB_DIGEST in self._src_cmds and "-S" not in argv
+        if self._hold_target:
+            # -S: the target stays paused after the last page until its digest is compared (a
+            # host helper that drops -S just lets it run, and then the digest may drift)
+            argv += ("-S",)
+        self._incoming = await self.target.launch_incoming(argv)
         f.event(f"{self.target.name}: incoming VM started (pid {self._incoming.pid})")
         self._post()
         self._dst = await self.target.open_qmp(self._incoming.qmp)
@@ -351,7 +372,7 @@ class Migration:
             else:
                 f.last_progress_at = self._clock()  # the operator chose to wait: start over
 
-    async def _lab_extras(self) -> None:
+    async def _lab_extras(self, baseline: bool = False) -> None:
         f = self.folder
         if LAB_PAGE_STATE in self._src_cmds:
             with contextlib.suppress(LinkError, KeyError, ValueError):
@@ -360,7 +381,8 @@ class Migration:
                                          ("target", self._dst, self._dst_cmds, self.plan.target.name)):
             if LAB_FIRMWARE in cmds and client is not None:
                 with contextlib.suppress(LinkError, KeyError, ValueError, TypeError):
-                    f.fold_firmware(role, name, await self._qmp(client, role, LAB_FIRMWARE))
+                    f.fold_firmware(role, name, await self._qmp(client, role, LAB_FIRMWARE),
+                                    baseline=baseline)
 
     def _listen(self, client: QMPClient | None, role: str, names: tuple[str, ...]) -> None:
         if client is None:
@@ -390,17 +412,25 @@ class Migration:
         f.phase(Phase.FINISHING)
         self._post()
         src_state = dst_state = None
-        dst_status = await self._wait_status(self._dst, "target", ("running",), timeout=QMP_TIMEOUT_S)
-        src_status = await self._status(self._src, "source")
+        want = ("running", "paused") if self._hold_target else ("running",)
+        dst_status = await self._wait_status(self._dst, "target", want, timeout=QMP_TIMEOUT_S)
+        # QEMU says "completed" a moment before the source leaves finish-migrate
+        src_status = await self._wait_status(self._src, "source", SETTLED, timeout=QMP_TIMEOUT_S)
+        digest_src = await self._digest(self._src, self._src_cmds, "source")
+        digest_dst = await self._digest(self._dst, self._dst_cmds, "target")
+        if dst_status == "paused" and self._source_initial == "running" and \
+                (digest_src is None or digest_src == digest_dst):
+            with contextlib.suppress(LinkError):
+                await self._qmp(self._dst, "target", "cont")
+                f.event(f"{self.plan.target.name}: guest verified and resumed (cont)")
+            dst_status = await self._wait_status(self._dst, "target", ("running",), timeout=QMP_TIMEOUT_S)
         if LAB_FIRMWARE in self._src_cmds:
             await self._lab_extras()
             src_state = _guest_state(f.current.source_fw)
             dst_state = _guest_state(f.current.target_fw)
-        digest_src = await self._digest(self._src, self._src_cmds, "source")
-        digest_dst = await self._digest(self._dst, self._dst_cmds, "target")
         runnable = self._runnable(src_status, src_state, dst_status, dst_state)
         problems = []
-        if dst_status != "running":
+        if dst_status != "running" and not (dst_status == "paused" and self._source_initial == "paused"):
             problems.append(f"{self.plan.target.name}: guest is '{dst_status}', not running")
         if self.plan.sev and src_state is not None and src_state != GUEST_SENT:
             problems.append(f"{self.plan.source.name}: firmware guest state {src_state}, not SENT")
@@ -535,7 +565,7 @@ class Migration:
         try:
             return await asyncio.wait_for(client.execute(cmd, args), timeout=QMP_TIMEOUT_S)
         except ExecuteError as exc:
-            raise LinkError(host, f"{cmd}: {exc.error.desc}") from exc
+            raise LinkError(host, f"{cmd}: {exc}") from exc
         except (TimeoutError, QMPError, OSError, EOFError) as exc:
             raise LinkError(host, f"{cmd}: QMP link failed ({type(exc).__name__}: {exc})") from exc
 
@@ -581,7 +611,8 @@ class Migration:
             return None
         try:
             return str((await self._qmp(client, role, LAB_DIGEST))["sha256"])
-        except (LinkError, KeyError):
+        except (LinkError, KeyError, TypeError) as exc:
+            self.folder.event(f"guest digest not read: {exc}")
             return None
 
     def _post(self) -> None:

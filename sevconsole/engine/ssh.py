@@ -1,0 +1,52 @@
+"""SshHost: the HostLink of a real (or lab) host reached through hosts/: QMP over an SSH bridge,
+the remote helper's `launch-incoming` and `stop`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+
+from qemu.qmp import QMPClient
+
+from sevconsole.engine.errors import LinkError
+from sevconsole.engine.links import IncomingVm
+from sevconsole.hosts import remote
+from sevconsole.hosts.errors import HostError
+from sevconsole.hosts.qmp import QmpLink, connect_qmp
+from sevconsole.hosts.ssh import SshConnection
+
+
+class SshHost:
+    def __init__(self, name: str, address: str, conn: SshConnection) -> None:
+        self.name = name
+        self.address = address  # where the target QEMU listens for the migration stream
+        self.conn = conn
+        self._links: list[QmpLink] = []
+
+    async def open_qmp(self, path: str) -> QMPClient:
+        try:
+            link = await connect_qmp(self.conn, path)
+        except HostError as exc:
+            raise LinkError(self.name, str(exc)) from exc
+        self._links = [x for x in self._links if not x.dropped] + [link]
+        return link.client
+
+    async def launch_incoming(self, argv: Sequence[str]) -> IncomingVm:
+        try:
+            vm = await asyncio.to_thread(remote.launch_incoming, self.conn, list(argv))
+        except HostError as exc:
+            raise LinkError(self.name, str(exc)) from exc
+        return IncomingVm(pid=vm.pid, qmp=vm.qmp)
+
+    async def stop(self, pid: int) -> bool:
+        try:
+            return await asyncio.to_thread(remote.stop, self.conn, pid)
+        except HostError as exc:
+            raise LinkError(self.name, str(exc)) from exc
+
+    async def close(self) -> None:
+        for link in self._links:
+            with contextlib.suppress(Exception):
+                await link.close()
+        self._links.clear()

@@ -1,0 +1,114 @@
+"""The engine on the lab over real SSH and QMP: SEV refusals, a cancelled SEV migration, and a
+full SEV migration with the guest digest compared. Tests run in file order on one lab: the last
+one moves `web` to lab-2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sevconsole.engine.checks import CheckStatus, preflight, refused
+from sevconsole.engine.plan import MigrationPlan
+from sevconsole.engine.progress import Phase, Progress
+from sevconsole.engine.run import GUEST_RUNNING, GUEST_SENT, Migration
+from sevconsole.sev.pagestate import PageState
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+
+def _plan(session, vm: str, src: str, dst: str, **kw) -> MigrationPlan:
+    reports = session.reports(src, dst, need=(vm,))
+    source = reports[src]
+    found = source.vm(vm)
+    assert found is not None, f"{vm} not on {src}"
+    return MigrationPlan(vm=found, source=source, target=reports[dst], **kw)
+
+
+def test_refusals_on_the_lab(lab_session) -> None:
+    """lab-3 has another OCA domain and API 0.17 < web's 0.24; vault is NOSEND."""
+    checks = {c.key: c for c in preflight(_plan(lab_session, "web", "lab-1", "lab-3"), lab_session.trust)}
+    assert checks["domain"].status is CheckStatus.FAIL and "lab-3" in checks["domain"].sentence
+    assert checks["api"].status is CheckStatus.FAIL and "0.17" in checks["api"].sentence
+    assert checks["chain"].status is CheckStatus.PASS and "lab root" in checks["chain"].sentence
+    vault = {c.key: c for c in preflight(_plan(lab_session, "vault", "lab-1", "lab-2"), lab_session.trust)}
+    assert vault["nosend"].status is CheckStatus.FAIL
+    # Without the lab root the same chain is untrusted.
+    plain_trust = {c.key: c for c in preflight(_plan(lab_session, "web", "lab-1", "lab-2"))}
+    assert plain_trust["chain"].status is CheckStatus.FAIL
+
+
+async def test_refused_plan_starts_nothing(lab_session, data_dir) -> None:
+    plan = _plan(lab_session, "vault", "lab-1", "lab-2")
+    checks = preflight(plan, lab_session.trust)
+    assert refused(checks)
+    src, dst = lab_session.link(plan.source), lab_session.link(plan.target)
+    outcome = await Migration(plan, src, dst, checks=checks).run()
+    assert outcome.result == "refused" and "NOSEND" in outcome.message
+    assert outcome.bytes_transferred == 0
+    after = lab_session.reports("lab-1", "lab-2", need=("vault",))
+    assert after["lab-1"].vm("vault").status == "running"
+    assert [v.name for v in after["lab-2"].vms] == [v.name for v in plan.target.vms]  # no incoming VM
+    line = json.loads((data_dir / "audit.jsonl").read_text().splitlines()[-1])
+    assert line["outcome"] == "refused" and line["vm"] == "vault"
+
+
+async def test_sev_cancel_mid_way_sends_cancel(lab_session) -> None:
+    plan = _plan(lab_session, "web", "lab-1", "lab-2", bandwidth_bps=8_000_000)
+    checks = preflight(plan, lab_session.trust)
+    assert not refused(checks), [c for c in checks if c.status is CheckStatus.FAIL]
+    mig: Migration
+
+    def watch(p: Progress) -> None:
+        if p.phase is Phase.PRECOPY and p.bytes_transferred > 2_000_000:
+            mig.cancel()
+
+    src, dst = lab_session.link(plan.source), lab_session.link(plan.target)
+    mig = Migration(plan, src, dst, checks=checks, on_progress=watch, poll_interval_s=0.1)
+    outcome = await mig.run()
+    await src.close()
+    await dst.close()
+    assert outcome.result == "cancelled", outcome
+    assert outcome.runnable == ("lab-1",) and outcome.source_status == "running"
+    assert outcome.source_guest_state == GUEST_RUNNING  # SEND_CANCEL: SUPDATE -> RUNNING
+    log = [(e.host, e.command) for e in outcome.progress.sev_log]
+    assert ("lab-1", "SEND_START") in log and ("lab-1", "SEND_CANCEL") in log
+    after = lab_session.reports("lab-1", "lab-2", need=("web",))
+    assert after["lab-1"].vm("web").status == "running"
+    assert after["lab-2"].vm("web") is None  # the incoming VM is gone
+
+
+async def test_sev_migration_end_to_end(lab_session) -> None:
+    plan = _plan(lab_session, "web", "lab-1", "lab-2")
+    # the lab records the guest's digest while it is stopped for the last copy only on request
+    # (it lengthens the downtime); once SENT the source's memory can no longer be read
+    await lab_session.qmp(plan.source, "web", "x-lab-set", {"digest-on-send": True})
+    checks = preflight(plan, lab_session.trust)
+    assert not refused(checks), [c for c in checks if c.status is CheckStatus.FAIL]
+    seen: list[Progress] = []
+    src, dst = lab_session.link(plan.source), lab_session.link(plan.target)
+    outcome = await Migration(plan, src, dst, checks=checks, on_progress=seen.append,
+                              poll_interval_s=0.05).run()
+    await src.close()
+    await dst.close()
+    assert outcome.result == "done", outcome
+    assert outcome.digest_match is True
+    assert outcome.source_guest_state == GUEST_SENT and outcome.target_guest_state == GUEST_RUNNING
+    assert outcome.runnable == ("lab-2",) and outcome.target_status == "running"
+    sent = [p.bytes_transferred for p in seen]
+    assert sent == sorted(sent) and sent[-1] >= 64 * 1024 * 1024
+    for p in seen:
+        assert json.loads(json.dumps(p.to_json()))["vm"] == "web"
+    exact = [p for p in seen if p.page_map_exact]
+    assert exact, "the lab's page state was never read"
+    final = exact[-1].page_states
+    assert final is not None and len(final) == 64 * 256
+    assert set(final.tolist()) <= {PageState.PRIVATE_SENT, PageState.SHARED_SENT}
+    assert {PageState.PRIVATE_SENT, PageState.SHARED_SENT} <= set(final.tolist())
+    log = {(e.host, e.command) for e in seen[-1].sev_log}
+    assert {("lab-1", "SEND_START"), ("lab-1", "SEND_UPDATE_DATA"), ("lab-1", "SEND_FINISH"),
+            ("lab-2", "RECEIVE_START"), ("lab-2", "RECEIVE_UPDATE_DATA"), ("lab-2", "RECEIVE_FINISH")} <= log
+    phases = [p.phase for p in seen]
+    assert Phase.PRECOPY in phases and phases[-1] is Phase.DONE
+    after = lab_session.reports("lab-1", "lab-2", need=("web",))
+    assert after["lab-2"].vm("web") is not None and after["lab-2"].vm("web").status == "running"
