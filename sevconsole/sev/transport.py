@@ -437,22 +437,32 @@ class _Keystream:
     def xor(self, first: int, count: int, src: np.ndarray, dst: np.ndarray) -> None:
         """dst = src XOR keystream for `count` whole pages from page `first`."""
         n = count * self.page
+        # Wrapping pages are done first, from src, as dst may be src itself (in place).
+        wrapped = (
+            {p: self._slow(p, src, self.page) for p in self._wrapping if first <= p < first + count}
+            if self._wrapping
+            else {}
+        )
         words, counters = self._words[first : first + count], self._counters[:count]
         counters[:, :, 0] = words[:, 0, None]
         np.add(words[:, 1, None], self._steps, out=counters[:, :, 1], casting="unsafe")
         self._ecb.update_into(self._view[:n], self._buffer)  # in place: counters -> keystream
         lo = first * self.page
         np.bitwise_xor(src[lo : lo + n], self._bytes[:n], out=dst[lo : lo + n])
-        if self._wrapping:
-            for p in self._wrapping.intersection(range(first, first + count)):
-                self.one(p, src, dst, self.page)
+        for p, data in wrapped.items():
+            dst[p * self.page : (p + 1) * self.page] = data
+
+    def _slow(self, page: int, src: np.ndarray, length: int) -> np.ndarray:
+        """One packet through a CTR cipher of its own (which carries across all 128 bits)."""
+        a = page * self.page
+        out = _ctr(self.tek, self.ivs[page].tobytes(), src[a : a + length].tobytes())
+        return np.frombuffer(out, np.uint8)
 
     def one(self, page: int, src: np.ndarray, dst: np.ndarray, length: int) -> None:
         """One packet of `length` bytes (a shorter last one, or one whose counter wraps)."""
         a = page * self.page
         if page in self._wrapping:
-            plain = _ctr(self.tek, self.ivs[page].tobytes(), src[a : a + length].tobytes())
-            dst[a : a + length] = np.frombuffer(plain, np.uint8)
+            dst[a : a + length] = self._slow(page, src, length)
             return
         blocks = length // 16
         hi, lo = self._words[page]

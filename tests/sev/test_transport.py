@@ -448,3 +448,16 @@ _BAD_CALLS = {
 def test_wrong_types_are_format_errors(case: str) -> None:
     with pytest.raises(TransportFormatError):
         _BAD_CALLS[case]()
+
+
+def test_in_place_seal_and_open_even_with_a_wrapping_counter() -> None:
+    plaintext = os.urandom(4096 * 3 + 32)
+    ivs = bytearray(_ivs(4))
+    ivs[16:32] = bytes.fromhex("00000000000000aa" "ffffffffffffffff")  # page 1 wraps at once
+    expected_headers, expected = seal_pages(TEK, TIK, plaintext, ivs=bytes(ivs))
+    buffer = bytearray(plaintext)
+    headers, result = seal_pages(TEK, TIK, buffer, ivs=bytes(ivs), out=buffer)
+    assert result is buffer and bytes(buffer) == expected and headers == expected_headers
+    assert expected[4096:8192] == _independent_packet(TEK, TIK, bytes(ivs[16:32]), plaintext[4096:8192])[1]
+    open_pages(TEK, TIK, headers, buffer, out=buffer)
+    assert bytes(buffer) == plaintext
