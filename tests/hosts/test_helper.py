@@ -82,3 +82,10 @@ def test_incoming_argv_keeps_devices_and_drops_what_would_clash() -> None:
 
 def test_split_opts_escapes() -> None:
     assert helper.split_opts("a,,b,c=d,,e,flag") == ("a,b", {"c": "d,e", "flag": "on"})
+
+
+def test_sev_ioctl_numbers_match_the_kernel_uapi() -> None:
+    # _IOWR('S', 0x0, struct sev_issue_cmd) with the 16-byte packed struct, as psp-sev.h defines it
+    assert helper.SEV_ISSUE_CMD == 0xC0105300
+    assert (helper.SEV_PLATFORM_STATUS, helper.SEV_PDH_CERT_EXPORT) == (1, 5)
+    assert (helper.SEV_CERT_LEN, helper.PLATFORM_CHAIN_LEN) == (2084, 6252)

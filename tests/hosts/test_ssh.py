@@ -163,3 +163,34 @@ def test_helper_unknown_command_and_errors(sshd: Sshd, pool: SshPool) -> None:
     with pytest.raises(HelperError) as info:
         run_helper(conn, "stop", "1")  # pid 1 is not a QEMU: refused
     assert "not a QEMU" in str(info.value)
+
+
+def test_ssh_agent_keys_are_used(sshd: Sshd, trusting_keys: HostKeyStore, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """No identity file at all: the key comes from a real ssh-agent."""
+    import select
+    import subprocess
+
+    from tests.conftest import require_binary
+
+    agent_bin, add_bin = require_binary("ssh-agent"), require_binary("ssh-add")
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen([agent_bin, "-D", "-a", str(sock)], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        ready, _, _ = select.select([agent.stdout], [], [], 10)  # it prints its settings once listening
+        assert ready and b"SSH_AUTH_SOCK" in agent.stdout.readline()
+        env = {"SSH_AUTH_SOCK": str(sock), "PATH": "/usr/bin:/bin"}
+        subprocess.run([add_bin, str(sshd.client_key)], env=env, check=True, capture_output=True, timeout=10)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ssh/id_* to fall back on
+        endpoint = resolve(sshd.spec(identity=()))
+        conn = SshConnection.open(endpoint, trusting_keys, FAST, use_agent=True)
+        assert conn.run("true").rc == 0
+        conn.close()
+        with pytest.raises(SshAuthError) as info:
+            SshConnection.open(endpoint, trusting_keys, FAST, use_agent=False)
+        assert "no keys at all" in str(info.value)
+    finally:
+        agent.terminate()
+        agent.wait(10)
