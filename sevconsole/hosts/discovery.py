@@ -142,7 +142,8 @@ def _discover(spec: HostSpec, ctx: _Context, last: list[HostReport]) -> HostRepo
     conn = ctx.pool.get(endpoint)
     last[0] = base = replace(base, reachable=True, latency_ms=round(conn.ping(), 2))
     data = probe(conn, spec.qmp_sockets)
-    errors = [f"{spec.name}: {e}" for e in data.get("errors") or []]
+    raw_errors = data.get("errors")
+    errors = [f"{spec.name}: {e}" for e in (raw_errors if isinstance(raw_errors, list) else [])]
     sev = _sev_support(data)
     vm_entries = [v for v in data.get("vms", []) if isinstance(v, dict)]
     vms: list[VmInfo] = []
@@ -154,7 +155,8 @@ def _discover(spec: HostSpec, ctx: _Context, last: list[HostReport]) -> HostRepo
     caps = _capabilities(spec, data, qmp_caps, ctx, errors, sev)
     extra = {"helper": data.get("helper"), "python": data.get("python"), "endpoint": endpoint.where(),
              "host_claims_lab": bool(data.get("lab"))}
-    return replace(base, hostname=data.get("hostname"), kernel=data.get("kernel"), cpu=data.get("cpu"),
+    text = {k: str(data[k]) if data.get(k) is not None else None for k in ("hostname", "kernel", "cpu")}
+    return replace(base, hostname=text["hostname"] or "?", kernel=text["kernel"], cpu=text["cpu"],
                    sev=sev, capabilities=caps, vms=tuple(vms), errors=tuple(errors), extra=extra)
 
 
@@ -162,13 +164,22 @@ def _flag(value: Any) -> bool | None:
     return None if value is None else value in ("Y", "y", "1", True)
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _sev_support(data: dict[str, Any]) -> SevSupport:
-    kvm = data.get("kvm_amd") or {}
-    status = data.get("platform_status") or {}
+    # The probe's JSON comes from another machine: take only what has the expected type.
+    kvm = _dict(data.get("kvm_amd"))
+    status = {k: _int(v) for k, v in _dict(data.get("platform_status")).items()}
     flags = status.get("flags")
     return SevSupport(
         kernel_sev=_flag(kvm.get("sev")), kernel_sev_es=_flag(kvm.get("sev_es")),
-        dev_sev=bool(data.get("dev_sev")), api_major=status.get("api_major"),
+        dev_sev=data.get("dev_sev") is True, api_major=status.get("api_major"),
         api_minor=status.get("api_minor"), build=status.get("build"), platform_state=status.get("state"),
         owner_external=None if flags is None else bool(flags & 0x1),
         es_configured=None if flags is None else bool(flags & 0x100),
@@ -192,7 +203,7 @@ def _capabilities(spec: HostSpec, data: dict[str, Any], qmp_caps: dict[str, Any]
         pdh = pdh or _b64(qmp_caps.get("pdh"))
         chain = chain or _b64(qmp_caps.get("cert-chain"))
         cpu0 = _b64(qmp_caps.get("cpu0-id"))
-        cbitpos, reduced = qmp_caps.get("cbitpos"), qmp_caps.get("reduced-phys-bits")
+        cbitpos, reduced = _int(qmp_caps.get("cbitpos")), _int(qmp_caps.get("reduced-phys-bits"))
     if pdh is None or chain is None:
         if sev.kernel_sev or sev.dev_sev or spec.lab:
             errors.append(f"{spec.name}: no PDH and certificate chain: neither PDH_CERT_EXPORT through "
@@ -211,9 +222,11 @@ def _capabilities(spec: HostSpec, data: dict[str, Any], qmp_caps: dict[str, Any]
 
 
 def _vm_from_probe(entry: dict[str, Any], errors: tuple[str, ...] = ()) -> VmInfo:
-    argv = entry.get("argv") or []
-    return VmInfo(name=str(entry.get("name") or f"pid-{entry.get('pid')}"), pid=entry.get("pid"),
-                  qmp_path=entry.get("qmp"), argv=tuple(str(a) for a in argv), errors=errors)
+    argv = entry.get("argv") if isinstance(entry.get("argv"), list) else []
+    qmp = entry.get("qmp") if isinstance(entry.get("qmp"), str) and entry.get("qmp") else None
+    pid = _int(entry.get("pid"))
+    return VmInfo(name=str(entry.get("name") or f"pid-{pid}"), pid=pid, qmp_path=qmp,
+                  argv=tuple(str(a) for a in argv), errors=errors)
 
 
 async def _query_vms(conn: SshConnection, entries: list[dict[str, Any]], *, lab: bool,
@@ -240,6 +253,9 @@ async def _query_vm(conn: SshConnection, entry: dict[str, Any], *, lab: bool, ca
             return await _ask_vm(qmp, vm, lab=lab, caps_out=caps_out, timeout=timeouts.channel)
     except HostError as exc:
         return replace(vm, errors=(str(exc),))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # an answer of the wrong shape
+        return replace(vm, errors=(f"{conn.name}: VM {vm.name}: QEMU answered something unexpected "
+                                   f"({type(exc).__name__}: {exc})",))
 
 
 async def _optional(qmp: QmpLink, command: str, commands: set[str], timeout: float) -> Any:

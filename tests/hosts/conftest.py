@@ -3,7 +3,8 @@
 sshd runs in the foreground (-D -e) as a child of the test session with its own config, host
 key and authorized client key. It listens on three ports: on the second one a ForceCommand
 runs every command with PATH=/nonexistent, which is how a host without python3 looks; on the
-third, PATH holds socat only (no python3), for the QMP bridge's fallback.
+third, PATH holds socat only (no python3), for the QMP bridge's fallback; on the fourth, every
+command prints a probe answer of the wrong shape.
 Readiness is read from sshd's own log ("Server listening"), never guessed with a sleep.
 """
 
@@ -31,6 +32,9 @@ from sevconsole.hosts.ssh import SshPool, Timeouts
 from tests.conftest import require_binary
 
 START_TIMEOUT = 15.0
+# Right version, wrong types everywhere else.
+ODD_PROBE = ('{"helper": 1, "hostname": 7, "kvm_amd": "Y", "platform_status": [1, 2], "dev_sev": "yes", '
+             '"pdh": "%%%", "errors": "not a list", "vms": [{"pid": "12", "qmp": 5, "argv": "x"}, 3]}')
 
 
 def free_port() -> int:
@@ -57,6 +61,7 @@ class Sshd:
     port: int
     nopython_port: int
     socat_only_port: int
+    odd_port: int  # every command prints ODD_PROBE: a host answering the protocol badly
     client_key: Path
     host_public: str  # "ssh-ed25519 AAAA..."
     proc: subprocess.Popen[bytes]
@@ -84,7 +89,7 @@ def _start_sshd(base: Path) -> Sshd:
     host_public = write_ed25519(base / "host_ed25519")
     client_public = write_ed25519(base / "client_ed25519")
     (base / "authorized_keys").write_text(client_public + "\n")
-    port, nopy, socat_only = free_port(), free_port(), free_port()
+    port, nopy, socat_only, odd = free_port(), free_port(), free_port(), free_port()
     only = base / "socat-only-bin"  # a PATH holding socat and nothing else: no python3
     only.mkdir(exist_ok=True)
     socat = require_binary("socat")
@@ -95,6 +100,7 @@ def _start_sshd(base: Path) -> Sshd:
 Port {port}
 Port {nopy}
 Port {socat_only}
+Port {odd}
 ListenAddress 127.0.0.1
 HostKey {base / 'host_ed25519'}
 PidFile {base / 'sshd.pid'}
@@ -112,18 +118,20 @@ Match LocalPort {nopy}
     ForceCommand env PATH=/nonexistent /bin/sh -c "$SSH_ORIGINAL_COMMAND"
 Match LocalPort {socat_only}
     ForceCommand env PATH={only} /bin/sh -c "$SSH_ORIGINAL_COMMAND"
+Match LocalPort {odd}
+    ForceCommand echo '{ODD_PROBE}'
 """)
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
     proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    server = Sshd(base, port, nopy, socat_only, base / "client_ed25519", host_public.strip(), proc)
+    server = Sshd(base, port, nopy, socat_only, odd, base / "client_ed25519", host_public.strip(), proc)
     listening: set[str] = set()
     deadline = time.monotonic() + START_TIMEOUT
     assert proc.stderr is not None
     fd = proc.stderr.fileno()
     pending = b""
-    while len(listening) < 3:
+    while len(listening) < 4:
         remaining = deadline - time.monotonic()
         ready, _, _ = select.select([fd], [], [], max(remaining, 0))
         if not ready:
@@ -166,7 +174,7 @@ def trusting_keys(sshd: Sshd, tmp_path: Path) -> HostKeyStore:
     """A key store that already knows the test sshd (both ports), and no system files."""
     own = tmp_path / "known_hosts"
     own.write_text("".join(sshd.known_hosts_line(p) for p in (sshd.port, sshd.nopython_port,
-                                                               sshd.socat_only_port)))
+                                                               sshd.socat_only_port, sshd.odd_port)))
     return HostKeyStore(own, system_files=())
 
 

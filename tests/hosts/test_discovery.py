@@ -129,3 +129,15 @@ def test_discovery_is_concurrent_and_bounded(sshd: Sshd, tmp_path: Path) -> None
     single = timeouts.banner + timeouts.handshake
     assert parallel < single + 1.0
     assert bounded >= 2 * timeouts.banner and bounded < 2 * single + 1.5
+
+
+def test_a_host_answering_nonsense_is_reported_not_crashed(sshd: Sshd, tmp_path: Path) -> None:
+    kh = tmp_path / "known_hosts"
+    kh.write_text(sshd.known_hosts_line(sshd.odd_port))
+    [report] = discover([sshd.spec("odd", port=sshd.odd_port)], options(tmp_path, known_hosts=kh))
+    assert report.reachable and report.hostname == "7"
+    assert report.sev is not None and report.sev.api is None and report.sev.kernel_sev is None
+    assert report.sev.dev_sev is False and report.capabilities is None and report.errors == ()
+    [vm] = report.vms  # the entry that is not an object is skipped
+    assert vm.pid is None and vm.qmp_path is None and vm.argv == ()
+    assert "no QMP socket" in vm.errors[0]
