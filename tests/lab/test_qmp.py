@@ -1,0 +1,173 @@
+"""The lab's QMP server answers as QEMU 7.2 does, through qemu.qmp and at the byte level."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from qemu.qmp import EventListener, ExecuteError, QMPClient
+
+from sevconsole.lab import Lab
+from sevconsole.lab.qmp import JsonSplitter
+from sevconsole.sev.certs import SevCert, split_platform_chain
+
+
+async def qmp(lab: Lab, host: str, vm: str) -> QMPClient:
+    client = QMPClient("test")
+    await client.connect(lab.qmp_path(host, vm))
+    return client
+
+
+class Raw:
+    """A raw QMP connection, to send what qemu.qmp never would."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(10)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rb")
+        self.greeting = self.read()
+
+    def read(self) -> dict:
+        line = self.file.readline()
+        assert line.endswith(b"\r\n"), line
+        return json.loads(line)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_malformed_messages_get_qemus_answers_and_the_connection_stays(lab3: Lab) -> None:
+    raw = Raw(lab3.qmp_path("lab-1", "web"))
+    try:
+        assert raw.greeting["QMP"]["capabilities"] == ["oob"]
+        raw.send(b'{"execute": "query-status"}')
+        assert raw.read() == {"error": {"class": "CommandNotFound",
+                                        "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"}}
+        raw.send(b'{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}, "id": "a"}')
+        assert raw.read() == {"return": {}, "id": "a"}
+        cases = [
+            (b"garbage\n", {"error": {"class": "GenericError", "desc": "JSON parse error, invalid keyword 'garbage'"}}),
+            (b"[1]\n", {"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}),
+            (b'{"foo": 1}', {"error": {"class": "GenericError", "desc": "QMP input member 'foo' is unexpected"}}),
+            (b'{"id": 1}', {"id": 1, "error": {"class": "GenericError", "desc": "QMP input lacks member 'execute'"}}),
+            (b'{"execute": "nope", "id": 3}',
+             {"id": 3, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}),
+            (b'{"execute": "query-status", "arguments": {"x": 1}, "id": 4}',
+             {"id": 4, "error": {"class": "GenericError", "desc": "Parameter 'x' is unexpected"}}),
+            (b'{"execute": "migrate", "id": 5}',
+             {"id": 5, "error": {"class": "GenericError", "desc": "Parameter 'uri' is missing"}}),
+            (b'{"execute": "migrate-set-parameters", "arguments": {"downtime-limit": "x"}, "id": 6}',
+             {"id": 6, "error": {"class": "GenericError", "desc": "Parameter 'downtime-limit' expects uint64"}}),
+            (b'{"execute": "qmp_capabilities", "id": 2}',
+             {"id": 2, "error": {"class": "CommandNotFound",
+                                 "desc": "Capabilities negotiation is already complete, command ignored"}}),
+            (b'{"execute": "query-sev-capabilities", "id": {"x": [1]}', None),  # incomplete: no answer yet
+        ]
+        for data, want in cases:
+            raw.send(data)
+            if want is not None:
+                assert raw.read() == want
+        raw.send(b'}\n')  # completes the object begun above: an answer with that id, not an error
+        completed = raw.read()
+        assert completed["id"] == {"x": [1]} and "pdh" in completed["return"]
+        raw.send(b'{"execute": "query-name", "id": 9}{"execute": "query-status"}\n')
+        assert raw.read() == {"return": {"name": "web"}, "id": 9}
+        assert raw.read() == {"return": {"status": "running", "singlestep": False, "running": True}}
+        raw.send(b'"\xff\xfe"\n')
+        assert raw.read()["error"]["class"] == "GenericError"
+        raw.send(b'{"execute": "query-name", "id": 10}')
+        assert raw.read()["return"] == {"name": "web"}
+    finally:
+        raw.close()
+
+
+@given(st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=30))
+@settings(max_examples=200, deadline=None)
+def test_splitter_is_independent_of_chunking(cuts: list[int]) -> None:
+    msgs = [{"execute": "a", "arguments": {"s": 'x"}{\\'}}, {"execute": "b", "id": [1, {"y": "]"}]}, {}]
+    data = b"".join(json.dumps(m).encode() + b" \n" for m in msgs) + b"nope "
+    splitter, out, pos = JsonSplitter(), [], 0
+    for cut in cuts * 20:
+        out += splitter.feed(data[pos:pos + cut])
+        pos += cut
+    out += splitter.feed(data[pos:])
+    assert [json.loads(t) for k, t in out if k == "ok"] == msgs
+    assert [t for k, t in out if k == "bad"] == [b"nope"]
+
+
+async def test_queries_of_an_sev_guest(lab3: Lab) -> None:
+    client = await qmp(lab3, "lab-1", "web")
+    try:
+        assert await client.execute("query-name") == {"name": "web"}
+        names = {c["name"] for c in await client.execute("query-commands")}
+        assert {"query-sev", "migrate-set-parameters", "migrate-set-sev-info", "migrate", "migrate-incoming",
+                "migrate_cancel", "query-migrate", "x-query-sev-page-state", "x-query-sev-firmware",
+                "x-query-guest-digest", "stop", "cont", "quit"} <= names
+        sev = await client.execute("query-sev")
+        assert sev == {"enabled": True, "api-major": 1, "api-minor": 55, "build-id": 21, "policy": 0x18000033,
+                       "state": "running", "handle": sev["handle"], "sev-type": "sev"} and sev["handle"] > 0
+        caps = await client.execute("query-sev-capabilities")
+        assert caps["cbitpos"] == 51 and caps["reduced-phys-bits"] == 1 and len(base64.b64decode(caps["cpu0-id"])) == 64
+        pdh = SevCert.from_bytes(base64.b64decode(caps["pdh"]), "pdh")
+        pek, oca, cek = split_platform_chain(base64.b64decode(caps["cert-chain"]))
+        assert (pdh.api_major, pdh.api_minor) == (1, 55) and int(pdh.usage) == 0x1003 and int(cek.usage) == 0x1004
+        assert await client.execute("query-migrate") == {}
+        params = await client.execute("query-migrate-parameters")
+        assert params["downtime-limit"] == 300 and params["max-bandwidth"] == 134217728 and params["sev-pdh"] == ""
+        await client.execute("migrate-set-parameters", {"downtime-limit": 1000, "sev-pdh": caps["pdh"]})
+        params = await client.execute("query-migrate-parameters")
+        assert params["downtime-limit"] == 1000 and params["sev-pdh"] == caps["pdh"]
+        with pytest.raises(ExecuteError, match="not valid base64"):
+            await client.execute("migrate-set-parameters", {"sev-pdh": "***"})
+        with pytest.raises(ExecuteError, match="range of 0 to 2000000"):
+            await client.execute("migrate-set-parameters", {"downtime-limit": 2000001})
+        await client.execute("migrate-set-sev-info", {"pdh": caps["pdh"], "plat-cert": caps["cert-chain"], "amd-cert": ""})
+        with pytest.raises(ExecuteError, match="-incoming"):
+            await client.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+        fw = await client.execute("x-query-sev-firmware")
+        assert fw["guest-state-name"] == "RUNNING" and fw["platform-state"] == 2 and fw["counts"]["LAUNCH_START"] >= 1
+        assert {"command", "status", "time"} <= set(fw["log"][-1]) and len(fw["log"]) <= 64
+        state = await client.execute("x-query-sev-page-state")
+        assert state["count"] == 64 * 256 and state["page-size"] == 4096
+        assert len((await client.execute("x-query-guest-digest"))["sha256"]) == 64
+    finally:
+        await client.disconnect()
+
+
+async def test_non_sev_guest_answers_like_qemu_without_sev(lab3: Lab) -> None:
+    client = await qmp(lab3, "lab-1", "plain")
+    try:
+        with pytest.raises(ExecuteError) as exc:
+            await client.execute("query-sev")
+        assert exc.value.error.error.class_ == "GenericError" and exc.value.error.error.desc == "SEV feature is not available"
+        with pytest.raises(ExecuteError) as exc:
+            await client.execute("query-sev-capabilities")
+        assert exc.value.error.error.class_ == "GenericError"
+    finally:
+        await client.disconnect()
+
+
+async def test_stop_and_cont_send_events_with_timestamps(lab3: Lab) -> None:
+    client = await qmp(lab3, "lab-1", "plain")
+    listener = EventListener(("STOP", "RESUME"))
+    client.register_listener(listener)
+    try:
+        await client.execute("stop")
+        assert (await client.execute("query-status"))["status"] == "paused"
+        await client.execute("cont")
+        stop = await asyncio.wait_for(listener.get(), 5)
+        resume = await asyncio.wait_for(listener.get(), 5)
+        assert (stop["event"], resume["event"]) == ("STOP", "RESUME")
+        assert set(stop["timestamp"]) == {"seconds", "microseconds"} and "data" not in stop
+        assert (await client.execute("query-status"))["status"] == "running"
+    finally:
+        await client.disconnect()

@@ -1,0 +1,141 @@
+"""The lab hosts' SSH servers: only the lab client key, only the remote helper's commands."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import paramiko
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from sevconsole.lab import Lab
+
+from .conftest import HELPER, helper, run, ssh_client
+
+
+def test_unknown_key_is_refused(lab3: Lab, tmp_path) -> None:
+    other = tmp_path / "other_key"
+    other.write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    with pytest.raises(paramiko.AuthenticationException):
+        ssh_client(lab3, "lab-1", key=str(other))
+
+
+def test_password_and_none_auth_are_refused(lab3: Lab) -> None:
+    t = paramiko.Transport(("127.0.0.1", lab3.host("lab-1").port))
+    try:
+        t.start_client(timeout=10)
+        with pytest.raises(paramiko.BadAuthenticationType) as exc:
+            t.auth_password("lab", "lab")
+        assert exc.value.allowed_types == ["publickey"]
+    finally:
+        t.close()
+
+
+def test_host_key_matches_known_hosts(lab3: Lab) -> None:
+    known = paramiko.HostKeys(str(lab3.known_hosts))
+    for h in lab3.hosts:
+        client = ssh_client(lab3, h.name)  # RejectPolicy: fails unless known_hosts has this exact key
+        key = client.get_transport().get_remote_server_key()
+        client.close()
+        assert key.get_name() == "ssh-ed25519"
+        assert known.lookup(f"[127.0.0.1]:{h.port}")["ssh-ed25519"] == key
+
+
+def test_only_helper_commands_run(lab3: Lab) -> None:
+    client = ssh_client(lab3, "lab-1")
+    try:
+        code, out, err = run(client, "id; cat /etc/passwd", helper=False)
+        assert code == 127 and out == b"" and b"only the sevconsole remote helper" in err
+        code, out, err = run(client, "rm -rf /tmp/x")
+        assert code == 127 and b"unknown command 'rm'" in err
+        code, out, err = run(client, "", helper=True)
+        assert code == 127 and b"unknown command ''" in err
+        with pytest.raises(paramiko.SSHException):
+            client.invoke_shell()
+    finally:
+        client.close()
+
+
+def test_probe_reports_the_lab_host(lab3: Lab) -> None:
+    p1 = helper(lab3, "lab-1", "probe --qmp-glob '/run/*.qmp'")
+    assert p1["helper"] == 1 and p1["lab"] is True and p1["hostname"] == "lab-1"
+    assert p1["kvm_amd"] == {"sev": "Y", "sev_es": "Y"} and p1["dev_sev"] is True and p1["errors"] == []
+    assert (p1["platform_status"]["api_major"], p1["platform_status"]["api_minor"]) == (1, 55)
+    assert p1["platform_status"]["state"] == 2  # WORKING: guests run
+    assert {v["name"] for v in p1["vms"]} == {"web", "vault", "plain"}
+    web = next(v for v in p1["vms"] if v["name"] == "web")
+    assert "sev-guest,id=sev0,policy=0x18000033,cbitpos=51,reduced-phys-bits=1" in web["argv"]
+    assert web["qmp"] in web["argv"][web["argv"].index("-qmp") + 1]
+    p3 = helper(lab3, "lab-3", "probe")
+    assert (p3["platform_status"]["api_major"], p3["platform_status"]["api_minor"]) == (0, 17)
+    assert p3["vms"] == [] and p3["platform_status"]["state"] == 1  # INIT: no guest yet
+    # Same output conventions as hosts/helper.py: one JSON line with sorted keys.
+    client = ssh_client(lab3, "lab-2")
+    try:
+        code, out, _ = run(client, "probe")
+    finally:
+        client.close()
+    assert code == 0 and out.endswith(b"\n") and out.count(b"\n") == 1
+    assert out.decode().strip() == json.dumps(json.loads(out), sort_keys=True)
+
+
+def test_helper_errors_are_sentences(lab3: Lab) -> None:
+    client = ssh_client(lab3, "lab-2")
+    try:
+        code, out, _ = run(client, "launch-incoming", b"not json")
+        assert code == 1 and json.loads(out) == {"error": 'launch-incoming expects {"argv": [...]} on stdin'}
+        code, out, _ = run(client, "launch-incoming", json.dumps({"argv": ["qemu-system-x86_64", "-m", "64"]}).encode())
+        assert code == 1 and "-name" in json.loads(out)["error"]
+        code, out, _ = run(client, "launch-incoming",
+                           json.dumps({"argv": ["qemu", "-name", "x", "-m", "lots"]}).encode())
+        assert code == 1 and "-m 'lots'" in json.loads(out)["error"]
+        code, out, _ = run(client, "stop 99999")
+        assert code == 0 and json.loads(out) == {"stopped": False, "reason": "no such process"}
+        code, out, _ = run(client, "stop me")
+        assert code == 1 and json.loads(out) == {"error": "stop: expected one process id"}
+        code, out, _ = run(client, "qmp /etc/passwd")
+        assert code == 1 and "no VM of lab-2" in json.loads(out)["error"]
+    finally:
+        client.close()
+
+
+def test_qmp_bridge_over_ssh(lab3: Lab) -> None:
+    path = lab3.qmp_path("lab-1", "web")
+    client = ssh_client(lab3, "lab-1")
+    try:
+        chan = client.get_transport().open_session()
+        chan.settimeout(10)
+        chan.exec_command(HELPER + f"qmp {path}")
+        f = chan.makefile("rb")
+        greeting = json.loads(f.readline())
+        assert greeting["QMP"]["version"]["qemu"]["major"] == 7
+        chan.sendall(b'{"execute": "qmp_capabilities"}{"execute": "query-name", "id": 7}')
+        assert json.loads(f.readline()) == {"return": {}}
+        assert json.loads(f.readline()) == {"return": {"name": "web"}, "id": 7}
+        chan.shutdown_write()  # the bridge ends when either side closes
+        assert chan.recv_exit_status() == 0
+    finally:
+        client.close()
+
+
+def test_launch_incoming_and_stop(lab3: Lab) -> None:
+    web = next(v for v in helper(lab3, "lab-1", "probe")["vms"] if v["name"] == "web")
+    answer = helper(lab3, "lab-2", "launch-incoming", {"argv": web["argv"]})
+    assert set(answer) >= {"pid", "qmp", "log", "argv"} and answer["argv"][-2:] == ["-incoming", "defer"]
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(answer["qmp"])
+    f = s.makefile("rwb")
+    f.readline()
+    f.write(b'{"execute":"qmp_capabilities"}{"execute":"query-status"}')
+    f.flush()
+    f.readline()
+    assert json.loads(f.readline())["return"]["status"] == "inmigrate"
+    listed = [v["name"] for v in helper(lab3, "lab-2", "probe")["vms"]]
+    assert listed.count("web") == 1
+    assert helper(lab3, "lab-2", f"stop {answer['pid']}") == {"stopped": True}
+    assert f.readline() == b""  # its monitor closed
+    s.close()
+    assert "web" not in [v["name"] for v in helper(lab3, "lab-2", "probe")["vms"]]
