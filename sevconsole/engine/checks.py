@@ -68,7 +68,13 @@ def preflight(plan: MigrationPlan, trust: Any = None) -> list[Check]:
 
 
 def _reachable(host: HostReport, role: str) -> Check:
-    if host.reachable:
+    key = getattr(host, "host_key", None)
+    if key is not None:
+        return _c(f"reach-{role}", f"{role.title()} reachable", CheckStatus.FAIL,
+                  f"{host.name}: its SSH host key is {key.status} ({key.fingerprint}); "
+                  + ("check it and accept it with discover --accept-host-key first."
+                     if key.status == "unknown" else "refused: a changed host key is never accepted."))
+    if host.reachable and (host.hostname is not None or not host.errors):
         return _c(f"reach-{role}", f"{role.title()} reachable", CheckStatus.PASS,
                   f"{host.name} answered its probe.")
     why = "; ".join(host.errors) or "no answer"
