@@ -26,7 +26,7 @@ from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClien
 from qemu.qmp.error import QMPError
 from qemu.qmp.protocol import ConnectError, StateError
 
-from sevconsole.hosts.errors import HostError, QmpCommandError, QmpLinkError
+from sevconsole.hosts.errors import QmpCommandError, QmpLinkError
 from sevconsole.hosts.remote import helper_command
 from sevconsole.hosts.ssh import SshConnection
 
@@ -107,15 +107,15 @@ def _bridge_commands(path: str) -> list[tuple[str, str]]:
             ("nc", f"nc -U {quoted}")]
 
 
-def _read_first(channel: paramiko.Channel, timeout: float) -> bytes:
+def _read_first(channel: paramiko.Channel, timeout: float) -> bytes | None:
+    """The first bytes from the bridge (b"" when it ended at once), or None on timeout."""
     channel.settimeout(timeout)
     try:
-        data = channel.recv(65536)
+        return channel.recv(65536)
     except TimeoutError:
-        return b"<timeout>"
+        return None
     finally:
         channel.settimeout(None)
-    return data
 
 
 def open_bridge(conn: SshConnection, path: str, *, greeting_timeout: float = GREETING_TIMEOUT) -> Bridge:
@@ -125,7 +125,7 @@ def open_bridge(conn: SshConnection, path: str, *, greeting_timeout: float = GRE
     for how, command in _bridge_commands(path):
         channel = conn.open_exec(command)
         first = _read_first(channel, greeting_timeout)
-        if first == b"<timeout>":
+        if first is None:
             channel.close()
             raise QmpLinkError(conn.name, f"{where}: QMP socket {path} sent no greeting within "
                                f"{greeting_timeout:g} s; another client may hold it (QEMU serves one "
@@ -232,4 +232,4 @@ async def open_qmp(conn: SshConnection, path: str, **kw: Any) -> AsyncIterator[Q
         await link.close()
 
 
-__all__ = ["Bridge", "HostError", "QmpLink", "connect_qmp", "open_bridge", "open_qmp"]
+__all__ = ["Bridge", "QmpLink", "connect_qmp", "open_bridge", "open_qmp"]
