@@ -33,6 +33,7 @@ from .stream import Frame, StreamError
 from .vm import LabVm, runs_of
 
 BATCH_PAGES = 256  # 1 MiB a frame: few syscalls, and cancel still answers within a frame
+PSP_BATCH_PAGES = 10  # realistic PSP: ~25 ms a frame, so source and target overlap
 PACKET_PAGES = 5  # 5 x 4 KiB = 0x5000, the firmware's largest packet
 SOCK_BUF = 4 << 20
 FLUSH_BYTES = 1 << 20  # gather frames into one sendmsg of about this much
@@ -348,7 +349,9 @@ class OutgoingMigration:
         parts: list = []
         marks: list[tuple[int, int, bool]] = []
         pending = 0
-        for run in runs_of(pages, vm.shared, BATCH_PAGES):
+        # With the realistic PSP a page costs milliseconds: small frames keep both ends busy.
+        batch = PSP_BATCH_PAGES if getattr(vm.psp.fw, "timing", None) is not None else BATCH_PAGES
+        for run in runs_of(pages, vm.shared, batch):
             self._check()
             for first, count, packet in _packets(run):
                 gpa = first * PAGE_SIZE
@@ -365,7 +368,7 @@ class OutgoingMigration:
                 pending += stream.HDR.size + size
                 marks.append((first, count, run.shared))
                 self._pages_sent += count
-            if pending >= FLUSH_BYTES or len(parts) >= FLUSH_PARTS:
+            if pending >= FLUSH_BYTES or len(parts) >= FLUSH_PARTS or batch == PSP_BATCH_PAGES:
                 sent += self._flush(parts, marks, phase)
                 parts, marks, pending = [], [], 0
                 sent = self._throttle(sent, t0, max_bw)
