@@ -59,6 +59,8 @@ class Outcome:
     bytes_transferred: int = 0
     duration_s: float = 0.0
     errors: tuple[str, ...] = ()
+    target_pid: int | None = None  # the incoming QEMU on the target, when it still runs
+    target_qmp: str | None = None
     progress: Progress | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -142,6 +144,11 @@ class Migration:
         self._wake.set()
 
     @property
+    def incoming(self) -> IncomingVm | None:
+        """The target's incoming QEMU while it exists (None before launch and after a rollback)."""
+        return self._incoming
+
+    @property
     def latest(self) -> Progress:
         return self.folder.snapshot()
 
@@ -159,6 +166,8 @@ class Migration:
                 if client is not None:
                     with contextlib.suppress(Exception):
                         await client.disconnect()
+        if self._incoming is not None:
+            outcome = _with(outcome, target_pid=self._incoming.pid, target_qmp=self._incoming.qmp)
         outcome = _with(outcome, duration_s=self._clock() - t0,
                         bytes_transferred=self.folder.current.bytes_transferred,
                         errors=self.folder.current.errors)

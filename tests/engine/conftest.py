@@ -17,6 +17,9 @@ from sevconsole.engine.local import LocalHost
 from sevconsole.hosts.report import HostReport, VmInfo
 from tests.conftest import require_binary
 
+# the hosts tests' real sshd and TCG QEMU fixtures, shared rather than copied
+from tests.hosts.conftest import pool, qemu_vm, sshd, trusting_keys  # noqa: F401, E402
+
 MEMORY_MIB = 64
 
 

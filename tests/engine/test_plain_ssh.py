@@ -1,0 +1,96 @@
+"""Plain migration of a real QEMU (TCG) through the engine over a real OpenSSH sshd: QMP through
+the SSH bridge, the target QEMU started by the remote helper, the stream over loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from pathlib import Path
+
+import pytest
+
+from sevconsole.engine.checks import preflight, refused
+from sevconsole.engine.plan import MigrationPlan
+from sevconsole.engine.progress import Phase, Progress
+from sevconsole.engine.run import Migration
+from sevconsole.engine.ssh import SshHost
+from sevconsole.hosts.discovery import DiscoveryOptions, discover
+from sevconsole.hosts.ssh import SshPool, Timeouts
+from tests.hosts.conftest import Sshd, kill_pid
+
+pytestmark = [pytest.mark.needs_sshd, pytest.mark.needs_qemu, pytest.mark.slow, pytest.mark.timeout(90)]
+
+
+def _options(tmp_path: Path) -> DiscoveryOptions:
+    return DiscoveryOptions(known_hosts=tmp_path / "kh", system_known_hosts=(), amd_roots=tmp_path / "none",
+                            ssh_config=tmp_path / "none", use_agent=False,
+                            timeouts=Timeouts(connect=3, banner=5, handshake=5, auth=5, channel=10))
+
+
+def _plan(sshd: Sshd, pool: SshPool, tmp_path: Path, name: str, **kw: object) -> MigrationPlan:
+    src, dst = discover([sshd.spec("h1"), sshd.spec("h2")], _options(tmp_path), pool=pool)
+    vm = src.vm(name)
+    assert vm is not None and vm.status == "running", [v.name for v in src.vms]
+    return MigrationPlan(vm=vm, source=src, target=dst, **kw)  # type: ignore[arg-type]
+
+
+def _links(sshd: Sshd, pool: SshPool, plan: MigrationPlan) -> tuple[SshHost, SshHost]:
+    from sevconsole.hosts.ssh import resolve
+
+    return tuple(SshHost(r.name, "127.0.0.1", pool.get(resolve(sshd.spec(r.name))))  # type: ignore[return-value]
+                 for r in (plan.source, plan.target))
+
+
+async def _status(link: SshHost, qmp: str) -> str:
+    client = await link.open_qmp(qmp)
+    try:
+        return str((await client.execute("query-status"))["status"])
+    finally:
+        await client.disconnect()
+
+
+async def test_plain_migration_over_sshd(sshd: Sshd, pool: SshPool, qemu_vm, tmp_path: Path) -> None:
+    source_vm = qemu_vm(f"mig{uuid.uuid4().hex[:6]}")
+    plan = _plan(sshd, pool, tmp_path, source_vm.name)
+    checks = preflight(plan)
+    assert not refused(checks), checks
+    src, dst = _links(sshd, pool, plan)
+    seen: list[Progress] = []
+    outcome = await Migration(plan, src, dst, checks=checks, on_progress=seen.append, poll_interval_s=0.05).run()
+    try:
+        assert outcome.result == "done", outcome
+        assert outcome.runnable == ("h2",)
+        assert outcome.target_status == "running" and outcome.source_status == "postmigrate"
+        assert outcome.target_pid is not None and outcome.target_pid != source_vm.pid
+        assert await _status(dst, outcome.target_qmp) == "running"
+        assert await _status(src, str(source_vm.qmp)) == "postmigrate"
+        assert [p.bytes_transferred for p in seen] == sorted(p.bytes_transferred for p in seen)
+        assert seen[-1].phase is Phase.DONE
+    finally:
+        if outcome.target_pid:
+            kill_pid(outcome.target_pid)
+        await src.close()
+        await dst.close()
+
+
+async def test_target_killed_over_sshd(sshd: Sshd, pool: SshPool, qemu_vm, tmp_path: Path) -> None:
+    source_vm = qemu_vm(f"mig{uuid.uuid4().hex[:6]}")
+    plan = _plan(sshd, pool, tmp_path, source_vm.name, bandwidth_bps=100_000)
+    src, dst = _links(sshd, pool, plan)
+    killed: list[int] = []
+    mig: Migration
+
+    def watch(p: Progress) -> None:
+        if p.phase is Phase.PRECOPY and p.bytes_transferred > 0 and not killed and mig.incoming:
+            killed.append(mig.incoming.pid)
+            os.kill(mig.incoming.pid, signal.SIGKILL)
+
+    mig = Migration(plan, src, dst, on_progress=watch, poll_interval_s=0.05)
+    outcome = await mig.run()
+    source_status = await _status(src, str(source_vm.qmp))
+    await src.close()
+    await dst.close()
+    assert killed and outcome.result == "failed", outcome
+    assert outcome.runnable == ("h1",) and outcome.target_pid is None
+    assert source_status == "running"
