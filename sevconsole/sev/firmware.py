@@ -13,10 +13,12 @@ firmware_keys.py (the platform's certificates), firmware_checks.py (SEND_START's
 Methods:
   platform: init, shutdown, platform_status, pek_gen, pdh_gen, pdh_cert_export, pek_csr,
             pek_cert_import; properties amd_chain, platform_state, api
-  guests:   launch_start, launch_update_data, launch_measure, launch_finish, activate,
-            deactivate, guest_status, decommission
-  send:     send_start, send_update_data, send_pages (batch), send_finish, send_cancel
-  receive:  receive_start, receive_update_data, receive_pages (batch), receive_finish
+  guests:   launch_start, launch_update_data, launch_update_vmsa, launch_measure,
+            launch_finish, activate, deactivate, guest_status, decommission
+  send:     send_start, send_update_data, send_update_vmsa, send_pages (batch), send_finish,
+            send_cancel
+  receive:  receive_start, receive_update_data, receive_update_vmsa, receive_pages (batch),
+            receive_finish
   the guest CPU's view (not PSP commands): guest_write, guest_read (raise GuestAccessError)
   introspection: log, counts, last_status, guest_state(handle), handles
 
@@ -63,9 +65,11 @@ from .firmware_core import (
     MNONCE_LEN,
     PDH_LEN,
     PSP_SLACK_S,
+    VMSA_LEN,
     GuestAccessError,
     GuestContext,
     as_memory,
+    vmsa_refusal,
 )
 from .firmware_keys import (
     regenerate_pdh,
@@ -335,6 +339,27 @@ class SevFirmware(MigrationCommands):
             return Result(Status.SUCCESS)
 
         return self._run(Command.LAUNCH_UPDATE_DATA, handle, Result, body)
+
+    def launch_update_vmsa(self, handle: int, gpa: int, length: int = VMSA_LEN) -> Result:
+        """An SEV-ES guest's VMSA page: encrypted in place and measured, like launch data."""
+
+        def body() -> Result:
+            guest, status, why = self._guest(handle, IN_LUPDATE)
+            if guest is None:
+                return Result(status, f"LAUNCH_UPDATE_VMSA: {why}")
+            start, n = operator.index(gpa), operator.index(length)
+            refusal = vmsa_refusal(guest, start, n)
+            if refusal:
+                return Result(refusal[0], f"LAUNCH_UPDATE_VMSA: {refusal[1]}")
+            why = self._span(guest, start, n)
+            if why:
+                return Result(Status.INVALID_ADDRESS, f"LAUNCH_UPDATE_VMSA: {why}")
+            region = guest.memory[start : start + n]
+            guest.launch_digest.update(region)
+            guest.cipher.encrypt(start, region, out=region)
+            return Result(Status.SUCCESS)
+
+        return self._run(Command.LAUNCH_UPDATE_VMSA, handle, Result, body)
 
     def launch_measure(self, handle: int) -> MeasureResult:
         def body() -> MeasureResult:

@@ -54,6 +54,7 @@ MAX_GUEST_LEN = 0x5000
 PAGE = 4096
 LOG_SIZE = 1024
 MNONCE_LEN = 16
+VMSA_LEN = 4096  # one VMSA page per vCPU (SEV-ES)
 PSP_SLACK_S = 0.01  # timing model: how far behind its timeline a busy PSP may catch up
 
 IN_LUPDATE = frozenset({GuestState.LUPDATE})
@@ -343,6 +344,19 @@ def flags_refusal(flags: int, packet: int, hdr_len: int) -> tuple[Status, int, s
         hdr_len,
         (f"RECEIVE_UPDATE_DATA: packet {packet} sets reserved header flag bits {flags:#010x}"),
     )
+
+
+def vmsa_refusal(guest: GuestContext, gpa: int, length: int) -> tuple[Status, str] | None:
+    """Why a *_UPDATE_VMSA command cannot move this page, or None: ES guests, whole pages."""
+    if not guest.policy.flags & PolicyFlag.ES:
+        return Status.POLICY_FAILURE, (
+            f"guest {guest.handle} is not an SEV-ES guest (policy bit 2 clear): it has no VMSA"
+        )
+    if length != VMSA_LEN:
+        return Status.INVALID_LENGTH, f"a VMSA is one {VMSA_LEN}-byte page, not {length} bytes"
+    if gpa % VMSA_LEN:
+        return Status.INVALID_ADDRESS, f"VMSA address {gpa:#x} is not page aligned"
+    return None
 
 
 def pages_of(size: int, count: int = 1) -> int:

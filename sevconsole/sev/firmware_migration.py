@@ -21,11 +21,13 @@ from .firmware_core import (
     MAX_GUEST_LEN,
     PAGE,
     PDH_LEN,
+    VMSA_LEN,
     FirmwareCore,
     as_memory,
     flags_refusal,
     length_ok,
     pages_of,
+    vmsa_refusal,
 )
 from .firmware_results import (
     ReceiveStartResult,
@@ -120,42 +122,70 @@ class MigrationCommands(FirmwareCore):
         hdr_len: int = HDR_LEN,
         trans_len: int | None = None,
     ) -> SendUpdateResult:
+        return self._send_one(Command.SEND_UPDATE_DATA, handle, gpa, length, hdr_len, trans_len)
+
+    def send_update_vmsa(
+        self,
+        handle: int,
+        gpa: int,
+        length: int = VMSA_LEN,
+        hdr_len: int = HDR_LEN,
+        trans_len: int | None = None,
+    ) -> SendUpdateResult:
+        """An SEV-ES guest's VMSA page (one per vCPU), sealed like a data packet."""
+        return self._send_one(Command.SEND_UPDATE_VMSA, handle, gpa, length, hdr_len, trans_len)
+
+    def _send_one(
+        self,
+        command: Command,
+        handle: int,
+        gpa: int,
+        length: int,
+        hdr_len: int,
+        trans_len: int | None,
+    ) -> SendUpdateResult:
+        name = command.name
+
         def body() -> SendUpdateResult:
             guest, status, why = self._guest(handle, IN_SUPDATE)
             if guest is None:
-                return SendUpdateResult(status, detail=f"SEND_UPDATE_DATA: {why}")
+                return SendUpdateResult(status, detail=f"{name}: {why}")
             start, n = operator.index(gpa), operator.index(length)
             want = n if trans_len is None else operator.index(trans_len)
+            if command is Command.SEND_UPDATE_VMSA:
+                refusal = vmsa_refusal(guest, start, n)
+                if refusal:
+                    return SendUpdateResult(refusal[0], detail=f"{name}: {refusal[1]}")
             if operator.index(hdr_len) < HDR_LEN:
                 return SendUpdateResult(
                     Status.INVALID_LENGTH,
                     hdr_len=HDR_LEN,
                     trans_len=want,
-                    detail=f"SEND_UPDATE_DATA: hdr_len must be at least {HDR_LEN}",
+                    detail=f"{name}: hdr_len must be at least {HDR_LEN}",
                 )
             if not length_ok(n):
                 return SendUpdateResult(
                     Status.INVALID_LENGTH,
                     hdr_len=hdr_len,
                     trans_len=want,
-                    detail=f"SEND_UPDATE_DATA: guest_len {n} must be a non-zero multiple of 16 up to {MAX_GUEST_LEN:#x}",
+                    detail=f"{name}: guest_len {n} must be a non-zero multiple of 16 up to {MAX_GUEST_LEN:#x}",
                 )
             if want < n:
                 return SendUpdateResult(
                     Status.INVALID_LENGTH,
                     hdr_len=hdr_len,
                     trans_len=n,
-                    detail=f"SEND_UPDATE_DATA: trans_len {want} is smaller than guest_len {n}",
+                    detail=f"{name}: trans_len {want} is smaller than guest_len {n}",
                 )
             why = self._span(guest, start, n)
             if why:
-                return SendUpdateResult(Status.INVALID_ADDRESS, detail=f"SEND_UPDATE_DATA: {why}")
+                return SendUpdateResult(Status.INVALID_ADDRESS, detail=f"{name}: {why}")
             plain = guest.cipher.decrypt(start, guest.memory[start : start + n].tobytes())
             header, trans = seal_packet(guest.tek, guest.tik, plain, self._rng(16))
             self._charge(1, pages_of(n))
             return SendUpdateResult(Status.SUCCESS, header, trans, HDR_LEN, n)
 
-        return self._run(Command.SEND_UPDATE_DATA, handle, SendUpdateResult, body)
+        return self._run(command, handle, SendUpdateResult, body)
 
     def send_pages(
         self, handle: int, gpa: int, npages: int, packet_size: int = PAGE
@@ -294,30 +324,41 @@ class MigrationCommands(FirmwareCore):
         self, handle: int, gpa: int, header: bytes, trans: bytes, hdr_len: int = HDR_LEN
     ) -> ReceiveUpdateResult:
         """Check the packet's MAC, then decrypt it and store it encrypted at rest at gpa."""
+        return self._receive_one(Command.RECEIVE_UPDATE_DATA, handle, gpa, header, trans, hdr_len)
+
+    def receive_update_vmsa(
+        self, handle: int, gpa: int, header: bytes, trans: bytes, hdr_len: int = HDR_LEN
+    ) -> ReceiveUpdateResult:
+        """An SEV-ES guest's VMSA page, checked and stored like a data packet."""
+        return self._receive_one(Command.RECEIVE_UPDATE_VMSA, handle, gpa, header, trans, hdr_len)
+
+    def _receive_one(
+        self, command: Command, handle: int, gpa: int, header: bytes, trans: bytes, hdr_len: int
+    ) -> ReceiveUpdateResult:
+        name = command.name
 
         def body() -> ReceiveUpdateResult:
             guest, status, why = self._guest(handle, IN_RUPDATE)
             if guest is None:
-                return ReceiveUpdateResult(status, detail=f"RECEIVE_UPDATE_DATA: {why}")
+                return ReceiveUpdateResult(status, detail=f"{name}: {why}")
+            start, n = operator.index(gpa), len(trans)
+            if command is Command.RECEIVE_UPDATE_VMSA:
+                refusal = vmsa_refusal(guest, start, n)
+                if refusal:
+                    return ReceiveUpdateResult(refusal[0], HDR_LEN, f"{name}: {refusal[1]}")
             if operator.index(hdr_len) < HDR_LEN or len(header) < HDR_LEN:
                 return ReceiveUpdateResult(
-                    Status.INVALID_LENGTH,
-                    HDR_LEN,
-                    f"RECEIVE_UPDATE_DATA: hdr_len must be at least {HDR_LEN}",
+                    Status.INVALID_LENGTH, HDR_LEN, f"{name}: hdr_len must be at least {HDR_LEN}"
                 )
-            n = len(trans)
             if not length_ok(n):
                 return ReceiveUpdateResult(
                     Status.INVALID_LENGTH,
                     hdr_len,
-                    f"RECEIVE_UPDATE_DATA: trans_len {n} must be a non-zero multiple of 16 up to {MAX_GUEST_LEN:#x}",
+                    f"{name}: trans_len {n} must be a non-zero multiple of 16 up to {MAX_GUEST_LEN:#x}",
                 )
-            start = operator.index(gpa)
             why = self._span(guest, start, n)
             if why:
-                return ReceiveUpdateResult(
-                    Status.INVALID_ADDRESS, hdr_len, f"RECEIVE_UPDATE_DATA: {why}"
-                )
+                return ReceiveUpdateResult(Status.INVALID_ADDRESS, hdr_len, f"{name}: {why}")
             flags = int.from_bytes(bytes(header[:4]), "little")
             if flags:
                 return ReceiveUpdateResult(*flags_refusal(flags, 0, hdr_len))
@@ -327,13 +368,13 @@ class MigrationCommands(FirmwareCore):
                 return ReceiveUpdateResult(
                     Status.BAD_MEASUREMENT,
                     hdr_len,
-                    f"RECEIVE_UPDATE_DATA at {start:#x}: {exc.sentence}; guest memory is unchanged",
+                    f"{name} at {start:#x}: {exc.sentence}; guest memory is unchanged",
                 )
             guest.cipher.encrypt(start, plain, out=guest.memory[start : start + n])
             self._charge(1, pages_of(n))
             return ReceiveUpdateResult(Status.SUCCESS, hdr_len)
 
-        return self._run(Command.RECEIVE_UPDATE_DATA, handle, ReceiveUpdateResult, body)
+        return self._run(command, handle, ReceiveUpdateResult, body)
 
     def receive_pages(
         self, handle: int, gpa: int, headers: bytes, trans: bytes, packet_size: int = PAGE

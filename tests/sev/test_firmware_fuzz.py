@@ -59,6 +59,9 @@ COMMANDS = {
     "receive_pages": 5,
     "pdh_cert_export": 2,
     "pek_csr": 1,
+    "launch_update_vmsa": 3,
+    "send_update_vmsa": 5,
+    "receive_update_vmsa": 5,
     "pek_cert_import": 2,
 }
 

@@ -71,6 +71,7 @@ class ForeignSource:
 
 # --------------------------------------------------------------------------------------------- guest states
 
+STAGE_POLICY = POLICY | 0x4  # SEV-ES, so the *_UPDATE_VMSA commands apply too
 STATES = ("LUPDATE", "LSECRET", "RUNNING", "SUPDATE", "RUPDATE", "SENT")
 
 
@@ -86,7 +87,7 @@ def _stage(root: LabRoot, state: str) -> Staged:
     """A firmware holding one guest in `state` (RUPDATE: on the target of a real SEND_START)."""
     src, dst = make_fw(root), make_fw(root)
     mem = random_memory(MEM_PAGES)
-    start = src.launch_start(POLICY, mem)
+    start = src.launch_start(STAGE_POLICY, mem)
     p = Pair(src, dst, start.handle, mem, np.zeros_like(mem))
     h = start.handle
     packet = (b"", b"")
@@ -111,16 +112,22 @@ def _stage(root: LabRoot, state: str) -> Staged:
 # command -> (the states it accepts, how to call it on a staged guest)
 GUEST_COMMANDS: dict[str, tuple[set[str], Callable[[Staged], object]]] = {
     "LAUNCH_UPDATE_DATA": ({"LUPDATE"}, lambda s: s.fw.launch_update_data(s.handle, 0, PAGE)),
+    "LAUNCH_UPDATE_VMSA": ({"LUPDATE"}, lambda s: s.fw.launch_update_vmsa(s.handle, PAGE)),
     "LAUNCH_MEASURE": ({"LUPDATE"}, lambda s: s.fw.launch_measure(s.handle)),
     "LAUNCH_FINISH": ({"LSECRET"}, lambda s: s.fw.launch_finish(s.handle)),
     "SEND_START": ({"RUNNING"}, lambda s: s.fw.send_start(s.handle, *s.pair.target_args())),
     "SEND_UPDATE_DATA": ({"SUPDATE"}, lambda s: s.fw.send_update_data(s.handle, 0, PAGE)),
+    "SEND_UPDATE_VMSA": ({"SUPDATE"}, lambda s: s.fw.send_update_vmsa(s.handle, PAGE)),
     "SEND_PAGES": ({"SUPDATE"}, lambda s: s.fw.send_pages(s.handle, 0, 2)),
     "SEND_FINISH": ({"SUPDATE"}, lambda s: s.fw.send_finish(s.handle)),
     "SEND_CANCEL": ({"SUPDATE"}, lambda s: s.fw.send_cancel(s.handle)),
     "RECEIVE_UPDATE_DATA": (
         {"RUPDATE"},
         lambda s: s.fw.receive_update_data(s.handle, 0, *s.packet),
+    ),
+    "RECEIVE_UPDATE_VMSA": (
+        {"RUPDATE"},
+        lambda s: s.fw.receive_update_vmsa(s.handle, 0, *s.packet),
     ),
     "RECEIVE_FINISH": ({"RUPDATE"}, lambda s: s.fw.receive_finish(s.handle)),
     "ACTIVATE": (set(STATES) - {"SENT"}, lambda s: s.fw.activate(s.handle, 3)),
@@ -614,3 +621,60 @@ def test_bad_input_never_raises(lab_root: LabRoot) -> None:
     fresh = make_fw(lab_root)
     assert fresh.pek_cert_import(None, bytes(2084)).status is Status.INVALID_PARAM  # type: ignore[arg-type]
     assert fresh.log[-1].status is Status.INVALID_PARAM
+
+
+# --------------------------------------------------------------------------------------------- VMSA
+
+
+@pytest.mark.parametrize(
+    ("policy", "gpa", "length", "expected"),
+    [
+        (POLICY, PAGE, PAGE, Status.POLICY_FAILURE),  # not an ES guest: no VMSA
+        (POLICY | 0x4, PAGE, 2048, Status.INVALID_LENGTH),
+        (POLICY | 0x4, PAGE, 2 * PAGE, Status.INVALID_LENGTH),
+        (POLICY | 0x4, 16, PAGE, Status.INVALID_ADDRESS),
+        (POLICY | 0x4, MEM_PAGES * PAGE, PAGE, Status.INVALID_ADDRESS),
+        (POLICY | 0x4, PAGE, PAGE, Status.SUCCESS),
+    ],
+)
+def test_vmsa_commands_rules(
+    lab_root: LabRoot, policy: int, gpa: int, length: int, expected: Status
+) -> None:
+    fw = make_fw(lab_root)
+    mem = random_memory(MEM_PAGES)
+    before = mem.copy()
+    h = fw.launch_start(policy, mem).handle
+    assert fw.launch_update_vmsa(h, gpa, length).status is expected
+    assert bool(np.array_equal(mem, before)) is (expected is not Status.SUCCESS)  # in place on success
+
+    p = _pair(lab_root, policy)
+    sent = p.src.send_start(p.handle, *p.target_args())
+    assert p.src.send_update_vmsa(p.handle, gpa, length).status is expected
+    got = p.dst.receive_start(sent.policy, p.source_pdh(), sent.session, p.dst_mem)
+    out = p.src.send_update_data(p.handle, PAGE, PAGE)  # a genuine packet of this session
+    trans = (out.trans * 2)[:length]
+    assert p.dst.receive_update_vmsa(got.handle, gpa, out.header, trans).status is expected
+    assert bool(p.dst_mem.any()) is (expected is Status.SUCCESS)
+
+
+def test_es_guest_moves_with_its_vmsa(lab_root: LabRoot) -> None:
+    es = POLICY | 0x4
+    p = _pair(lab_root, es)
+    vmsa_gpa = (MEM_PAGES - 1) * PAGE
+    expected = p.src.guest_read(p.handle, 0, MEM_PAGES * PAGE)
+    sent = p.src.send_start(p.handle, *p.target_args())
+    got = p.dst.receive_start(sent.policy, p.source_pdh(), sent.session, p.dst_mem)
+    batch = p.src.send_pages(p.handle, 0, MEM_PAGES - 1)
+    assert p.dst.receive_pages(got.handle, 0, batch.headers, batch.trans).ok
+    vmsa = p.src.send_update_vmsa(p.handle, vmsa_gpa)
+    assert vmsa.ok
+    tampered = bytes([vmsa.trans[0] ^ 1]) + vmsa.trans[1:]
+    assert p.dst.receive_update_vmsa(got.handle, vmsa_gpa, vmsa.header, tampered).status is (
+        Status.BAD_MEASUREMENT
+    )
+    assert not p.dst_mem[vmsa_gpa:].any()
+    assert p.dst.receive_update_vmsa(got.handle, vmsa_gpa, vmsa.header, vmsa.trans).ok
+    assert p.src.send_finish(p.handle).ok and p.dst.receive_finish(got.handle).ok
+    assert p.dst.guest_read(got.handle, 0, MEM_PAGES * PAGE) == expected
+    assert p.src.counts[Command.SEND_UPDATE_VMSA] == 1
+    assert p.dst.counts[Command.RECEIVE_UPDATE_VMSA] == 2
