@@ -40,7 +40,7 @@ class Timeouts:
     handshake: float = 10.0
     auth: float = 10.0
     channel: float = 10.0
-    command: float = 60.0
+    command: float = 30.0
 
 
 @dataclass(frozen=True)
