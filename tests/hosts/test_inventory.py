@@ -204,3 +204,37 @@ Host jumpbox
     assert conn.via is not None and conn.via.endpoint.address == "127.0.0.1"
     assert isinstance(conn.transport.sock, paramiko.Channel)  # rides on the jump host's transport
     assert conn.run("echo through").stdout == b"through\n"
+
+
+@pytest.mark.needs_sshd
+def test_inventory_jump_names_another_host(sshd: Sshd, tmp_path: Path) -> None:
+    """`jump = "bastion"` rides on the bastion's own transport, which discovery also reports on."""
+    from sevconsole.hosts.discovery import DiscoveryOptions, discover
+
+    inv = tmp_path / "inv.toml"
+    inv.write_text(f"""\
+[[host]]
+name = "bastion"
+address = "127.0.0.1"
+port = {sshd.port}
+user = "{sshd.user}"
+identity = "{sshd.client_key}"
+
+[[host]]
+name = "inner"
+address = "127.0.0.1"
+port = {sshd.port}
+user = "{sshd.user}"
+identity = "{sshd.client_key}"
+jump = "bastion"
+""")
+    kh = tmp_path / "kh"
+    kh.write_text(sshd.known_hosts_line())
+    options = DiscoveryOptions(known_hosts=kh, system_known_hosts=(), ssh_config=tmp_path / "none",
+                               amd_roots=tmp_path / "none", use_agent=False, query_vms=False)
+    with options.pool() as pool:
+        reports = discover(load_inventory(inv).hosts, options, pool=pool)
+        assert [r.errors for r in reports] == [(), ()] and all(r.reachable for r in reports)
+        inner = pool.get(resolve(load_inventory(inv).by_name()["inner"], inventory=load_inventory(inv).by_name()))
+        assert inner.via is not None and inner.via.endpoint.name == "bastion"
+        assert inner.via is pool.get(resolve(load_inventory(inv).by_name()["bastion"]))  # one transport each
