@@ -64,6 +64,7 @@ _CHUNK_BYTES = 256 * 1024
 _AAD = struct.Struct("<BI16sII")
 _HEADER = struct.Struct("<I16s32s")
 _LE32 = struct.Struct("<I")
+_IV_HALVES = struct.Struct(">QQ")
 
 
 class HasU32(Protocol):
@@ -325,15 +326,7 @@ def open_packet(tek: bytes, tik: bytes, header: bytes, ciphertext: bytes) -> byt
     _check_len(src.size)
     hdr = PacketHeader.from_bytes(header)
     _check_flags(hdr.flags)
-    h = crypto_hmac.HMAC(tik, hashes.SHA256())
-    h.update(aad(hdr.flags, hdr.iv, src.size))
-    h.update(memoryview(src))
-    if not hmac.compare_digest(h.finalize(), hdr.mac):
-        raise IntegrityError("packet_mac")
-    dst = np.empty(src.size, np.uint8)
-    ivs = np.frombuffer(hdr.iv, np.uint8).reshape(1, IV_LEN)
-    _Keystream(tek, ivs, src.size, 1).xor(0, 1, src, dst)
-    return dst.tobytes()
+    return _open_small(tek, tik, hdr.to_bytes(), src, None, src.size, single=True).tobytes()
 
 
 # ---------------------------------------------------------------- batches
@@ -383,6 +376,7 @@ class _Scratch(threading.local):
         self.bytes = np.frombuffer(self.buffer, dtype=np.uint8)
         self.view = memoryview(self.buffer)
         self.ecb: OrderedDict[bytes, object] = OrderedDict()
+        self.macs: OrderedDict[bytes, crypto_hmac.HMAC] = OrderedDict()
         self._counters: dict[tuple[int, int], np.ndarray] = {}
 
     def counters(self, pages: int, blocks: int) -> np.ndarray:
@@ -405,9 +399,22 @@ class _Scratch(threading.local):
         self.ecb[tek] = ecb
         return ecb
 
+    def mac_for(self, tik: bytes) -> crypto_hmac.HMAC:
+        """A keyed HMAC-SHA256 that is only ever copied, never updated."""
+        mac = self.macs.pop(tik, None)
+        if mac is None:
+            mac = crypto_hmac.HMAC(tik, hashes.SHA256())
+            while len(self.macs) >= _ECB_CACHE:
+                self.macs.popitem(last=False)
+        self.macs[tik] = mac
+        return mac
+
 
 _ECB_CACHE = 8
+_SMALL_RUN = 4  # pages; below this, scalar counter halves beat the vectorised set-up
 _scratch = _Scratch()
+
+
 _STEPS = {blocks: np.arange(blocks, dtype=np.uint64) for blocks in range(1, MAX_PACKET_LEN // 16 + 1)}
 
 
@@ -416,6 +423,8 @@ class _Keystream:
 
     The counter blocks IV_p + j of up to `chunk` pages are laid out with numpy and encrypted by
     ONE AES-ECB call (that is all CTR is), then XORed in with numpy: no cipher object per page.
+    The layout adds j to the low 64 bits of the IV only; a page whose low half would wrap needs
+    a carry into the high half (odds ~2^-56 for a random IV): it gets a CTR cipher of its own.
     """
 
     def __init__(self, tek: bytes, ivs: np.ndarray, page_size: int, chunk: int) -> None:
@@ -423,15 +432,13 @@ class _Keystream:
         blocks = page_size // 16
         scratch = _scratch
         self._ecb = scratch.ecb_for(tek)
+        self._buffer, self._bytes, self._view = scratch.buffer, scratch.bytes, scratch.view
+        self._steps = _STEPS[blocks]
         self._words = ivs.view(">u8").astype(np.uint64)  # (pages, 2): high, low half of each IV
-        # The layout adds j to the low 64 bits only; a page whose low half wraps would need a
-        # carry (odds ~2^-56 for a random IV): such pages go through a CTR cipher of their own.
         lows, limit = self._words[:, 1], np.uint64(2**64 - blocks)
-        self._wrapping: set[int] = (
+        self._wrapping = (
             set(np.flatnonzero(lows > limit).tolist()) if lows.max() > limit else set()
         )
-        self._steps = _STEPS[blocks]
-        self._buffer, self._bytes, self._view = scratch.buffer, scratch.bytes, scratch.view
         self._counters = scratch.counters(chunk, blocks)
 
     def xor(self, first: int, count: int, src: np.ndarray, dst: np.ndarray) -> None:
@@ -452,25 +459,73 @@ class _Keystream:
         for p, data in wrapped.items():
             dst[p * self.page : (p + 1) * self.page] = data
 
+    def one(self, page: int, src: np.ndarray, dst: np.ndarray, length: int) -> None:
+        """The shorter last packet of a run (`length` bytes)."""
+        a = page * self.page
+        _xor_one(self.tek, self._ecb, self.ivs[page].tobytes(), src[a : a + length], dst[a : a + length])
+
     def _slow(self, page: int, src: np.ndarray, length: int) -> np.ndarray:
         """One packet through a CTR cipher of its own (which carries across all 128 bits)."""
         a = page * self.page
         out = _ctr(self.tek, self.ivs[page].tobytes(), src[a : a + length].tobytes())
         return np.frombuffer(out, np.uint8)
 
-    def one(self, page: int, src: np.ndarray, dst: np.ndarray, length: int) -> None:
-        """One packet of `length` bytes (a shorter last one, or one whose counter wraps)."""
-        a = page * self.page
-        if page in self._wrapping:
-            dst[a : a + length] = self._slow(page, src, length)
-            return
-        blocks = length // 16
-        hi, lo = self._words[page]
-        counters = self._bytes[:length].view(">u8").reshape(blocks, 2)
-        counters[:, 0] = hi
-        np.add(lo, _STEPS[blocks], out=counters[:, 1], casting="unsafe")
-        self._ecb.update_into(self._view[:length], self._buffer)
-        np.bitwise_xor(src[a : a + length], self._bytes[:length], out=dst[a : a + length])
+
+def _xor_one(tek: bytes, ecb, iv: bytes, src: np.ndarray, dst: np.ndarray) -> None:
+    """dst = src XOR the CTR keystream of one packet (the short-run path: scalar IV halves)."""
+    n = src.size
+    blocks = n // 16
+    hi, lo = _IV_HALVES.unpack(iv)
+    if lo + blocks > 1 << 64:  # the low half wraps: let a CTR cipher carry (odds ~2^-56)
+        dst[:] = np.frombuffer(_ctr(tek, iv, src.tobytes()), np.uint8)
+        return
+    scratch = _scratch
+    counters = scratch.counters(1, blocks)[0]
+    counters[:, 0] = hi
+    np.add(np.uint64(lo), _STEPS[blocks], out=counters[:, 1], casting="unsafe")
+    ecb.update_into(scratch.view[:n], scratch.buffer)
+    np.bitwise_xor(src, scratch.bytes[:n], out=dst)
+
+
+def _seal_small(
+    tek: bytes, tik: bytes, src: np.ndarray, dst: np.ndarray, page_size: int, ivs: bytes
+) -> list[bytes]:
+    """A few packets, one at a time: below _SMALL_RUN the vectorised set-up costs more."""
+    ecb, new, body = _scratch.ecb_for(tek), _scratch.mac_for(tik).copy, memoryview(dst)
+    headers = []
+    for p, a in enumerate(range(0, src.size, page_size)):
+        b = min(a + page_size, src.size)
+        iv = ivs[16 * p : 16 * p + 16]
+        _xor_one(tek, ecb, iv, src[a:b], dst[a:b])
+        h = new()
+        h.update(_AAD.pack(2, 0, iv, b - a, b - a))
+        h.update(body[a:b])
+        headers.append(_HEADER.pack(0, iv, h.finalize()))
+    return headers
+
+
+def _open_small(
+    tek: bytes, tik: bytes, blob: bytes, src: np.ndarray, dst: np.ndarray | None,
+    page_size: int, single: bool = False,
+) -> np.ndarray:
+    """Check the few packets' MACs (flags already checked), then decrypt them into dst."""
+    new, view = _scratch.mac_for(tik).copy, memoryview(src)
+    spans = [(a, min(a + page_size, src.size)) for a in range(0, src.size, page_size)]
+    ivs = []
+    for p, (a, b) in enumerate(spans):
+        _, iv, tag = _HEADER.unpack_from(blob, p * HEADER_LEN)
+        h = new()
+        h.update(_AAD.pack(2, 0, iv, b - a, b - a))
+        h.update(view[a:b])
+        if not hmac.compare_digest(h.finalize(), tag):
+            raise IntegrityError("packet_mac", page=None if single else p)
+        ivs.append(iv)
+    if dst is None:
+        dst = np.empty(src.size, np.uint8)
+    ecb = _scratch.ecb_for(tek)
+    for (a, b), iv in zip(spans, ivs, strict=True):
+        _xor_one(tek, ecb, iv, src[a:b], dst[a:b])
+    return dst
 
 
 def _iv_array(ivs: bytes | None, count: int) -> np.ndarray:
@@ -506,7 +561,7 @@ def _mac_run(
     total: int, macs: list[bytes],
 ) -> None:
     """Append HMAC(TIK, AAD_p || body_p) for pages first..stop-1 (hot loop: locals only)."""
-    new = crypto_hmac.HMAC(tik, hashes.SHA256()).copy  # keyed once, copied per packet
+    new = _scratch.mac_for(tik).copy  # keyed once, copied per packet
     append = macs.append
     end = min(stop * page_size, total)
     if stop * page_size > total:  # a shorter last packet: MAC it on its own below
@@ -586,6 +641,9 @@ def seal_pages(
     count = full + (1 if rest else 0)
     iv_arr = _iv_array(ivs, count)
     dst = np.empty(src.size, np.uint8) if out is None else _writable(out, src.size, "out")
+    if count < _SMALL_RUN:
+        headers = _seal_small(tek, tik, src, dst, page_size, iv_arr.tobytes())
+        return headers, (dst.tobytes() if out is None else out)
     body, aads, total = memoryview(dst), _aads(iv_arr, full, page_size, rest), src.size
     macs: list[bytes] = []
     chunk = _chunk(page_size, full)
@@ -625,8 +683,11 @@ def open_pages(
     if any(blob[k::HEADER_LEN].count(0) != count for k in range(4)):  # some flags are set
         p = next(i for i in range(count) if blob[i * HEADER_LEN : i * HEADER_LEN + 4] != bytes(4))
         _check_flags(_LE32.unpack_from(blob, p * HEADER_LEN)[0], p)
-    table = np.frombuffer(blob, np.uint8).reshape(count, HEADER_LEN)
     dst = None if out is None else _writable(out, src.size, "out")
+    if count < _SMALL_RUN:
+        plain = _open_small(tek, tik, blob, src, dst, page_size)
+        return plain.tobytes() if out is None else out
+    table = np.frombuffer(blob, np.uint8).reshape(count, HEADER_LEN)
     iv_arr = np.ascontiguousarray(table[:, 4:20])
     computed: list[bytes] = []
     _mac_run(tik, _aads(iv_arr, full, page_size, rest), memoryview(src), page_size, 0, count,

@@ -227,13 +227,13 @@ def test_tampering_is_caught_before_anything_is_decrypted(
     else:
         tik = bytes(16)
     decrypted: list[object] = []
-    for name in ("xor", "one"):  # the only two ways keystream reaches data
-        real = getattr(transport._Keystream, name)
-        monkeypatch.setattr(
-            transport._Keystream, name,
-            lambda self, *a, _real=real: decrypted.append(a) or _real(self, *a),
-        )
-    assert open_packet(TEK, TIK, h, c) and len(decrypted) == 1  # the probe sees a good packet
+    # The only two ways a keystream reaches data: one packet, or a vectorised chunk.
+    real_one, real_chunk = transport._xor_one, transport._Keystream.xor
+    monkeypatch.setattr(transport, "_xor_one", lambda *a: decrypted.append(a) or real_one(*a))
+    monkeypatch.setattr(
+        transport._Keystream, "xor", lambda self, *a: decrypted.append(a) or real_chunk(self, *a)
+    )
+    assert open_packet(TEK, TIK, h, c) and decrypted  # the probe does see a good packet
     decrypted.clear()
     with pytest.raises(IntegrityError) as err:
         open_packet(TEK, tik, bytes(header), bytes(ciphertext))
@@ -461,3 +461,20 @@ def test_in_place_seal_and_open_even_with_a_wrapping_counter() -> None:
     assert expected[4096:8192] == _independent_packet(TEK, TIK, bytes(ivs[16:32]), plaintext[4096:8192])[1]
     open_pages(TEK, TIK, headers, buffer, out=buffer)
     assert bytes(buffer) == plaintext
+
+
+@pytest.mark.parametrize("pages", [1, 2, 3, 5, 70])  # the short-run and the numpy layouts
+@pytest.mark.parametrize(
+    "iv_hex",
+    ["ffffffffffffffffffffffffffffff80",  # the whole 128-bit counter wraps inside the page
+     "0000000000000001ffffffffffffff00",  # the low 64 bits wrap: carry into the high half
+     "00000000000000000000000000000000"],
+)
+def test_counter_edges_match_the_reference_in_every_layout(pages: int, iv_hex: str) -> None:
+    plaintext = os.urandom(4096 * pages)
+    ivs = bytearray(_ivs(pages))
+    ivs[-16:] = bytes.fromhex(iv_hex)
+    headers, ciphertext = seal_pages(TEK, TIK, plaintext, ivs=bytes(ivs))
+    last = slice(4096 * (pages - 1), 4096 * pages)
+    assert (headers[-1], ciphertext[last]) == _independent_packet(TEK, TIK, bytes(ivs[-16:]), plaintext[last])
+    assert open_pages(TEK, TIK, headers, ciphertext) == plaintext
