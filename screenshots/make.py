@@ -1,0 +1,126 @@
+"""Run the real console on a real lab and save SVG screenshots of its screens into screenshots/.
+
+    python screenshots/make.py [--size 120x36] [--out DIR]
+
+Starts a 4-host lab (lab-4 with a realistic PSP), drives the app headless by keys, and saves:
+hosts, host (certificate chain), preflight, refused (NOSEND), live migration mid-way, result,
+guide. The migration is capped at 8 MB/s so a mid-way frame exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sevconsole.lab.control import Lab  # noqa: E402  (a script: the lab is another machine here)
+from sevconsole.lab.layout import default_layout  # noqa: E402
+from sevconsole.tui.app import SevConsoleApp  # noqa: E402
+from sevconsole.tui.live_backend import LiveBackend, open_backend  # noqa: E402
+from sevconsole.tui.screens.guide import GuideScreen  # noqa: E402
+from sevconsole.tui.screens.live import LiveScreen  # noqa: E402
+from sevconsole.tui.screens.migrate import MigrateScreen  # noqa: E402
+from sevconsole.tui.screens.result import ResultScreen  # noqa: E402
+
+MIDWAY_BPS = 8_000_000
+
+
+class SlowBackend(LiveBackend):
+    """The live backend with a bandwidth cap, so the screenshot catches the run half way."""
+
+    def migration(self, *args, **kw):  # type: ignore[no-untyped-def,override]
+        kw["bandwidth_bps"] = MIDWAY_BPS
+        return super().migration(*args, **kw)
+
+
+async def until(pilot, condition, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the console did not reach the expected state in time")
+        await pilot.pause(0.05)
+
+
+async def shoot(lab_dir: Path, out: Path, size: tuple[int, int]) -> list[Path]:
+    live = open_backend(inventory=None, lab_dir=lab_dir)
+    backend = SlowBackend(list(live.specs.values()), known_hosts=live.options.known_hosts,
+                          lab_root=live.options.lab_root, lab=True)
+    live.close()
+    saved: list[Path] = []
+    app = SevConsoleApp(backend, screenshot_dir=out)
+
+    def save(name: str) -> None:
+        saved.append(Path(app.save_screenshot(f"{name}.svg", str(out))))
+
+    try:
+        async with app.run_test(size=size) as pilot:
+            await until(pilot, lambda: len(app.reports) == len(backend.host_names()))
+            await pilot.pause()
+            save("hosts")
+            await pilot.press("enter")
+            await pilot.pause()
+            save("host")
+            await pilot.press("down", "m")  # vault: NOSEND
+            await until(pilot, lambda: isinstance(app.screen, MigrateScreen) and len(app.screen.results) == 3)
+            await pilot.pause()
+            save("refused")
+            await pilot.press("escape", "up", "m")  # web
+            await until(pilot, lambda: isinstance(app.screen, MigrateScreen) and len(app.screen.results) == 3)
+            await pilot.pause()
+            save("preflight")
+            await pilot.press("enter", "y")
+            await until(pilot, lambda: isinstance(app.screen, LiveScreen))
+            live_screen = app.screen
+
+            def midway() -> bool:
+                p = live_screen.query_one("MigrationView").latest
+                return p is not None and p.bytes_total > 0 and p.bytes_transferred > 0.45 * p.bytes_total
+
+            await until(pilot, midway)
+            await pilot.pause()
+            save("live")
+            await until(pilot, lambda: isinstance(app.screen, ResultScreen))
+            await pilot.pause()
+            save("result")
+            await pilot.press("enter")
+            await pilot.press("ctrl+g")
+            await until(pilot, lambda: isinstance(app.screen, GuideScreen))
+            guide = app.screen
+            await pilot.press("space")  # step 2: the PDH exchange and the preflight
+            await until(pilot, lambda: not guide.busy)
+            await pilot.pause()
+            save("guide")
+    finally:
+        backend.close()
+    return saved
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="120x36", help="terminal size COLSxROWS (default 120x36)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    args = parser.parse_args()
+    cols, rows = (int(x) for x in args.size.split("x"))
+    hosts = default_layout(4)
+    layout = (*hosts[:3], replace(hosts[3], realistic_psp=True))
+    with tempfile.TemporaryDirectory(prefix="sevconsole-shots-") as tmp:
+        import os
+
+        os.environ["SEVCONSOLE_DATA_DIR"] = str(Path(tmp) / "data")  # audit log and known_hosts stay here
+        os.environ["SEVCONSOLE_CONFIG_DIR"] = str(Path(tmp) / "config")
+        with Lab.start(Path(tmp) / "lab", len(layout), layout=layout) as lab:
+            saved = asyncio.run(shoot(Path(lab.paths.root), args.out, (cols, rows)))
+    for path in saved:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
