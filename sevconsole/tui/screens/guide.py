@@ -23,6 +23,9 @@ from sevconsole.tui.screens.result import result_lines
 from sevconsole.tui.widgets.migration_view import MigrationView
 
 
+RUNNABLE = ("running", "paused")
+
+
 class GuideScreen(Screen[None]):
     BINDINGS = [
         Binding("space,n", "next", "Next step", id="guide.next"),
@@ -100,6 +103,12 @@ class GuideScreen(Screen[None]):
         for report in (source, target):
             self.app.post_message(HostProbed(report))
         vm = source.vm(step.vm)
+        there = target.vm(step.vm)
+        if (vm is None or vm.status not in RUNNABLE) and there is not None and there.status in RUNNABLE:
+            # an earlier migration (this tour's or the operator's) moved it: go the other way
+            source, target, vm = target, source, there
+            self.say(f"[$text-muted]{escape(step.vm)} now runs on {escape(source.name)}, so this step "
+                     f"goes {escape(source.name)} -> {escape(target.name)}.[/]")
         if vm is None:
             self.finish_step(f"[$warning]{step.vm} is not on {step.source} in this lab; skipped.[/]")
             return
