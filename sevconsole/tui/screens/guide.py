@@ -22,7 +22,6 @@ from sevconsole.tui.screens.migrate import checklist, first_failure
 from sevconsole.tui.screens.result import result_lines
 from sevconsole.tui.widgets.migration_view import MigrationView
 
-
 RUNNABLE = ("running", "paused")
 
 
