@@ -28,7 +28,7 @@ POLICY_RECOMMENDED = 0x33  # NODBG|NOKS|DOMAIN|SEV
 POLICY_NOSEND = 0x0B  # NODBG|NOKS|NOSEND
 
 
-def _vm(name: str, mib: int, policy: int | None, state: int = 3, status: str = "running") -> VmInfo:
+def sample_vm(name: str, mib: int, policy: int | None, state: int = 3, status: str = "running") -> VmInfo:
     return VmInfo(name=name, pid=4000 + mib // 256, qmp_path=f"/run/lab/{name}.qmp",
                   argv=("qemu-system-x86_64", "-name", name, "-m", str(mib)), status=status,
                   memory_mib=mib, sev_enabled=policy is not None, policy=policy,
@@ -46,8 +46,8 @@ def sample_reports(caps: Capabilities | None = None, *, other_caps: Capabilities
     base = dict(lab=True, hostname=None, kernel="6.1.0-lab", cpu="AMD EPYC 7302 (simulated)", probed_at=1.0)
     return {
         "lab-1": HostReport(name="lab-1", address="127.0.0.1", port=42201, reachable=True, latency_ms=3.2,
-                            sev=sev, capabilities=caps, vms=(_vm("web", 4096, POLICY_RECOMMENDED),
-                                                             _vm("vault", 2048, POLICY_NOSEND)), **base),
+                            sev=sev, capabilities=caps, vms=(sample_vm("web", 4096, POLICY_RECOMMENDED),
+                                                             sample_vm("vault", 2048, POLICY_NOSEND)), **base),
         "lab-2": HostReport(name="lab-2", address="127.0.0.1", port=42202, reachable=True, latency_ms=2.9,
                             sev=idle, capabilities=caps, **base),
         "lab-3": HostReport(name="lab-3", address="127.0.0.1", port=42203, reachable=True, latency_ms=3.5,
@@ -186,6 +186,8 @@ class ScriptedBackend:
     migrations: list[ScriptedMigration] = field(default_factory=list)
     accepted: list[str] = field(default_factory=list)
     lab_commands: list[tuple[str, str, str]] = field(default_factory=list)
+    scripts: dict[str, Sequence[Progress]] = field(default_factory=dict)  # per VM name
+    results: dict[str, Result] = field(default_factory=dict)  # per VM name
 
     def host_names(self) -> list[str]:
         return list(self.reports)
@@ -213,8 +215,8 @@ class ScriptedBackend:
     def migration(self, vm: VmInfo, source: HostReport, target: HostReport, downtime_limit_ms: int,
                   checks: Sequence[CheckLine], on_progress: ProgressSink,
                   bandwidth_bps: int | None = None) -> ScriptedMigration:
-        snaps = self.snapshots or sample_progress(vm.name, source.name, target.name)
-        result = self.result or sample_result(snaps[-1])
+        snaps = self.scripts.get(vm.name) or self.snapshots or sample_progress(vm.name, source.name, target.name)
+        result = self.results.get(vm.name) or self.result or sample_result(snaps[-1])
         run = ScriptedMigration(snaps, result, on_progress, self.step, self.interval_s)
         self.migrations.append(run)
         return run

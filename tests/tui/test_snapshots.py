@@ -85,7 +85,8 @@ def test_result(snap_compare, rome_caps, naples_caps) -> None:  # type: ignore[n
     async def before(pilot) -> None:  # type: ignore[no-untyped-def]
         await idle(pilot)
         last = sample_progress()[-1]
-        audit = '{"seq": 7, "vm": "web", "from": "lab-1", "to": "lab-2", "result": "done", "prev": "3b1f…"}'
+        audit = ('{"seq": 7, "time": "2026-11-26T12:00:00.000+00:00", "operator": "ops", "vm": "web", '
+                 '"source": "lab-1", "target": "lab-2", "outcome": "done", "checks": [], "prev": "3b1f9c0d2e4a"}')
         await app.push_screen(ResultScreen(sample_result(last, audit), last))
         await pilot.pause()
 
@@ -99,3 +100,14 @@ def test_help(snap_compare, rome_caps, naples_caps) -> None:  # type: ignore[no-
         await pilot.pause()
 
     assert snap_compare(make_app(rome_caps, naples_caps), terminal_size=(80, 24), run_before=before)
+
+
+def test_guide_preflight_step(snap_compare, rome_caps, naples_caps) -> None:  # type: ignore[no-untyped-def]
+    app = SevConsoleApp(ScriptedBackend(sample_reports(rome_caps, other_caps=naples_caps)), guide=True)
+
+    async def before(pilot) -> None:  # type: ignore[no-untyped-def]
+        await idle(pilot)
+        await pilot.press("space")  # step 2: the PDH exchange, then the preflight of web -> lab-2
+        await idle(pilot)
+
+    assert snap_compare(app, terminal_size=(100, 36), run_before=before)
