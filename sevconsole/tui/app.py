@@ -51,6 +51,7 @@ class SevConsoleApp(App[int]):
     def on_mount(self) -> None:
         for named in self.themes.values():
             self.register_theme(named.theme)
+        self.theme_changed_signal.subscribe(self, self._theme_changed)
         if not self.apply_theme(self.requested_theme, save=False):
             self.apply_theme(DEFAULT, save=False)
         if self.config.keys:
@@ -79,6 +80,10 @@ class SevConsoleApp(App[int]):
             except OSError as exc:
                 self.notify(f"Theme {label} is on, but it could not be saved: {exc}", severity="warning")
         return True
+
+    def _theme_changed(self, _theme: object) -> None:
+        # DataTable cells hold resolved colours: rebuild them in the new theme's
+        self._fan_out("refresh_cells")
 
     @property
     def theme_label(self) -> str:

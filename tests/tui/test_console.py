@@ -278,3 +278,25 @@ async def test_live_view_uses_the_room(backend: ScriptedBackend, size: tuple[int
         view = page_map.current_view()
         assert view.used == min(view.width * view.height, len(page_map.grid._counts))
         assert snap.phase is Phase.PRECOPY
+
+
+async def test_theme_switch_recolours_map_and_tables(backend: ScriptedBackend) -> None:
+    app = SevConsoleApp(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        dark_cell = app.screen.query_one("DataTable").get_row_at(0)[1]
+        reports = backend.reports
+        screen = LiveScreen(reports["lab-1"].vms[0], reports["lab-1"], reports["lab-2"], (), 300, start=False)
+        await app.push_screen(screen)
+        screen.apply(sample_progress(frames=6)[3])
+        await pilot.pause()
+        page_map = screen.query_one(PageMap)
+        dark_palette = page_map._palette_key
+        await pilot.press("ctrl+t")  # next theme: high-contrast
+        await pilot.pause()
+        page_map.render_line(0)
+        assert app.theme == "sevconsole-high-contrast"
+        assert page_map._palette_key != dark_palette and "#00ff00" in [c.lower() for c in page_map._palette_key]
+        app.pop_screen()
+        await pilot.pause()
+        assert app.screen.query_one("DataTable").get_row_at(0)[1].spans != dark_cell.spans

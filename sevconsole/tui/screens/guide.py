@@ -187,5 +187,12 @@ class GuideScreen(Screen[None]):
             self.handle.cancel("the operator left the guide")
         self.app.pop_screen()
 
+    def palette_commands(self) -> list[tuple[str, str, object]]:
+        return [
+            ("Guide: next step", "Go on with the tour (Space)", self.action_next),
+            ("Guide: cancel the running migration", "SEND_CANCEL on the source (c)", self.action_cancel),
+            ("Leave the guide", "Back to the hosts (Esc)", self.action_leave),
+        ]
+
     def report_updated(self, report: HostReport) -> None:
         pass  # the guide probes what it needs itself

@@ -103,6 +103,9 @@ class HostScreen(Screen[None]):
         if report.name == self.host_name:
             self.fill()
 
+    def refresh_cells(self) -> None:
+        self.fill()
+
     def fill(self) -> None:
         report = self.report
         self.query_one("#caps", Static).update("\n".join(capability_lines(report)))

@@ -76,6 +76,9 @@ class HostsScreen(Screen[None]):
         self.pending.discard(report.name)
         self.rebuild()
 
+    def refresh_cells(self) -> None:
+        self.rebuild()
+
     def visible_reports(self) -> list[HostReport]:
         names = list(self.app.backend.host_names())  # type: ignore[attr-defined]
         reports = self.app.reports  # type: ignore[attr-defined]

@@ -108,6 +108,9 @@ class MigrateScreen(Screen[None]):
             return (2 if first_failure(checks) else 0, row[0].name)
         return sorted(rows, key=rank)
 
+    def refresh_cells(self) -> None:
+        self.fill_targets()
+
     def fill_targets(self) -> None:
         table = self.query_one("#targets", DataTable)
         current = self.selected_target()

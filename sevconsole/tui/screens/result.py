@@ -84,6 +84,9 @@ class ResultScreen(Screen[None]):
     def on_mount(self) -> None:
         self.sub_title = f"result: {self.result.result}"
 
+    def palette_commands(self) -> list[tuple[str, str, object]]:
+        return [("Back to hosts", "Leave the result and re-probe both hosts (Enter)", self.action_done)]
+
     def action_done(self) -> None:
         progress = self.progress
         self.app.pop_screen()
