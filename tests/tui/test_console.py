@@ -300,3 +300,11 @@ async def test_theme_switch_recolours_map_and_tables(backend: ScriptedBackend) -
         app.pop_screen()
         await pilot.pause()
         assert app.screen.query_one("DataTable").get_row_at(0)[1].spans != dark_cell.spans
+
+
+def test_run_console_with_a_bad_lab_folder_says_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sevconsole.cli import main
+
+    assert main(["--lab", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "missing") in err and "state folder" in err

@@ -136,3 +136,26 @@ def test_sevconsole_in_tmux(tmp_path: Path) -> None:
             time.sleep(0.2)
     finally:
         subprocess.run([tmux, "kill-session", "-t", session], capture_output=True)
+
+
+async def test_unknown_host_key_on_the_lab_is_asked_then_remembered(lab: Lab, tmp_path: Path) -> None:
+    """A console that has never seen the lab's keys: each host asks, accepting records the key."""
+    from sevconsole.hosts.labdir import load_lab
+    from sevconsole.tui.screens.modals import HostKeyScreen
+
+    state = load_lab(lab.paths.root)
+    own = tmp_path / "own_known_hosts"
+    backend = LiveBackend(list(state.inventory.hosts)[:1], known_hosts=own, lab_root=state.lab_root, lab=True)
+    app = SevConsoleApp(backend)
+    try:
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_for(pilot, lambda: isinstance(app.screen, HostKeyScreen))
+            question = app.screen.question
+            assert question.host == "lab-1" and question.fingerprint.startswith("SHA256:")
+            assert question.fingerprint in str(app.screen.query_one("#fingerprint").render())
+            await pilot.press("a")
+            await wait_for(pilot, lambda: "lab-1" in app.reports)
+            assert app.reports["lab-1"].reachable and app.reports["lab-1"].vms
+    finally:
+        backend.close()
+    assert "lab-1" in own.read_text() or "127.0.0.1" in own.read_text()

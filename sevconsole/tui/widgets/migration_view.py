@@ -49,6 +49,10 @@ class MigrationView(Vertical):
                 yield RichLog(id="events", wrap=True, markup=True, max_lines=500)
 
     def apply(self, p: Progress) -> None:
+        with self.app.batch_update():  # one repaint for all panels (Memray's pattern)
+            self._apply(p)
+
+    def _apply(self, p: Progress) -> None:
         self.latest = p
         self.query_one("#mv-title", Static).update(
             f"[b]{escape(p.vm)}[/] {escape(p.source)} → {escape(p.target)}  [$accent]{escape(p.phase.value)}[/]")
