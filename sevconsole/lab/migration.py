@@ -32,7 +32,7 @@ from .psp import FirmwareError
 from .stream import Frame, StreamError
 from .vm import LabVm, runs_of
 
-BATCH_PAGES = 256  # 1 MiB a frame: few syscalls, and cancel still answers within a frame
+BATCH_PAGES = 250  # ~1 MiB a frame, a whole number of 0x5000 packets; cancel answers within a frame
 PSP_BATCH_PAGES = 10  # realistic PSP: ~25 ms a frame, so source and target overlap
 PACKET_PAGES = 5  # 5 x 4 KiB = 0x5000, the firmware's largest packet
 SOCK_BUF = 4 << 20
