@@ -40,16 +40,21 @@ class MigrateScreen(Screen[None]):
         super().__init__()
         self.source_name, self.vm_name = source, vm
         self.downtime_ms = 300
+        self._source: HostReport | None = None
         self.results: dict[str, tuple[CheckLine, ...]] = {}
 
     @property
     def source(self) -> HostReport:
-        return self.app.reports[self.source_name]  # type: ignore[attr-defined,no-any-return]
+        """The source as it was when this plan began (a later probe must not change the plan)."""
+        if self._source is None:
+            self._source = self.app.reports[self.source_name]  # type: ignore[attr-defined]
+        return self._source
 
     @property
     def vm(self) -> VmInfo:
         vm = self.source.vm(self.vm_name)
-        assert vm is not None, f"{self.vm_name} is not on {self.source_name}"
+        if vm is None:  # cannot happen for a plan started from a report; keep it a sentence anyway
+            raise LookupError(f"{self.vm_name} is not on {self.source_name} any more; re-probe it")
         return vm
 
     def targets(self) -> list[HostReport]:
