@@ -232,3 +232,46 @@ async def test_plain_guest_migrates_in_clear(lab2: Lab) -> None:
             await pair.tgt.execute("query-sev")
     finally:
         await pair.close()
+
+
+@pytest.mark.slow
+async def test_source_host_killed_mid_migration_target_discards(lab2: Lab) -> None:
+    """The target never runs a half-received guest: no RECEIVE_FINISH without the source's FINISHED."""
+    pair = await prepare(lab2, "web", params={"max-bandwidth": 8 << 20})
+    try:
+        await pair.src.execute("migrate", {"uri": f"tcp:127.0.0.1:{pair.port}"})
+        await wait_transferred(pair.src, 4 << 20)
+        os.kill(lab2.host("lab-1").pid, signal.SIGKILL)
+        status, _ = await wait_status(pair.tgt_events, ("failed", "completed"))
+        assert status == "failed"
+        await wait_disconnected(pair.tgt)
+        assert "RECEIVE_FINISH" not in await probe_counts(lab2, "lab-2")
+        assert [v["name"] for v in helper(lab2, "lab-2", "probe")["vms"]] == ["db"]
+    finally:
+        await pair.close()
+
+
+async def test_quit_closes_the_monitor_after_its_answer(lab2: Lab) -> None:
+    from qemu.qmp import EventListener
+
+    from .migration_helpers import connect
+
+    client = await connect(lab2.qmp_path("lab-2", "db"))
+    events = EventListener(("SHUTDOWN",))
+    client.register_listener(events)
+    try:
+        assert await client.execute("quit") == {}
+        ev = await events.get()
+        assert ev["data"] == {"guest": False, "reason": "host-qmp-quit"}
+        await wait_disconnected(client)
+    finally:
+        await pair_close(client)
+    assert helper(lab2, "lab-2", "probe")["vms"] == []
+    assert not os.path.exists(lab2.qmp_path("lab-2", "db"))
+
+
+async def pair_close(client) -> None:
+    import contextlib
+
+    with contextlib.suppress(Exception):
+        await client.disconnect()
