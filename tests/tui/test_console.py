@@ -153,7 +153,7 @@ async def test_migration_end_to_end(backend: ScriptedBackend) -> None:
         assert isinstance(screen, MigrateScreen)
         targets = table_rows(app, "#targets")
         assert [r[0] for r in targets] == ["lab-2", "lab-3"]  # compatible first
-        assert targets[0][1] == "! compatible, with warnings"
+        assert targets[0][1] == "! allowed (warnings)"
         assert targets[1][1].startswith("✗")
         await pilot.press("down")
         assert "Refused" in text_of(app, "#checks")

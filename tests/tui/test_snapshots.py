@@ -28,22 +28,24 @@ def test_hosts(snap_compare, rome_caps, naples_caps, theme) -> None:  # type: ig
     assert snap_compare(make_app(rome_caps, naples_caps, theme), terminal_size=(80, 24), run_before=idle)
 
 
-def test_host_with_chain(snap_compare, rome_caps, naples_caps) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("size", [(110, 34), (80, 24)])
+def test_host_with_chain(snap_compare, rome_caps, naples_caps, size) -> None:  # type: ignore[no-untyped-def]
     async def before(pilot) -> None:  # type: ignore[no-untyped-def]
         await idle(pilot)
         await pilot.press("enter")
         await pilot.pause()
 
-    assert snap_compare(make_app(rome_caps, naples_caps), terminal_size=(110, 34), run_before=before)
+    assert snap_compare(make_app(rome_caps, naples_caps), terminal_size=size, run_before=before)
 
 
-def test_preflight_compatible(snap_compare, rome_caps, naples_caps) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("size", [(100, 30), (80, 24)])
+def test_preflight_compatible(snap_compare, rome_caps, naples_caps, size) -> None:  # type: ignore[no-untyped-def]
     async def before(pilot) -> None:  # type: ignore[no-untyped-def]
         await idle(pilot)
         await pilot.press("m")
         await idle(pilot)
 
-    assert snap_compare(make_app(rome_caps, naples_caps), terminal_size=(100, 30), run_before=before)
+    assert snap_compare(make_app(rome_caps, naples_caps), terminal_size=size, run_before=before)
 
 
 def test_preflight_refused_nosend(snap_compare, rome_caps, naples_caps) -> None:  # type: ignore[no-untyped-def]

@@ -126,9 +126,9 @@ class MigrateScreen(Screen[None]):
             elif (bad := first_failure(checks)) is not None:
                 verdict = f"[$error]✗ {escape(bad.title)}[/]"
             elif any(c.status == "warn" for c in checks):
-                verdict = "[$warning]! compatible, with warnings[/]"
+                verdict = "[$warning]! allowed (warnings)[/]"
             else:
-                verdict = "[$success]✓ compatible[/]"
+                verdict = "[$success]✓ allowed[/]"
             table.add_row(escape(target.name), fmt.cell(self.app, verdict), key=target.name)
         if current is not None and current in table.rows:
             table.move_cursor(row=table.get_row_index(current))
