@@ -112,6 +112,10 @@ class SevConsoleApp(App[int]):
         report = message.report
         self.reports[report.name] = report
         self.probe_log.append(f"{report.name}: probed ({'reachable' if report.reachable else 'unreachable'})")
+        key = getattr(report, "host_key", None)
+        if key is not None and key.status == "changed":  # refused, always: say so loudly
+            self.notify(report.errors[0] if report.errors else f"{report.name}: host key changed",
+                        title="Host key changed: refused", severity="error", timeout=20)
         self._fan_out("report_updated", report)
 
     def on_host_probe_failed(self, message: HostProbeFailed) -> None:

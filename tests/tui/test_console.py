@@ -308,3 +308,23 @@ def test_run_console_with_a_bad_lab_folder_says_what_to_do(tmp_path: Path, capsy
     assert main(["--lab", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "missing") in err and "state folder" in err
+
+
+async def test_changed_host_key_is_refused_loudly(backend: ScriptedBackend) -> None:
+    from dataclasses import replace
+
+    from sevconsole.hosts.report import HostKeyInfo
+
+    sentence = ("lab-2 (127.0.0.1:42202) offered ssh-ed25519 SHA256:new but SHA256:old is known: "
+                "refused; if the host was reinstalled, remove its line from known_hosts")
+    backend.reports["lab-2"] = replace(
+        backend.reports["lab-2"], capabilities=None, vms=(), errors=(sentence,),
+        host_key=HostKeyInfo("[127.0.0.1]:42202", "ssh-ed25519", "SHA256:new", "changed", "SHA256:old"))
+    app = SevConsoleApp(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        assert isinstance(app.screen, HostsScreen)  # no question is asked
+        assert any(n.title == "Host key changed: refused" and n.message == sentence
+                   for n in app._notifications)
+        rows = {r[0]: r for r in table_rows(app)}
+        assert rows["lab-2"][7] == sentence
