@@ -53,8 +53,15 @@ class _lab_context:
     def __enter__(self) -> str | None:
         if self.lab_dir or self.inventory or self.starter is None:
             return self.lab_dir
-        self._cm = self.starter()
-        return str(self._cm.__enter__())  # type: ignore[union-attr]
+        from sevconsole.tui.live_backend import BackendError
+
+        try:
+            self._cm = self.starter()
+            return str(self._cm.__enter__())  # type: ignore[union-attr]
+        except Exception as exc:  # the lab's own errors carry the sentence
+            self._cm = None
+            raise BackendError(f"the built-in lab did not start: {exc}; try `sevconsole lab` in "
+                               "another terminal, then `sevconsole --lab DIR`") from exc
 
     def __exit__(self, *exc: object) -> None:
         if self._cm is not None:

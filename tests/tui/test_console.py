@@ -328,3 +328,17 @@ async def test_changed_host_key_is_refused_loudly(backend: ScriptedBackend) -> N
                    for n in app._notifications)
         rows = {r[0]: r for r in table_rows(app)}
         assert rows["lab-2"][7] == sentence
+
+
+def test_a_lab_that_cannot_start_is_a_sentence(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from sevconsole.tui.main import run_console
+
+    def starter():  # type: ignore[no-untyped-def]
+        raise OSError("port 42201 is in use")
+
+    args = argparse.Namespace(inventory=None, lab=None, theme=None, guide=False, lab_starter=starter)
+    assert run_console(args) == 2
+    err = capsys.readouterr().err
+    assert "the built-in lab did not start: port 42201 is in use" in err and "sevconsole --lab DIR" in err
