@@ -9,6 +9,7 @@ SIGINT or when its stdin closes (the parent lab went away), removing its sockets
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -138,9 +139,10 @@ class LabHost:
     def probe(self) -> dict[str, Any]:
         st = self.psp.raw("platform_status")
         pdh = self.psp.raw("pdh_cert_export")
-        import base64
 
-        b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+        def b64(data: bytes) -> str:
+            return base64.b64encode(data).decode()
+
         return {
             "helper": 1, "hostname": self.name, "kernel": "6.1.0-lab (simulated SEV host)",
             "cpu": "AMD EPYC 7763 64-Core Processor (sevconsole lab model)",

@@ -15,7 +15,7 @@ from sevconsole.sev.status import Command, GuestState
 
 from .layout import PAGE_SIZE
 from .migration import Fault, IncomingMigration, MigrationError, OutgoingMigration
-from .qmp import Arg, CommandSpec, QmpError
+from .qmp import QEMU_VERSION, Arg, CommandSpec, QmpError
 
 if TYPE_CHECKING:
     from .host import LabHost
@@ -104,8 +104,6 @@ class Monitor:
         return [{"name": name} for name in self.host.monitor_commands(self.vm)]
 
     def query_version(self, args: dict) -> dict:
-        from .qmp import QEMU_VERSION
-
         return dict(QEMU_VERSION)
 
     def stop(self, args: dict) -> dict:
