@@ -147,10 +147,10 @@ class StreamProxy:
             back = _Tracker(False, [f for f in faults if f.direction == BACK])
             if first:
                 self.trackers = {OUT: out, BACK: back}
-            for src, dst, tracker, name, ev in ((client, upstream, out, OUT, done[0]),
-                                                (upstream, client, back, BACK, done[1])):
-                threading.Thread(target=self._pump, args=(src, dst, tracker, name if first else None, ev, (client, upstream)),
-                                 daemon=True).start()
+            for src, dst, tracker, name, ev, other in ((client, upstream, out, OUT, done[0], done[1]),
+                                                       (upstream, client, back, BACK, done[1], done[0])):
+                threading.Thread(target=self._pump, daemon=True,
+                                 args=(src, dst, tracker, name if first else None, ev, other, (client, upstream))).start()
             if first:
                 threading.Thread(target=lambda d=done: (d[0].wait(), d[1].wait(), self.finished.set()),
                                  daemon=True).start()
@@ -162,7 +162,8 @@ class StreamProxy:
         self.fired.set()
 
     def _pump(self, src: socket.socket, dst: socket.socket, tracker: _Tracker, name: str | None,
-              done: threading.Event, pair: tuple[socket.socket, socket.socket]) -> None:
+              done: threading.Event, other_done: threading.Event,
+              pair: tuple[socket.socket, socket.socket]) -> None:
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         try:
@@ -214,8 +215,19 @@ class StreamProxy:
                         _abort(s)
                     break
         except OSError:
+            # The far side went away: like a router, keep taking this side's bytes (dropping
+            # them) until the other direction has delivered what the far side said last.
+            with contextlib.suppress(OSError):
+                src.settimeout(0.2)
+                while not other_done.is_set():
+                    try:
+                        if not src.recv_into(buf):
+                            break
+                    except TimeoutError:
+                        continue
             for s in pair:
-                _abort(s)
+                with contextlib.suppress(OSError):
+                    s.close()
         finally:
             done.set()
 

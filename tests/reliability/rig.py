@@ -215,6 +215,7 @@ class KeepSource:
 
     def __init__(self, link: SshHost) -> None:
         self._link = link
+        self.inner = link  # its `_links` hold the QMP bridges (to drop one)
         self.name = link.name
         self.address = link.address
         self.clients: list[QMPClient] = []
