@@ -220,21 +220,17 @@ class Workload:
 
     def _loop(self) -> None:
         rng = np.random.default_rng()
-        owed = 0.0
-        last = time.monotonic()
+        pacer = Pacer(self.rate, time.monotonic())
         while not self._stop.is_set():
             self._running.wait()
             if self._stop.is_set():
                 return
             self._stop.wait(self.TICK_S)
-            now = time.monotonic()
+            pacer.rate = self.rate
             if not self.vm.running:
-                last = now
+                pacer.idle(time.monotonic())
                 continue
-            owed += (now - last) * self.rate
-            last = now
-            n = int(owed)
-            owed -= n
+            n = pacer.due(time.monotonic())
             if n <= 0:
                 continue
             data = rng.bytes(n * PAGE_SIZE)
@@ -246,3 +242,26 @@ class Workload:
                 except Exception:  # the guest was torn down under us
                     return
                 self.written += 1
+
+
+class Pacer:
+    """How many pages are owed at `rate` pages/s between two clock readings.
+
+    Fractions carry over, so the long-run rate is exact whatever the tick jitter; time spent
+    idle (VM paused) is not owed.
+    """
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = float(rate)
+        self.last = now
+        self.owed = 0.0
+
+    def due(self, now: float) -> int:
+        self.owed += max(0.0, now - self.last) * self.rate
+        self.last = now
+        n = int(self.owed)
+        self.owed -= n
+        return n
+
+    def idle(self, now: float) -> None:
+        self.last = now

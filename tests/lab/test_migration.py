@@ -275,3 +275,16 @@ async def pair_close(client) -> None:
 
     with contextlib.suppress(Exception):
         await client.disconnect()
+
+
+@pytest.mark.slow
+async def test_max_bandwidth_is_respected(lab2: Lab) -> None:
+    limit = 32 << 20  # bytes/s: the 64 MiB guest cannot go in less than two seconds
+    pair = await prepare(lab2, "web", params={"max-bandwidth": limit})
+    try:
+        status, _ = await migrate(pair)
+        info = await pair.src.execute("query-migrate")
+        assert status == "completed"
+        assert info["total-time"] >= info["ram"]["transferred"] / limit * 1000 * 0.95
+    finally:
+        await pair.close()

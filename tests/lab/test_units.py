@@ -104,3 +104,17 @@ def test_runs_cover_exactly_and_gaps_only_add(pages: set[int], gap: int) -> None
     covered = [p for r in runs for p in range(r.first, r.first + r.count)]
     assert covered == filled.tolist()
     assert all(r.count <= 7 and all(shared[r.first:r.first + r.count] == r.shared) for r in runs)
+
+
+@given(st.floats(0, 5000), st.lists(st.floats(0, 0.05), min_size=1, max_size=300))
+def test_pacer_holds_the_rate_whatever_the_ticks(rate: float, ticks: list[float]) -> None:
+    from sevconsole.lab.vm import Pacer
+
+    pacer, now, total = Pacer(rate, 100.0), 100.0, 0
+    for dt in ticks:
+        now += dt
+        total += pacer.due(now)
+    exact = rate * (now - 100.0)
+    assert exact - 1.0 - 1e-9 * exact <= total <= exact + 1e-9 * exact  # never ahead, at most a page behind
+    pacer.idle(now + 10.0)  # ten seconds paused: nothing owed for them
+    assert pacer.due(now + 10.0) == 0
