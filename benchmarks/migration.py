@@ -99,11 +99,13 @@ async def _lab_once(state_dir: Path, mem_mib: int, realistic: bool) -> dict:
             port = (await tgt.execute("query-migrate"))["socket-address"][0]["port"]
             pids = (lab.host("lab-1").pid, lab.host("lab-2").pid)
             cpu0 = [_cpu_seconds(p) for p in pids]
+            sys0 = [_cpu_seconds(p, "system") for p in pids]
             t0 = time.monotonic()
             await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
             info = await _wait_completed(src)
             seconds = time.monotonic() - t0
             cpu = [round(_cpu_seconds(p) - c, 3) for p, c in zip(pids, cpu0, strict=True)]
+            system = [round(_cpu_seconds(p, "system") - c, 3) for p, c in zip(pids, sys0, strict=True)]
             pages = info["ram"]["normal"]
         finally:
             for c in (src, tgt):
@@ -111,16 +113,18 @@ async def _lab_once(state_dir: Path, mem_mib: int, realistic: bool) -> dict:
     return {"seconds": round(seconds, 3), "mb_per_s": round(mem_mib * 1024 * 1024 / seconds / MB, 1),
             "pages": pages, "pages_per_s": round(pages / seconds, 1), "downtime_ms": info.get("downtime"),
             "total_time_ms": info.get("total-time"), "transferred": info["ram"]["transferred"],
-            "cpu_s_source": cpu[0], "cpu_s_target": cpu[1]}
+            "cpu_s_source": cpu[0], "cpu_s_target": cpu[1], "sys_s_source": system[0], "sys_s_target": system[1]}
 
 
-def _cpu_seconds(pid: int) -> float:
+def _cpu_seconds(pid: int, which: str = "both") -> float:
     """User + system CPU time of a process (Linux /proc), to show both sides work."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    user, system = int(fields[11]), int(fields[12])
+    ticks = {"user": user, "system": system}.get(which, user + system)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 # --- real QEMU ---------------------------------------------------------------------------

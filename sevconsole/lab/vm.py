@@ -67,6 +67,10 @@ class LabVm:
         self.pages = spec.mem_mib * 1024 * 1024 // PAGE_SIZE
         self.mem_bytes = self.pages * PAGE_SIZE
         self.memory = np.zeros(self.mem_bytes, dtype=np.uint8)
+        if incoming:
+            # KVM pins an SEV guest's memory; touch every page now so the incoming migration
+            # does not pay a page fault per page it writes.
+            self.memory[::PAGE_SIZE] = 0
         self.shared = np.zeros(self.pages, dtype=bool)
         if self.sev:
             ranges = default_shared_ranges(self.pages) if spec.shared is None else spec.shared
