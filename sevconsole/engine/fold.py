@@ -11,8 +11,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
-
 from sevconsole.engine.estimate import convergence, estimated_page_map
 from sevconsole.engine.plan import MigrationPlan
 from sevconsole.engine.progress import FirmwareView, Phase, Progress, SevLogEntry
@@ -45,12 +43,10 @@ class ProgressFolder:
         return self._progress
 
     def snapshot(self) -> Progress:
+        # Page arrays are never written after they are stored (each fold stores a new, read-only
+        # one), so snapshots share them: no 16 MB copy per poll for a 64 GiB guest.
         p = self._progress
-        states = None if p.page_states is None else p.page_states.copy()
-        if states is not None:
-            states.setflags(write=False)
-        return replace(p, elapsed_s=self._clock() - self._t0, page_states=states,
-                       extra=dict(p.extra))
+        return replace(p, elapsed_s=self._clock() - self._t0, extra=dict(p.extra))
 
     # -- writes
     def set(self, **changes: Any) -> None:
@@ -107,8 +103,9 @@ class ProgressFolder:
             expected_downtime_ms=conv.expected_downtime_ms, converging=conv.converging,
             eta_s=conv.eta_s, pass_number=passes)
         if not p.page_map_exact and total:
-            changes["page_states"] = estimated_page_map(total // page_size, remaining // page_size,
-                                                        passes, private=self.plan.sev)
+            states = estimated_page_map(total // page_size, remaining // page_size, passes, private=self.plan.sev)
+            states.setflags(write=False)
+            changes["page_states"] = states
         if info.get("status") == "active" and p.phase in (Phase.CONNECTING, Phase.SEND_START, Phase.PRECOPY):
             changes["phase"] = Phase.PRECOPY
         self.set(**changes)
@@ -116,8 +113,9 @@ class ProgressFolder:
     def fold_page_state(self, answer: Mapping[str, Any]) -> None:
         """The lab's exact `x-query-sev-page-state`."""
         count = int(answer["count"])
-        states = decode_states(str(answer["data"]), count)
-        self.set(page_states=np.array(states, dtype=np.uint8), page_map_exact=True, total_pages=count,
+        states = decode_states(str(answer["data"]), count)  # a fresh array over fresh bytes
+        states.setflags(write=False)
+        self.set(page_states=states, page_map_exact=True, total_pages=count,
                  page_size=int(answer.get("page-size", PAGE_SIZE)))
 
     def fold_firmware(self, role: str, host: str, answer: Mapping[str, Any], *, baseline: bool = False) -> None:

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -58,8 +59,8 @@ class LocalHost:
         self._children[proc.pid] = proc
         loop = asyncio.get_running_loop()
         deadline = loop.time() + START_TIMEOUT_S
-        # QEMU creates its QMP socket during start-up: wait for the socket or the process's end.
-        while not sock.exists():
+        # QEMU binds its QMP socket, then listens, during start-up: wait until it accepts (or exits).
+        while not _accepts(sock):
             if proc.poll() is not None:
                 self._children.pop(proc.pid, None)
                 text = log.read_text(errors="replace").strip()[-400:]
@@ -104,6 +105,15 @@ class LocalHost:
             proc = self._children[pid]
             if proc.poll() is not None:
                 self._children.pop(pid)
+
+
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def _alive(pid: int) -> bool:

@@ -102,8 +102,8 @@ class Progress:
             "eta_s": self.eta_s, "page_map_exact": self.page_map_exact, "errors": list(self.errors),
         }
         if self.page_states is not None:
-            hist = np.bincount(self.page_states, minlength=len(PageState))
-            data["pages"] = {s.name.lower(): int(hist[s]) for s in PageState}
+            # one compare per state: np.bincount would widen 16M uint8 pages to int64 first (~10x slower)
+            data["pages"] = {s.name.lower(): int(np.count_nonzero(self.page_states == s)) for s in PageState}
         for key, fw in (("source_fw", self.source_fw), ("target_fw", self.target_fw)):
             if fw is not None:
                 data[key] = {"platform_state": fw.platform_state, "guest_state": fw.guest_state,

@@ -268,6 +268,7 @@ class Migration:
                                 "SEV: Migration is not implemented")
             await self._check_target_pdh()
         self._listen(self._dst, "target", ("MIGRATION", "RESUME", "STOP"))
+        await self._enable_events(self._dst, self._dst_cmds, "target")
         await self._qmp(self._dst, "target", "migrate-incoming", {"uri": f"tcp:{self.target.address}:0"})
         info = await self._qmp(self._dst, "target", "query-migrate")
         for addr in info.get("socket-address") or []:
@@ -295,6 +296,7 @@ class Migration:
         if plan.bandwidth_bps is not None:
             params["max-bandwidth"] = max(1, int(plan.bandwidth_bps))
         await self._qmp(self._src, "source", "migrate-set-parameters", params)
+        await self._enable_events(self._src, self._src_cmds, "source")
         if not plan.sev:
             return
         caps = plan.target.capabilities
@@ -310,6 +312,14 @@ class Migration:
             await self._qmp(self._src, "source", method, {
                 "pdh": b64(caps.pdh), "plat-cert": b64(caps.cert_chain), "amd-cert": b64(caps.amd_chain)})
         self.folder.event(f"{plan.source.name}: given {plan.target.name}'s PDH and chains ({method})")
+
+    async def _enable_events(self, client: QMPClient | None, cmds: set[str], role: str) -> None:
+        """QEMU sends MIGRATION/MIGRATION_PASS events only with the `events` capability on."""
+        if "migrate-set-capabilities" not in cmds:
+            return
+        with contextlib.suppress(LinkError):  # an old or partial QEMU: the polls still see everything
+            await self._qmp(client, role, "migrate-set-capabilities",
+                            {"capabilities": [{"capability": "events", "state": True}]})
 
     async def _sev_migration_method(self, client: QMPClient | None, cmds: set[str]) -> str | None:
         try:

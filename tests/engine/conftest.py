@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +35,16 @@ def qemu_argv(qemu: str, name: str, qmp: Path, memory_mib: int = MEMORY_MIB,
     return argv
 
 
+def accepts(path: Path) -> bool:
+    """Whether a UNIX socket at `path` accepts a connection now."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 @dataclass
 class LocalGuests:
     """Starts source guests and reaps every QEMU it or the engine started under `run_dir`."""
@@ -57,7 +68,7 @@ class LocalGuests:
         self.procs.append(proc)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 15
-        while not qmp.exists():  # QEMU makes its socket during start-up
+        while not accepts(qmp):  # QEMU binds, then listens, during start-up
             assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "qemu exited"
             assert loop.time() < deadline, "QEMU made no QMP socket in 15 s"
             await asyncio.sleep(0.02)

@@ -96,7 +96,7 @@ async def test_target_killed_mid_way(guests, local_hosts) -> None:
                 killed.append(pid)
 
     outcome = await Migration(plan, *local_hosts, on_progress=watch, poll_interval_s=0.05).run()
-    assert killed
+    assert killed, outcome
     assert outcome.result == "failed", outcome
     assert outcome.runnable == ("src",)
     assert outcome.progress.phase is Phase.FAILED and outcome.errors
@@ -119,7 +119,7 @@ async def test_source_qmp_link_dropped(guests, local_hosts, relay_factory, tmp_p
 
     outcome = await Migration(plan, *local_hosts, on_progress=watch, poll_interval_s=0.05).run()
     assert outcome.result == "failed", outcome
-    assert any("QMP link lost" in e for e in outcome.errors)
+    assert any("QMP link lost" in e for e in outcome.errors), outcome
     assert outcome.runnable == ("src",)
     assert local_hosts[1].started() == []
     # With the link back, the engine rolled back itself; without it, the source QEMU kept the
@@ -158,7 +158,7 @@ async def test_stall_warns_then_cancels(guests, local_hosts) -> None:
 
     outcome = await Migration(plan, *local_hosts, on_progress=record, on_stall=on_stall,
                               poll_interval_s=0.05).run()
-    assert frozen
+    assert frozen, outcome
     assert len(asked) == 1 and asked[0].extra.get("stalled") is True
     warned = [p for p in seen if p.extra.get("stalled")]
     assert warned and any("stalled" in e for e in warned[0].errors)
