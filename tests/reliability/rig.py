@@ -314,13 +314,24 @@ class Attempt:
     violations: list[str] = field(default_factory=list)
     mismatches: list[str] = field(default_factory=list)
     note: str = ""
+    source: str = ""
+    target: str = ""
+
+    @property
+    def ends_on(self) -> str:
+        """Where the guest can run now: source, target, none, or dead host."""
+        hosts = [c.host for c in self.census.runnable]
+        if not hosts:
+            return "dead host" if self.note else "none"
+        return "+".join("source" if h == self.source else "target" for h in hosts)
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "fault": self.fault, "fired": self.fired,
                 "result": self.outcome.result if self.outcome else None,
                 "message": self.outcome.message if self.outcome else None,
                 "runnable": [c.host for c in self.census.runnable], "violations": self.violations,
-                "digest_mismatches": self.mismatches, "safe_after_s": self.safe_after_s, "note": self.note}
+                "digest_mismatches": self.mismatches, "safe_after_s": self.safe_after_s, "note": self.note,
+                "ends_on": self.ends_on}
 
 
 async def run_with_fault(rig: Rig, vm: str, src: str, dst: str, faults: list[Fault], *, kind: str,
@@ -353,7 +364,8 @@ async def run_with_fault(rig: Rig, vm: str, src: str, dst: str, faults: list[Fau
     safe = round(ended - proxy.fired_at, 3) if proxy and proxy.fired_at else None
     killed = host_killed()
     c = await settle(rig.lab, vm, (src, dst))
-    att = Attempt(kind, "; ".join(f.describe() for f in faults) or "none", outcome, c, before, fired, safe)
+    att = Attempt(kind, "; ".join(f.describe() for f in faults) or "none", outcome, c, before, fired, safe,
+                  source=src, target=dst)
     check_promises(att, src, dst, killed)
     return att, target
 
