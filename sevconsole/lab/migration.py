@@ -239,6 +239,7 @@ class OutgoingMigration:
                     break
             # stop-and-copy
             stop_at = time.monotonic()
+            before = vm.status  # QEMU: a guest paused before the migration stays paused after a failure
             vm.set_status("finish-migrate")
             stopped = True
             pages = vm.sync_dirty()
@@ -275,7 +276,7 @@ class OutgoingMigration:
                     with contextlib.suppress(OSError):
                         stream.send_frame(self.sock, Frame.ABORT, reason.encode()[:4096])
                 if stopped:
-                    vm.set_status("running")
+                    vm.set_status(before)
                 with vm.lock:  # pages sent so far count as unsent again
                     vm.states[vm.states == PageState.PRIVATE_SENT] = PageState.PRIVATE_UNSENT
                     vm.states[vm.states == PageState.PRIVATE_DIRTY] = PageState.PRIVATE_UNSENT
