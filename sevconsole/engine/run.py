@@ -131,6 +131,7 @@ class Migration:
         self._dst_cmds: set[str] = set()
         self._incoming: IncomingVm | None = None
         self._hold_target = False
+        self._mig_status = "none"  # the source's last query-migrate status
         self._tasks: list[asyncio.Task[None]] = []
         self._stall_warned = False
         self._source_initial: str | None = None
@@ -340,7 +341,7 @@ class Migration:
                 f.event(f"{self.plan.source.name}: migrate_cancel ({self._cancel_reason})")
                 await self._src_call("migrate_cancel")
             info = await self._src_call("query-migrate")
-            status = str(info.get("status", "none"))
+            status = self._mig_status = str(info.get("status", "none"))
             f.fold_migrate(info)
             await self._lab_extras()
             self._phase_from(status)
@@ -483,6 +484,7 @@ class Migration:
                 self._src is not None:
             with contextlib.suppress(LinkError):
                 info = await self._qmp(self._src, "source", "query-migrate")
+                self._mig_status = str(info.get("status", self._mig_status))
                 if info.get("status") in ("active", "setup", "device", "pre-switchover"):
                     await self._qmp(self._src, "source", "migrate_cancel")
                     await self._wait_migrate_end()
@@ -498,16 +500,22 @@ class Migration:
         if LAB_FIRMWARE in self._src_cmds:
             await self._lab_extras()
             src_state = _guest_state(f.current.source_fw)
-        runnable = self._runnable(src_status, src_state, None if target_gone else "unknown", None)
+        # An incoming VM we could not stop can only run the guest if the stream got to its end
+        # (QEMU: completed; SEV: the source reached SENT). Otherwise it can never start.
+        could_run = self._mig_status == "completed" or src_state == GUEST_SENT
+        runnable = self._runnable(src_status, src_state, "unknown" if not target_gone and could_run else None,
+                                  None)
         if not target_gone:
-            f.error(f"{self.plan.target.name}: the incoming VM could not be confirmed gone")
+            f.error(f"{self.plan.target.name}: the incoming VM could not be confirmed gone"
+                    + ("" if could_run else " (it never received the end of the stream, so it cannot run)"))
         if src_status is None:
             f.error(f"{self.plan.source.name}: the source guest could not be confirmed running")
         f.phase(Phase.CANCELLED if result == "cancelled" else Phase.FAILED)
         where = f"{self.plan.vm.name} runs on {self.plan.source.name}" if src_status == "running" \
             else f"{self.plan.vm.name} is '{src_status}' on {self.plan.source.name}"
         return Outcome(result, f"{reason}; {where}", runnable=runnable, source_status=src_status,
-                       target_status=None if target_gone else "unknown", source_guest_state=src_state)
+                       target_status=None if target_gone else "unknown", source_guest_state=src_state,
+                       target_guest_state=_guest_state(f.current.target_fw) if not target_gone else None)
 
     async def _source_lost(self, why: str) -> Outcome:
         """The source's QMP link broke mid-way: reconnect and roll back; if the source stays out of
@@ -621,6 +629,7 @@ class Migration:
         while self._clock() < deadline:
             info = await self._qmp(self._src, "source", "query-migrate")
             self.folder.fold_migrate(info)
+            self._mig_status = str(info.get("status", self._mig_status))
             if info.get("status") in TERMINAL:
                 return
             await asyncio.sleep(0.05)

@@ -78,6 +78,30 @@ async def test_sev_cancel_mid_way_sends_cancel(lab_session) -> None:
     assert after["lab-2"].vm("web") is None  # the incoming VM is gone
 
 
+async def test_sev_source_qmp_link_dropped_rolls_back(lab_session) -> None:
+    """The SSH channel carrying the source's QMP dies mid-way: the engine reconnects over SSH and
+    rolls back (SEND_CANCEL), so the guest keeps running on the source alone."""
+    plan = _plan(lab_session, "web", "lab-1", "lab-2", bandwidth_bps=8_000_000)
+    checks = preflight(plan, lab_session.trust)
+    src, dst = lab_session.link(plan.source), lab_session.link(plan.target)
+    cut: list[bool] = []
+
+    def watch(p: Progress) -> None:
+        if p.phase is Phase.PRECOPY and p.bytes_transferred > 2_000_000 and not cut:
+            cut.append(True)
+            src._links[0].bridge.close()  # the bridge of the engine's one source QMP session
+
+    outcome = await Migration(plan, src, dst, checks=checks, on_progress=watch, poll_interval_s=0.1).run()
+    await src.close()
+    await dst.close()
+    assert cut and outcome.result == "failed", outcome
+    assert any("QMP link lost" in e for e in outcome.errors)
+    assert "rolled back" in outcome.message
+    assert outcome.runnable == ("lab-1",) and outcome.source_guest_state == GUEST_RUNNING
+    after = lab_session.reports("lab-1", "lab-2", need=("web",))
+    assert after["lab-1"].vm("web").status == "running" and after["lab-2"].vm("web") is None
+
+
 async def test_sev_migration_end_to_end(lab_session) -> None:
     plan = _plan(lab_session, "web", "lab-1", "lab-2")
     # the lab records the guest's digest while it is stopped for the last copy only on request
@@ -112,3 +136,26 @@ async def test_sev_migration_end_to_end(lab_session) -> None:
     assert Phase.PRECOPY in phases and phases[-1] is Phase.DONE
     after = lab_session.reports("lab-1", "lab-2", need=("web",))
     assert after["lab-2"].vm("web") is not None and after["lab-2"].vm("web").status == "running"
+
+
+async def test_sev_target_host_killed_mid_way(lab_session) -> None:
+    """db goes from lab-2 to lab-1, and the whole lab-1 host process dies mid-way: the source
+    sends SEND_CANCEL and runs on; the outcome names the failure. (Last: lab-1 stays dead.)"""
+    plan = _plan(lab_session, "db", "lab-2", "lab-1", bandwidth_bps=8_000_000)
+    checks = preflight(plan, lab_session.trust)
+    assert not refused(checks), [c for c in checks if c.status is CheckStatus.FAIL]
+    host = lab_session.lab.host("lab-1")
+    src, dst = lab_session.link(plan.source), lab_session.link(plan.target)
+
+    def watch(p: Progress) -> None:
+        if p.phase is Phase.PRECOPY and p.bytes_transferred > 2_000_000 and host.alive:
+            host.process.kill()
+
+    outcome = await Migration(plan, src, dst, checks=checks, on_progress=watch, poll_interval_s=0.1).run()
+    await src.close()
+    await dst.close()
+    assert not host.alive
+    assert outcome.result == "failed", outcome
+    assert outcome.runnable == ("lab-2",) and outcome.source_status == "running"
+    assert outcome.source_guest_state == GUEST_RUNNING
+    assert any(e.command == "SEND_CANCEL" for e in outcome.progress.sev_log)
