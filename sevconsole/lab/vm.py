@@ -86,7 +86,7 @@ class LabVm:
         self.incoming = incoming
         self.dirtied_total = 0  # pages written by the workload, for the dirty rate
         self.final_digest: str | None = None  # digest when it left (SENT: memory frozen)
-        self.digest_on_send = True
+        self.digest_on_send = False  # x-lab-set digest-on-send: record the digest while stopped
         self.migration = None  # OutgoingMigration / IncomingMigration, set by the host
         self.params: dict = {}
         self.workload = Workload(self, spec.dirty_rate)
