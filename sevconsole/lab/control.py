@@ -52,6 +52,27 @@ class RunningHost:
         return self.process.poll() is None
 
 
+def _refuse_if_running(state_dir: Path) -> None:
+    """Two labs in one folder would overwrite each other's inventory and sockets."""
+    try:
+        described = json.loads((state_dir / "lab.json").read_text())
+        pids = [int(h["pid"]) for h in described["hosts"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            alive.append(pid)
+    if alive:
+        raise LabError(f"a lab is already running in {state_dir} (host processes {', '.join(map(str, alive))}); "
+                       "stop it (Ctrl-C in its terminal) or give another --state-dir")
+
+
 class Lab:
     def __init__(self, paths: state.LabPaths, hosts: list[RunningHost], run_dir: Path, temp_run: bool) -> None:
         self.paths = paths
@@ -68,6 +89,7 @@ class Lab:
               layout: tuple[HostSpec, ...] | None = None, timeout: float = READY_TIMEOUT_S) -> Lab:
         specs = layout or default_layout(hosts, vms_per_host=vms_per_host, mem_mib=mem_mib,
                                          dirty_rate=dirty_rate, realistic_psp=realistic_psp)
+        _refuse_if_running(Path(state_dir))
         paths = state.prepare(Path(state_dir), [s.name for s in specs], {s.oca_domain for s in specs})
         run_dir, temp_run = state.run_dir(paths)
         running: list[RunningHost] = []

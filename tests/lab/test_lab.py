@@ -169,3 +169,12 @@ async def test_garbage_to_the_listener_fails_that_migration_only(lab2: Lab, payl
     again, _, _ = await _incoming(lab2)
     assert (await again.execute("query-status"))["status"] == "inmigrate"
     await again.disconnect()
+
+
+def test_a_second_lab_in_the_same_folder_is_refused(tmp_path: Path) -> None:
+    from sevconsole.lab import LabError
+
+    with Lab.start(tmp_path / "s", hosts=1), pytest.raises(LabError, match="already running"):
+        Lab.start(tmp_path / "s", hosts=1)
+    with Lab.start(tmp_path / "s", hosts=1) as again:  # once stopped, the folder is free again
+        assert again.host("lab-1").alive
