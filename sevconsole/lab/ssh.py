@@ -48,6 +48,7 @@ class _Server(paramiko.ServerInterface):
         return paramiko.AUTH_FAILED
 
     def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
+        # The key is the credential; any user name is accepted (the inventory says "lab").
         ok = key.get_name() == self.lab.client_key.get_name() and key.asbytes() == self.lab.client_key.asbytes()
         return paramiko.AUTH_SUCCESSFUL if ok else paramiko.AUTH_FAILED
 
