@@ -250,5 +250,7 @@ def progress_line(p: Any) -> str:
     eta = "-" if p.eta_s is None else f"{p.eta_s:.0f}s"
     converge = {True: "converging", False: "NOT converging", None: ""}[p.converging]
     stalled = "  STALLED" if p.extra.get("stalled") else ""
-    return (f"{p.phase.value:<13} {pct:5.1f}%  {p.rate_bps / 1e6:7.1f} MB/s  pass {p.pass_number}  "
+    cap = p.extra.get("max_bandwidth_bps")
+    capped = f" (cap {cap / 1e6:.0f})" if isinstance(cap, int | float) and cap and p.rate_bps > 0.8 * cap else ""
+    return (f"{p.phase.value:<13} {pct:5.1f}%  {p.rate_bps / 1e6:7.1f} MB/s{capped}  pass {p.pass_number}  "
             f"dirty {p.dirty_pages_per_s:.0f} p/s  ETA {eta}  {converge}{stalled}").rstrip()

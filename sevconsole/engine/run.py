@@ -297,6 +297,10 @@ class Migration:
         if plan.bandwidth_bps is not None:
             params["max-bandwidth"] = max(1, int(plan.bandwidth_bps))
         await self._qmp(self._src, "source", "migrate-set-parameters", params)
+        with contextlib.suppress(LinkError):  # QEMU keeps parameters per VM: show the cap in effect
+            effective = await self._qmp(self._src, "source", "query-migrate-parameters")
+            self.folder.set(extra={**self.folder.current.extra,
+                                   "max_bandwidth_bps": effective.get("max-bandwidth")})
         await self._enable_events(self._src, self._src_cmds, "source")
         if not plan.sev:
             return
