@@ -137,15 +137,15 @@ def _qemu_support(vm: VmInfo, src: HostReport, dst: HostReport) -> list[Check]:
 
 
 def _target_qemu_support(dst: HostReport) -> bool | None:
-    if dst.lab:
-        return True  # the lab's QMP servers implement the series' commands
     explicit = dst.extra.get("qemu_sev_migration")
     if isinstance(explicit, bool):
         return explicit
-    known = [v.migration_support for v in dst.vms if v.migration_support is not None]
     if any(v.migration_blocker for v in dst.vms):
         return False
-    return (all(known) if known else None)
+    known = [v.migration_support for v in dst.vms if v.migration_support is not None]
+    if known:
+        return all(known)
+    return True if dst.lab else None  # the lab's QMP servers implement the series' commands
 
 
 def _memory(vm: VmInfo, dst: HostReport) -> Check:
@@ -171,7 +171,11 @@ def _sev_checks(plan: MigrationPlan, trust: Any) -> list[Check]:
     if vm.policy is None:
         return [_c("policy", "Guest policy", CheckStatus.FAIL,
                    f"the policy of {vm.name} on {src.name} is unknown (query-sev unanswered); probe again.")]
-    policy = GuestPolicy.from_u32(vm.policy)
+    try:
+        policy = GuestPolicy.from_u32(vm.policy)
+    except (ValueError, TypeError) as exc:  # PolicyError is a ValueError
+        return [_c("policy", "Guest policy", CheckStatus.FAIL,
+                   f"the policy of {vm.name} on {src.name} ({vm.policy!r}) is not a 32-bit SEV policy: {exc}")]
     names = policy.flag_names() or "none"
     out.append(_c("policy", "Guest policy", CheckStatus.PASS,
                   f"{vm.name} policy 0x{vm.policy:08x} ({names}), minimum API "

@@ -132,6 +132,7 @@ class Migration:
         self._incoming: IncomingVm | None = None
         self._hold_target = False
         self._mig_status = "none"  # the source's last query-migrate status
+        self._cancel_sent = False
         self._tasks: list[asyncio.Task[None]] = []
         self._stall_warned = False
         self._source_initial: str | None = None
@@ -156,7 +157,11 @@ class Migration:
     async def run(self) -> Outcome:
         t0 = self._clock()
         try:
-            outcome = await self._run()
+            try:
+                outcome = await self._run()
+            except Exception as exc:  # a bug here must still end with the guest in one place
+                self.folder.error(f"engine error: {type(exc).__name__}: {exc}")
+                outcome = await self._rollback("failed", f"engine error ({type(exc).__name__}: {exc})")
         finally:
             for task in self._tasks:
                 task.cancel()
@@ -340,7 +345,7 @@ class Migration:
         f = self.folder
         loop_next = self._clock()
         while True:
-            if self._cancel.is_set() and not getattr(self, "_cancel_sent", False):
+            if self._cancel.is_set() and not self._cancel_sent:
                 self._cancel_sent = True
                 f.event(f"{self.plan.source.name}: migrate_cancel ({self._cancel_reason})")
                 await self._src_call("migrate_cancel")
@@ -438,6 +443,17 @@ class Migration:
         src_state = dst_state = None
         want = ("running", "paused") if self._hold_target else ("running",)
         dst_status = await self._wait_status(self._dst, "target", want, timeout=QMP_TIMEOUT_S)
+        if dst_status is None and self._incoming is not None:  # the target's QMP link broke: reopen it
+            with contextlib.suppress(Exception):
+                if self._dst is not None:
+                    await self._dst.disconnect()
+            try:
+                self._dst = await self.target.open_qmp(self._incoming.qmp)
+                f.event(f"{self.plan.target.name}: QMP link re-opened")
+            except LinkError as exc:
+                self._dst = None
+                f.error(str(exc))
+            dst_status = await self._wait_status(self._dst, "target", want, timeout=QMP_TIMEOUT_S)
         # QEMU says "completed" a moment before the source leaves finish-migrate
         src_status = await self._wait_status(self._src, "source", SETTLED, timeout=QMP_TIMEOUT_S)
         digest_src = await self._digest(self._src, self._src_cmds, "source")

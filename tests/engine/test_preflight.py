@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sevconsole.engine.checks import Check, CheckStatus, preflight, refused
 from sevconsole.engine.plan import MigrationPlan
@@ -175,3 +177,23 @@ def test_guest_not_running_refused(sev_certs: Path, status: str) -> None:
     vm = VmInfo(**{**plan.vm.__dict__, "status": status})
     checks = preflight(MigrationPlan(vm, plan.source, plan.target))
     assert _by_key(checks)["vm"].status is CheckStatus.FAIL
+
+_blob = st.one_of(st.none(), st.binary(max_size=64), st.sampled_from([b"\x00" * 2084, b"\x01" * 6252]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(policy=st.one_of(st.none(), st.integers(-5, 2**33)), pdh=_blob, chain=_blob, amd=_blob,
+       api=st.tuples(st.integers(0, 300), st.integers(0, 300)), state=st.one_of(st.none(), st.integers(-1, 9)),
+       cbit=st.one_of(st.none(), st.integers(0, 64)), status=st.one_of(st.none(), st.text(max_size=8)),
+       sev=st.booleans(), lab=st.booleans())
+def test_preflight_never_crashes_on_garbage(sev_certs: Path, policy, pdh, chain, amd, api, state, cbit, status,
+                                            sev, lab) -> None:
+    caps = None if pdh is None or chain is None else Capabilities(pdh, chain, cbit, 1, amd_chain=amd)
+    vm = VmInfo(name="g", pid=1, qmp_path="/q", status=status, sev_enabled=sev, policy=policy)
+    src = _host("alpha", _caps(sev_certs, "rome", "rome"), (0, 22), vms=(vm,))
+    dst = HostReport(name="beta", address="x", port=22, reachable=True, lab=lab, capabilities=caps,
+                     sev=SevSupport(True, None, True, api_major=api[0], api_minor=api[1], platform_state=state))
+    checks = preflight(MigrationPlan(vm, src, dst))
+    assert checks and all(c.sentence for c in checks)
+    if sev and (caps is None or policy is None):
+        assert refused(checks)
