@@ -16,7 +16,8 @@ from sevconsole.engine.plan import MigrationPlan
 from sevconsole.engine.progress import FirmwareView, Phase, Progress, SevLogEntry
 from sevconsole.sev.pagestate import PAGE_SIZE, decode_states
 
-HISTORY = 240  # rate samples kept (a minute at the default cadence)
+HISTORY = 240
+RATE_WINDOW_S = 1.0  # "rate now" spans this much: QEMU sends in bursts, a single poll gap jitters  # rate samples kept (a minute at the default cadence)
 EVENTS_KEPT = 100
 SEV_LOG_KEPT = 1000
 UNSEEN_STATUS = -1  # SevLogEntry.status of a command known only from the firmware's counts
@@ -31,6 +32,7 @@ class ProgressFolder:
                                   phase=Phase.PREFLIGHT, started_at=time.time(),
                                   downtime_limit_ms=plan.downtime_limit_ms)
         self._last_sample: tuple[float, int] | None = None
+        self._window: list[tuple[float, int]] = []  # (time, bytes) over the last RATE_WINDOW_S
         self._history: list[float] = []
         self._fw_seen: dict[str, float] = {}
         self._fw_counts: dict[str, dict[str, int]] = {}
@@ -80,13 +82,13 @@ class ProgressFolder:
         passes = max(p.pass_number, int(ram.get("dirty-sync-count", 0) or 0))
         dirty_pps = float(ram.get("dirty-pages-rate", 0) or 0)
         rate, pps = p.rate_bps, p.pages_per_s
-        if self._last_sample is not None:
-            t_prev, b_prev = self._last_sample
-            dt = now - t_prev
-            if dt > 0:
-                rate = (transferred - b_prev) / dt
-                pps = rate / page_size
-                self._history = (self._history + [rate])[-HISTORY:]
+        recent = [w for w in self._window if now - w[0] <= RATE_WINDOW_S] or self._window[-1:]
+        self._window = recent + [(now, transferred)]  # polls slower than the window: the last gap
+        t_old, b_old = self._window[0]
+        if now > t_old and info.get("status") not in ("completed", "failed", "cancelled"):
+            rate = (transferred - b_old) / (now - t_old)
+            pps = rate / page_size
+            self._history = (self._history + [rate])[-HISTORY:]
         if self._last_sample is None or transferred > self._last_sample[1]:
             self.last_progress_at = now
         self._last_sample = (now, transferred)

@@ -94,6 +94,11 @@ def test_convergence_prediction() -> None:
                     passes=3)
     assert c.converging is True and c.eta_s is not None and abs(c.eta_s - (9.4 + 0.3)) < 1e-9
     assert convergence(remaining_bytes=1, rate_bps=0, dirty_bps=0, downtime_limit_ms=300).converging is None
+    # the realistic PSP: 401 pages/s sent against 397 dirtied is a tie, not a 6-minute ETA
+    tie = convergence(remaining_bytes=1200 * 4096, rate_bps=401 * 4096, dirty_bps=397 * 4096,
+                      downtime_limit_ms=300, passes=3)
+    assert tie.converging is False and tie.eta_s is None and tie.expected_downtime_ms is not None
+    assert tie.expected_downtime_ms > 2900
 
 
 def test_estimated_page_map_marks_dirty_after_the_first_pass() -> None:
