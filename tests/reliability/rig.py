@@ -430,5 +430,10 @@ def fault_plan(rng: Any, kind: str, total_out: int) -> list[Fault]:
     raise ValueError(kind)
 
 
+def plain_proxy(port: int) -> StreamProxy:
+    """A proxy without faults (to see what crossed)."""
+    return StreamProxy(("127.0.0.1", port))
+
+
 def rebind(plan: MigrationPlan, **vm_changes: Any) -> MigrationPlan:
     return replace(plan, vm=replace(plan.vm, **vm_changes))

@@ -22,6 +22,7 @@ from .rig import (
     Rig,
     census,
     cleanup_vm,
+    plain_proxy,
     qmp_once,
     rebind,
     run_with_fault,
@@ -109,7 +110,7 @@ async def test_policy_turned_nosend_after_preflight(rig2: Rig) -> None:
     checks = preflight(stale, rig2.trust)
     assert not refused(checks), [c for c in checks if c.status is CheckStatus.FAIL]
     before = (await qmp_once(plan.vm.qmp_path, "x-query-guest-digest"))["sha256"]
-    source, target = KeepSource(rig2.link("lab-1")), ProxiedTarget(rig2.link("lab-2"), _plain_proxy)
+    source, target = KeepSource(rig2.link("lab-1")), ProxiedTarget(rig2.link("lab-2"), plain_proxy)
     outcome = await Migration(stale, source, target, checks=checks, audit_log=False).run()
     await source.close()
     await target.close()
@@ -119,12 +120,6 @@ async def test_policy_turned_nosend_after_preflight(rig2: Rig) -> None:
     after = await settle(rig2.lab, "vault", ("lab-1", "lab-2"))
     assert [(c.host, c.digest) for c in after.runnable] == [("lab-1", before)]
     assert outcome.runnable == ("lab-1",)
-
-
-def _plain_proxy(port: int):  # type: ignore[no-untyped-def]
-    from .proxy import StreamProxy
-
-    return StreamProxy(("127.0.0.1", port))
 
 
 async def test_guest_moves_on_after_a_rollback(rig2: Rig) -> None:
