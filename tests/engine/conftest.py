@@ -229,25 +229,29 @@ def load_lab_inventory(path: Path) -> Any:
         return parse_inventory(text[text.index("[[host]]"):], path)
 
 
-@pytest.fixture(scope="module")
-def lab_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabSession]:
+def open_lab_session(state: Path, amd: Path, **lab_kw: Any) -> Iterator[LabSession]:
     from sevconsole.hosts.discovery import DiscoveryOptions
     from sevconsole.lab.control import Lab
     from sevconsole.sev.certs import AmdCert
     from sevconsole.sev.trust import TrustStore
 
-    lab = Lab.start(tmp_path_factory.mktemp("lab"), hosts=3, dirty_rate=300.0)
+    lab = Lab.start(state, **lab_kw)
     patch = pytest.MonkeyPatch()
     # The lab's SSH server drops exec channels opened at the same moment (about 4 in 10 VM
     # queries at discovery's default of 4); one VM at a time keeps these tests about the engine.
     patch.setattr("sevconsole.hosts.discovery.VM_CONCURRENCY", 1)
     try:
         options = DiscoveryOptions(known_hosts=lab.known_hosts, system_known_hosts=(),
-                                   lab_root=lab.paths.lab_root, amd_roots=tmp_path_factory.mktemp("amd"),
-                                   use_agent=False)
+                                   lab_root=lab.paths.lab_root, amd_roots=amd, use_agent=False)
         with options.pool() as pool:
             trust = TrustStore.with_lab_root(AmdCert.from_bytes(lab.lab_ark.read_bytes()))
             yield LabSession(lab, load_lab_inventory(lab.inventory), options, pool, trust)
     finally:
         patch.undo()
         lab.stop()
+
+
+@pytest.fixture(scope="module")
+def lab_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabSession]:
+    yield from open_lab_session(tmp_path_factory.mktemp("lab"), tmp_path_factory.mktemp("amd"),
+                                hosts=3, dirty_rate=300.0)
