@@ -168,3 +168,42 @@ async def test_stall_warns_then_cancels(guests, local_hosts) -> None:
     assert 0 < outcome.bytes_transferred < 64 * 1024 * 1024
     assert await _status(vm.qmp_path) == "running"
     assert local_hosts[1].started() == []
+
+
+async def test_polls_never_overlap_and_keep_their_cadence(guests, local_hosts) -> None:
+    """Every QMP command of the run on the source is timed: never two at once, and the
+    query-migrate polls come at the set cadence (events may add one early, never a burst)."""
+    vm = await guests.start("web")
+    plan = _plan(vm, bandwidth_bps=300_000)
+    source, target = local_hosts
+    calls: list[tuple[str, float, float]] = []
+    in_flight = [0, 0]  # now, most
+
+    class CountingHost(type(source)):  # type: ignore[misc]
+        async def open_qmp(self, path: str):
+            client = await super().open_qmp(path)
+            execute = client.execute
+            loop = asyncio.get_running_loop()
+
+            async def timed(cmd, args=None):
+                in_flight[0] += 1
+                in_flight[1] = max(in_flight[1], in_flight[0])
+                t0 = loop.time()
+                try:
+                    return await execute(cmd, args)
+                finally:
+                    in_flight[0] -= 1
+                    calls.append((cmd, t0, loop.time()))
+
+            client.execute = timed
+            return client
+
+    counting = CountingHost("src", run_dir=guests.run_dir)
+    outcome = await Migration(plan, counting, target, poll_interval_s=0.1).run()
+    assert outcome.result == "done", outcome
+    assert in_flight[1] == 1
+    polls = [t0 for cmd, t0, _ in calls if cmd == "query-migrate"]
+    gaps = [b - a for a, b in zip(polls, polls[1:], strict=False)]
+    assert len(polls) >= 10, polls
+    assert sum(1 for g in gaps if g < 0.05) <= 4  # early reads only on the few MIGRATION events
+    assert max(gaps) < 1.0  # 0.1 s cadence; slack for a loaded machine
