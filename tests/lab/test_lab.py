@@ -33,6 +33,7 @@ def gone(pid: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_start_writes_state_and_stop_leaves_nothing(tmp_path: Path) -> None:
     state = tmp_path / "state"
     lab = Lab.start(state, hosts=4)

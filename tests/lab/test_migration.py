@@ -203,6 +203,7 @@ async def test_cancel_returns_the_guest_to_running(lab2: Lab) -> None:
         await pair.close()
 
 
+@pytest.mark.slow
 async def test_web_is_refused_by_lab3(tmp_path) -> None:
     with Lab.start(tmp_path / "lab", hosts=3) as lab:
         pair = await prepare(lab, "web", dst_host="lab-3")
