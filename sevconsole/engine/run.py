@@ -216,7 +216,7 @@ class Migration:
         f.phase(Phase.SEND_START)
         self._post()
         try:
-            await self._qmp(self._src, "source", "migrate", {"uri": f"tcp:{self.target.address}:{port}"})
+            await self._qmp(self._src, "source", "migrate", {"uri": f"tcp:{_host(self.target.address)}:{port}"})
         except (EngineError, QMPError, OSError) as exc:
             f.error(_sentence(exc))
             return await self._rollback("failed", f"migrate refused: {_sentence(exc)}")
@@ -269,13 +269,13 @@ class Migration:
         self._dst = await self.target.open_qmp(self._incoming.qmp)
         self._dst_cmds = await self._commands(self._dst, "target")
         if self.plan.sev:
-            if not await self._sev_migration_method(self._dst, self._dst_cmds):
+            if not await self._sev_migration_method(self._dst, self._dst_cmds, "target"):
                 raise LinkError(self.target.name, "its QEMU lacks the SEV migration commands: "
                                 "SEV: Migration is not implemented")
             await self._check_target_pdh()
         self._listen(self._dst, "target", ("MIGRATION", "RESUME", "STOP"))
         await self._enable_events(self._dst, self._dst_cmds, "target")
-        await self._qmp(self._dst, "target", "migrate-incoming", {"uri": f"tcp:{self.target.address}:0"})
+        await self._qmp(self._dst, "target", "migrate-incoming", {"uri": f"tcp:{_host(self.target.address)}:0"})
         info = await self._qmp(self._dst, "target", "query-migrate")
         for addr in info.get("socket-address") or []:
             if addr.get("type") == "inet" and addr.get("port"):
@@ -331,12 +331,14 @@ class Migration:
             await self._qmp(client, role, "migrate-set-capabilities",
                             {"capabilities": [{"capability": "events", "state": True}]})
 
-    async def _sev_migration_method(self, client: QMPClient | None, cmds: set[str]) -> str | None:
+    async def _sev_migration_method(self, client: QMPClient | None, cmds: set[str],
+                                    role: str = "source") -> str | None:
+        """"parameters" (sev-pdh & co. in query-migrate-parameters), the older command's name, or None."""
         try:
-            params = await self._qmp(client, "host", "query-migrate-parameters")
+            params = await self._qmp(client, role, "query-migrate-parameters")
         except LinkError:
             params = {}
-        if all(p in params for p in SEV_PARAMS[:1]):
+        if SEV_PARAMS[0] in params:
             return "parameters"
         return next((c for c in SEV_INFO_COMMANDS if c in cmds), None)
 
@@ -666,6 +668,11 @@ class Migration:
     def _post(self) -> None:
         if self._on_progress is not None:
             self._on_progress(self.folder.snapshot())
+
+
+def _host(address: str) -> str:
+    """An address as QEMU's tcp: URIs want it (IPv6 in brackets)."""
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address
 
 
 def _guest_state(view: Any) -> int | None:
