@@ -4,7 +4,8 @@
 
 Starts a 4-host lab (lab-4 with a realistic PSP), drives the app headless by keys, and saves:
 hosts, host (certificate chain), preflight, refused (NOSEND), live migration mid-way, result,
-guide. The migration is capped at 8 MB/s so a mid-way frame exists.
+guide (the PDH exchange step) and guide-not-converging (the realistic-PSP demo, when the
+prediction turns). The migration is capped at 8 MB/s so a mid-way frame exists.
 """
 
 from __future__ import annotations
@@ -97,6 +98,20 @@ async def shoot(lab_dir: Path, out: Path, size: tuple[int, int]) -> list[Path]:
             await until(pilot, lambda: not guide.busy)
             await pilot.pause()
             save("guide")
+            # on to the last demo: a realistic PSP that cannot keep up with the guest
+            while guide.index < len(guide.steps) - 2:
+                await until(pilot, lambda: not guide.busy, timeout=300)
+                await pilot.press("space")
+                await pilot.pause()
+
+            def predicted() -> bool:
+                p = guide.query_one("MigrationView").latest
+                return p is not None and p.converging is False
+
+            await until(pilot, predicted, timeout=300)
+            await pilot.pause()
+            save("guide-not-converging")
+            await until(pilot, lambda: not guide.busy, timeout=120)
     finally:
         backend.close()
     return saved

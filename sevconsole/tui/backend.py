@@ -114,6 +114,16 @@ class ConsoleBackend(Protocol):
     def close(self) -> None: ...
 
 
+RUNNABLE = ("running", "paused")
+
+
+def find_vm(report: HostReport, name: str) -> VmInfo | None:
+    """The VM called `name`, preferring a runnable one: after a migration the host may also hold
+    the SENT copy (QEMU postmigrate) or a failed incoming one under the same name."""
+    matches = [vm for vm in report.vms if vm.name == name]
+    return next((vm for vm in matches if vm.status in RUNNABLE), matches[0] if matches else None)
+
+
 def check_line(check: Any) -> CheckLine:
     """An engine Check (or anything shaped like one) as a CheckLine."""
     status = getattr(check, "status", "fail")

@@ -342,3 +342,28 @@ def test_a_lab_that_cannot_start_is_a_sentence(capsys: pytest.CaptureFixture[str
     assert run_console(args) == 2
     err = capsys.readouterr().err
     assert "the built-in lab did not start: port 42201 is in use" in err and "sevconsole --lab DIR" in err
+
+
+async def test_same_name_twice_after_a_migration(backend: ScriptedBackend) -> None:
+    """A host may hold a SENT copy (postmigrate) and a running copy of one VM: both show, the
+    running one is what m migrates."""
+    from dataclasses import replace
+
+    from sevconsole.tui.scripted import POLICY_RECOMMENDED, sample_vm
+
+    sent = sample_vm("web", 4096, POLICY_RECOMMENDED, state=6, status="postmigrate")
+    running = replace(sample_vm("web", 4096, POLICY_RECOMMENDED), pid=5001)
+    backend.reports["lab-1"] = replace(backend.reports["lab-1"], vms=(sent, running))
+    app = SevConsoleApp(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("m")
+        await settle(app, pilot)
+        assert isinstance(app.screen, MigrateScreen) and app.screen.vm.pid == 5001
+        await pilot.press("escape", "enter")
+        await pilot.pause()
+        assert [r[:2] for r in table_rows(app, "#vms")] == [["web", "postmigrate"], ["web", "running"]]
+        assert "SENT" in table_rows(app, "#vms")[0][4]
+        await pilot.press("down", "m")
+        await settle(app, pilot)
+        assert app.screen.vm is running  # type: ignore[attr-defined]

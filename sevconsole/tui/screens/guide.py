@@ -15,14 +15,12 @@ from textual.widgets import Footer, Header, Static
 
 from sevconsole.engine.progress import Phase, Progress
 from sevconsole.hosts.report import HostReport
-from sevconsole.tui.backend import MigrationHandle, Result
+from sevconsole.tui.backend import RUNNABLE, MigrationHandle, Result, find_vm
 from sevconsole.tui.guide_steps import PHASE_NOTES, STEPS, Step
 from sevconsole.tui.messages import HostProbed, MigrationEnded, ProgressPosted
 from sevconsole.tui.screens.migrate import checklist, first_failure
 from sevconsole.tui.screens.result import result_lines
 from sevconsole.tui.widgets.migration_view import MigrationView
-
-RUNNABLE = ("running", "paused")
 
 
 class GuideScreen(Screen[None]):
@@ -101,8 +99,8 @@ class GuideScreen(Screen[None]):
             return
         for report in (source, target):
             self.app.post_message(HostProbed(report))
-        vm = source.vm(step.vm)
-        there = target.vm(step.vm)
+        vm = find_vm(source, step.vm)
+        there = find_vm(target, step.vm)
         if (vm is None or vm.status not in RUNNABLE) and there is not None and there.status in RUNNABLE:
             # an earlier migration (this tour's or the operator's) moved it: go the other way
             source, target, vm = target, source, there

@@ -113,22 +113,23 @@ class HostScreen(Screen[None]):
         fill_chain_tree(tree, report.capabilities)
         table = self.query_one("#vms", DataTable)
         table.clear()
-        for vm in report.vms:
+        for index, vm in enumerate(report.vms):
             state = vm.firmware_guest_state
             sev_state = fmt.guest_state(state) if state is not None else (vm.sev_state or "-")
             mig = {None: "?", True: "[$success]yes[/]", False: "[$error]no[/]"}[vm.migration_support]
             mem = "-" if vm.memory_mib is None else fmt.size(vm.memory_mib * 1024 * 1024)
             cells = (escape(vm.name), escape(vm.status or "?"), mem, escape(fmt.policy(vm.policy)),
                      escape(sev_state), mig)
-            table.add_row(*(fmt.cell(self.app, c) for c in cells), key=vm.name)
+            table.add_row(*(fmt.cell(self.app, c) for c in cells), key=str(index))  # names can repeat
         self.show_policy()
 
     def selected_vm(self) -> VmInfo | None:
         table = self.query_one("#vms", DataTable)
         if not table.row_count:
             return None
-        key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-        return self.report.vm(str(key))
+        index = int(str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value))
+        vms = self.report.vms
+        return vms[index] if index < len(vms) else None
 
     def show_policy(self) -> None:
         vm = self.selected_vm()
@@ -148,7 +149,7 @@ class HostScreen(Screen[None]):
             return
         from sevconsole.tui.screens.migrate import MigrateScreen
 
-        self.app.push_screen(MigrateScreen(self.host_name, vm.name))
+        self.app.push_screen(MigrateScreen(self.host_name, vm.name, vm))
 
     def action_reprobe(self) -> None:
         self.app.probe(self.host_name)  # type: ignore[attr-defined]

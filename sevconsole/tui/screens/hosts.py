@@ -10,6 +10,7 @@ from textual.widgets import DataTable, Footer, Header, Input, Static
 
 from sevconsole.hosts.report import HostReport
 from sevconsole.tui import format as fmt
+from sevconsole.tui.backend import RUNNABLE
 
 COLUMNS = (("host", "Host"), ("state", "State"), ("sev", "SEV API"), ("platform", "Platform"),
            ("chain", "Chain"), ("vms", "VMs"), ("latency", "Latency"), ("note", "Note"))
@@ -155,7 +156,8 @@ class HostsScreen(Screen[None]):
             return
         from sevconsole.tui.screens.migrate import MigrateScreen
 
-        self.app.push_screen(MigrateScreen(report.name, report.vms[0].name))
+        vm = next((v for v in report.vms if v.status in RUNNABLE), report.vms[0])
+        self.app.push_screen(MigrateScreen(report.name, vm.name, vm))
 
     def action_filter(self) -> None:
         box = self.query_one("#filter", Input)

@@ -13,7 +13,7 @@ from textual.widgets import DataTable, Footer, Header, Static
 
 from sevconsole.hosts.report import HostReport, VmInfo
 from sevconsole.tui import format as fmt
-from sevconsole.tui.backend import CheckLine
+from sevconsole.tui.backend import CheckLine, find_vm
 from sevconsole.tui.messages import PreflightDone
 
 MARKS = {"pass": "[$success]✓[/]", "warn": "[$warning]![/]", "fail": "[$error]✗[/]"}
@@ -36,9 +36,10 @@ class MigrateScreen(Screen[None]):
         Binding("minus", "downtime(-1)", "Downtime -", id="downtime_down"),
     ]
 
-    def __init__(self, source: str, vm: str) -> None:
+    def __init__(self, source: str, vm: str, vm_info: VmInfo | None = None) -> None:
         super().__init__()
         self.source_name, self.vm_name = source, vm
+        self._vm = vm_info
         self.downtime_ms = 300
         self._source: HostReport | None = None
         self.results: dict[str, tuple[CheckLine, ...]] = {}
@@ -52,7 +53,7 @@ class MigrateScreen(Screen[None]):
 
     @property
     def vm(self) -> VmInfo:
-        vm = self.source.vm(self.vm_name)
+        vm = self._vm or find_vm(self.source, self.vm_name)
         if vm is None:  # cannot happen for a plan started from a report; keep it a sentence anyway
             raise LookupError(f"{self.vm_name} is not on {self.source_name} any more; re-probe it")
         return vm
