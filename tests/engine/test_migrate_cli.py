@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -66,6 +67,25 @@ def test_not_confirmed_starts_nothing(lab_dir: Path, env: dict[str, str]) -> Non
     assert out.returncode == 1 and "not confirmed" in out.stdout and "[y/N]" in out.stderr
 
 
+def test_ctrl_c_cancels_and_the_source_keeps_the_guest(lab_dir: Path, env: dict[str, str]) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "sevconsole", "migrate", "web", "--to", "lab-2", "--lab",
+                             str(lab_dir), "--json", "--yes", "--bandwidth", "4"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    phases = []
+    for line in proc.stdout:  # one snapshot a line: wait until pages really move
+        snap = json.loads(line)
+        phases.append(snap["phase"])
+        if snap["phase"] == "pre-copy" and snap["bytes_transferred"] > 1_000_000:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = [json.loads(line) for line in proc.stdout]
+    err = proc.stderr.read() if proc.stderr else ""
+    assert proc.wait(60) == 1, err
+    assert rest and rest[-1]["phase"] == "cancelled"
+    assert "cancelled by the operator (Ctrl-C)" in err and "web runs on lab-1" in err
+
+
 def test_plain_then_sev_migration_with_json_lines(lab_dir: Path, env: dict[str, str]) -> None:
     out = sevconsole(env, "migrate", "plain", "--to", "lab-2", "--lab", str(lab_dir), "--json", "--yes")
     assert out.returncode == 0, out.stderr
@@ -86,17 +106,18 @@ def test_plain_then_sev_migration_with_json_lines(lab_dir: Path, env: dict[str, 
 def test_audit_log_records_every_attempt_and_verifies(lab_dir: Path, env: dict[str, str]) -> None:
     log = Path(env["SEVCONSOLE_DATA_DIR"]) / "audit.jsonl"
     entries = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [(e["vm"], e["outcome"]) for e in entries] == [("web", "refused"), ("plain", "done"), ("web", "done")]
+    assert [(e["vm"], e["outcome"]) for e in entries] == [("web", "refused"), ("web", "cancelled"),
+                                                         ("plain", "done"), ("web", "done")]
     web = entries[-1]
     assert web["operator"] == "tester" and web["policy"] == "0x18000033" and web["target"] == "lab-2"
     assert len(web["target_pdh_sha256"]) == 64 and len(web["target_pek_sha256"]) == 64
     assert web["bytes"] > 64 * 1024 * 1024 and {"key": "domain", "status": "pass"} in web["checks"]
     assert sevconsole(env, "audit", "verify").returncode == 0
     lines = log.read_text().splitlines()
-    lines[1] = lines[1].replace('"outcome":"done"', '"outcome":"failed"')
+    lines[2] = lines[2].replace('"outcome":"done"', '"outcome":"failed"')
     log.write_text("\n".join(lines) + "\n")
     out = sevconsole(env, "audit", "verify")
-    assert out.returncode == 1 and "line 2" in out.stderr
+    assert out.returncode == 1 and "line 3" in out.stderr
 
 
 def test_progress_line_shows_what_the_operator_needs() -> None:
