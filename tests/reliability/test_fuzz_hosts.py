@@ -148,7 +148,7 @@ def probe_answer(draw: st.DrawFn, certs: dict[str, str]) -> bytes:
     return text.encode()
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_helper_answers_never_crash_discovery(rome_b64: dict[str, str], tmp_path: Path, data: st.DataObject) -> None:
     stdout = data.draw(probe_answer(rome_b64))
@@ -212,7 +212,7 @@ def inventory_text(draw: st.DrawFn) -> str:
     return "\n".join(lines) + "\n"
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(text=inventory_text())
 def test_inventory_parser_gives_an_inventory_or_typed_problems(text: str) -> None:
     path = Path("/nonexistent-dir/inventory.toml")

@@ -90,7 +90,7 @@ def test_stream_reader_refuses_mutations_with_sentences(recorded) -> None:  # ty
     rss0 = rss_kib(rig.lab.host("lab-2").pid)
     seen: dict[str, int] = {}
 
-    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
     @given(m=mutation(data, frames))
     def prop(m: tuple[str, bytes]) -> None:
         kind, stream = m

@@ -41,7 +41,7 @@ async def test_clean_run_then_cuts_at_random_offsets(rig3: Rig) -> None:
     # The stream's first bytes, its middle, and its end: the last 10 bytes are the COMPLETE and
     # FINISHED frames. A cut inside FINISHED loses the guest (the xfail test at the end), so the
     # random offsets stop before it.
-    offsets = sorted({0, 5, 13, 2200, *rng.integers(0, total - 5, 4).tolist(), total - 9, total - 6})
+    offsets = sorted({0, 13, 2200, *rng.integers(0, total - 5, 2).tolist(), total - 6})
     results = []
     for at in offsets:
         att, target, home, other = await hop(rig3, [Fault("cut", at=int(at))], "cut-stream")
