@@ -104,6 +104,8 @@ class LabHost:
 
     def emitter(self, vm: LabVm):
         def emit(event: str, data: dict | None) -> None:
+            if event in ("MIGRATION", "MIGRATION_PASS") and not vm.capabilities.get("events"):
+                return  # QEMU sends these only with the `events` capability on
             server = self.servers.get(vm.pid)
             if server is not None:
                 server.emit_threadsafe(event, data)

@@ -48,6 +48,15 @@ SETTABLE: dict[str, Arg] = {
     "sev-pdh": Arg("str"), "sev-plat-cert": Arg("str"), "sev-amd-cert": Arg("str"),
 }
 MAX_DOWNTIME_MS = 2_000_000  # QEMU's MAX_MIGRATE_DOWNTIME
+# QEMU 7.2's MigrationCapability names. The lab implements `events` (MIGRATION and
+# MIGRATION_PASS are sent only with it on, as QEMU does); the others may only stay off.
+CAPABILITIES = (
+    "xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress", "events", "postcopy-ram",
+    "x-colo", "release-ram", "block", "return-path", "pause-before-switchover", "multifd",
+    "dirty-bitmaps", "postcopy-blocktime", "late-block-activate", "x-ignore-shared", "validate-uuid",
+    "background-snapshot", "zero-copy-send", "postcopy-preempt",
+)
+IMPLEMENTED_CAPABILITIES = ("events",)
 FAULTS = ("none", "tamper-packet", "cut-link")
 
 
@@ -72,6 +81,9 @@ class Monitor:
             c("query-sev-capabilities", self.query_sev_capabilities),
             c("migrate-set-parameters", self.migrate_set_parameters, dict(SETTABLE)),
             c("query-migrate-parameters", self.query_migrate_parameters),
+            c("migrate-set-capabilities", self.migrate_set_capabilities, {"capabilities": Arg("list", True)}),
+            c("query-migrate-capabilities", self.query_migrate_capabilities),
+            c("query-memory-size-summary", self.query_memory_size_summary),
             c("migrate-set-sev-info", self.migrate_set_sev_info,
               {"pdh": Arg("str", True), "plat-cert": Arg("str", True), "amd-cert": Arg("str", True)}),
             c("migrate-sev-set-info", self.migrate_set_sev_info,
@@ -163,6 +175,32 @@ class Monitor:
                 _b64(args[key], key)
         self.params.update(args)
         return {}
+
+    def migrate_set_capabilities(self, args: dict) -> dict:
+        wanted: dict[str, bool] = {}
+        for i, item in enumerate(args["capabilities"]):
+            where = f"capabilities[{i}]"
+            if not isinstance(item, dict) or set(item) != {"capability", "state"}:
+                raise QmpError(f"Parameter '{where}' expects MigrationCapabilityStatus")
+            name, state = item["capability"], item["state"]
+            if name not in CAPABILITIES:
+                raise QmpError(f"Parameter '{where}.capability' does not accept value '{name}'")
+            if not isinstance(state, bool):
+                raise QmpError(f"Parameter '{where}.state' expects boolean")
+            if state and name not in IMPLEMENTED_CAPABILITIES:
+                raise QmpError(f"{self.vm.name}: the lab does not implement the migration capability '{name}'")
+            wanted[name] = state
+        mig = self.vm.migration
+        if isinstance(mig, OutgoingMigration) and mig.stats.status in ("setup", "active", "cancelling"):
+            raise QmpError("There's a migration process in progress")
+        self.vm.capabilities.update(wanted)
+        return {}
+
+    def query_migrate_capabilities(self, args: dict) -> list:
+        return [{"capability": name, "state": bool(self.vm.capabilities.get(name, False))} for name in CAPABILITIES]
+
+    def query_memory_size_summary(self, args: dict) -> dict:
+        return {"base-memory": self.vm.mem_bytes}
 
     def query_migrate_parameters(self, args: dict) -> dict:
         return dict(self.params)

@@ -89,6 +89,7 @@ class LabVm:
         self.digest_on_send = False  # x-lab-set digest-on-send: record the digest while stopped
         self.migration = None  # OutgoingMigration / IncomingMigration, set by the host
         self.params: dict = {}
+        self.capabilities: dict[str, bool] = {}  # migrate-set-capabilities (only `events` acts)
         self.workload = Workload(self, spec.dirty_rate)
         self.on_status = None  # callback(event, data) for STOP/RESUME events
 

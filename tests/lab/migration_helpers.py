@@ -38,7 +38,7 @@ async def connect(path: str, name: str = "test") -> QMPClient:
 
 
 async def prepare(lab: Lab, vm: str, src_host: str = "lab-1", dst_host: str = "lab-2", *,
-                  params: dict[str, Any] | None = None, pause_target: bool = True) -> Pair:
+                  params: dict[str, Any] | None = None, pause_target: bool = True, events: bool = True) -> Pair:
     """Starts the incoming VM on dst over SSH, hands the target's PDH and chains to the source,
     and opens the target's listener, exactly in the console's order."""
     probe = helper(lab, src_host, "probe")
@@ -50,6 +50,10 @@ async def prepare(lab: Lab, vm: str, src_host: str = "lab-1", dst_host: str = "l
     tgt_events = EventListener()
     src.register_listener(src_events)
     tgt.register_listener(tgt_events)
+    if events:
+        events_on = {"capabilities": [{"capability": "events", "state": True}]}
+        await src.execute("migrate-set-capabilities", events_on)  # as with QEMU: no events without it
+        await tgt.execute("migrate-set-capabilities", events_on)
     if pause_target:
         await tgt.execute("stop")  # like QEMU: stays paused after the incoming migration
     dst_probe = helper(lab, dst_host, "probe")

@@ -138,6 +138,7 @@ async def _incoming(lab: Lab):
 
     events = EventListener(("MIGRATION",))
     client.register_listener(events)
+    await client.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
     await client.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
     port = int((await client.execute("query-migrate"))["socket-address"][0]["port"])
     return client, events, port

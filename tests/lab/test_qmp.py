@@ -133,6 +133,13 @@ async def test_queries_of_an_sev_guest(lab3: Lab) -> None:
         await client.execute("migrate-set-sev-info", {"pdh": caps["pdh"], "plat-cert": caps["cert-chain"], "amd-cert": ""})
         with pytest.raises(ExecuteError, match="-incoming"):
             await client.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+        caps = {c["capability"]: c["state"] for c in await client.execute("query-migrate-capabilities")}
+        assert caps["events"] is False and "postcopy-ram" in caps
+        with pytest.raises(ExecuteError, match="does not implement the migration capability 'postcopy-ram'"):
+            await client.execute("migrate-set-capabilities", {"capabilities": [{"capability": "postcopy-ram", "state": True}]})
+        with pytest.raises(ExecuteError, match="does not accept value 'nope'"):
+            await client.execute("migrate-set-capabilities", {"capabilities": [{"capability": "nope", "state": True}]})
+        assert await client.execute("query-memory-size-summary") == {"base-memory": 64 << 20}
         fw = await client.execute("x-query-sev-firmware")
         assert fw["guest-state-name"] == "RUNNING" and fw["platform-state"] == 2 and fw["counts"]["LAUNCH_START"] >= 1
         assert {"command", "status", "time"} <= set(fw["log"][-1]) and len(fw["log"]) <= 64
