@@ -345,13 +345,16 @@ class OutgoingMigration:
         sent = 0
         t0 = time.monotonic()
         max_bw = float(self.params.get("max-bandwidth", 0) or 0)
-        pages = fill_gaps(pages, GAP_PAGES)
+        # With the realistic PSP a page costs milliseconds: small frames keep both ends busy, and
+        # a clean page is never worth sending along (it costs what a dirty one does).
+        realistic = getattr(vm.psp.fw, "timing", None) is not None
+        batch = PSP_BATCH_PAGES if realistic else BATCH_PAGES
+        if not realistic:
+            pages = fill_gaps(pages, GAP_PAGES)
         count0 = self.stats.normal
         parts: list = []
         marks: list[tuple[int, int, bool]] = []
         pending = 0
-        # With the realistic PSP a page costs milliseconds: small frames keep both ends busy.
-        batch = PSP_BATCH_PAGES if getattr(vm.psp.fw, "timing", None) is not None else BATCH_PAGES
         for run in runs_of(pages, vm.shared, batch):
             self._check()
             for first, count, packet in _packets(run):
