@@ -1,7 +1,7 @@
 """ProgressFolder: folds QMP answers and events into immutable Progress snapshots.
 
-The folder is the only mutable thing; every `snapshot()` copies what it hands out, so a
-snapshot never changes after it is posted.
+The folder is the only mutable thing. A snapshot never changes after it is posted: Progress is
+frozen, and its page array is stored read-only and replaced (never written) by the next fold.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from sevconsole.engine.plan import MigrationPlan
 from sevconsole.engine.progress import FirmwareView, Phase, Progress, SevLogEntry
 from sevconsole.sev.pagestate import PAGE_SIZE, decode_states
 
-HISTORY = 240
-RATE_WINDOW_S = 1.0  # "rate now" spans this much: QEMU sends in bursts, a single poll gap jitters  # rate samples kept (a minute at the default cadence)
+HISTORY = 240  # rate samples kept (a minute at the default cadence)
+RATE_WINDOW_S = 1.0  # "rate now" spans this much: QEMU sends in bursts, a single poll gap jitters
 EVENTS_KEPT = 100
 SEV_LOG_KEPT = 1000
 UNSEEN_STATUS = -1  # SevLogEntry.status of a command known only from the firmware's counts
