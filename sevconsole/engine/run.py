@@ -384,13 +384,15 @@ class Migration:
         f = self.folder
         idle = self._clock() - f.last_progress_at
         plan = self.plan
-        if idle >= plan.stall_warn_s and not self._stall_warned:
+        if idle >= plan.stall_warn_s:
+            # a warning, not an error: the migration may still pick up again
+            if not self._stall_warned:
+                f.event(f"stalled: no byte moved for {idle:.0f} s (warning after {plan.stall_warn_s:g} s)")
             self._stall_warned = True
-            f.error(f"stalled: no byte moved for {idle:.0f} s (warning after {plan.stall_warn_s:g} s)")
-            f.set(extra={**f.current.extra, "stalled": True})
-        elif idle < plan.stall_warn_s and self._stall_warned:
+            f.set(extra={**f.current.extra, "stalled": True, "stalled_for_s": round(idle, 1)})
+        elif self._stall_warned:
             self._stall_warned = False
-            f.set(extra={**f.current.extra, "stalled": False})
+            f.set(extra={**f.current.extra, "stalled": False, "stalled_for_s": 0.0})
             f.event("progress resumed after a stall")
         if idle >= plan.stall_timeout_s and not self._cancel.is_set():
             cancel = True
