@@ -12,6 +12,7 @@ from sevconsole.engine.checks import CheckStatus, preflight, refused
 from sevconsole.engine.plan import MigrationPlan
 from sevconsole.engine.progress import Phase, Progress
 from sevconsole.engine.run import GUEST_RUNNING, GUEST_SENT, Migration
+from sevconsole.hosts.report import VmInfo
 from sevconsole.sev.pagestate import PageState
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -51,6 +52,24 @@ async def test_refused_plan_starts_nothing(lab_session, data_dir) -> None:
     assert [v.name for v in after["lab-2"].vms] == [v.name for v in plan.target.vms]  # no incoming VM
     line = json.loads((data_dir / "audit.jsonl").read_text().splitlines()[-1])
     assert line["outcome"] == "refused" and line["vm"] == "vault"
+
+
+async def test_sev_guest_is_never_migrated_in_plain(lab_session) -> None:
+    """A plan that lost web's SEV state (a half-answered probe) is refused by preflight, and the
+    engine itself refuses it too when run without checks: query-sev says SEV."""
+    plan = _plan(lab_session, "web", "lab-1", "lab-2")
+    blind = VmInfo(**{**plan.vm.__dict__, "sev_enabled": False, "policy": None})
+    bad = MigrationPlan(vm=blind, source=plan.source, target=plan.target)
+    vm_check = {c.key: c for c in preflight(bad, lab_session.trust)}["vm"]
+    assert vm_check.status is CheckStatus.FAIL and "sev-guest" in vm_check.sentence
+    src, dst = lab_session.link(plan.source), lab_session.link(plan.target)
+    outcome = await Migration(bad, src, dst).run()
+    await src.close()
+    await dst.close()
+    assert outcome.result == "failed" and "never migrated in plain" in outcome.message
+    assert outcome.bytes_transferred == 0 and outcome.runnable == ("lab-1",)
+    after = lab_session.reports("lab-1", "lab-2", need=("web",))
+    assert after["lab-1"].vm("web").status == "running" and after["lab-2"].vm("web") is None
 
 
 async def test_sev_cancel_mid_way_sends_cancel(lab_session) -> None:
