@@ -205,8 +205,9 @@ async def _run(args: argparse.Namespace, setup: dict[str, Any], plan: Any, check
 
     def link(report: Any) -> SshHost:
         spec = next(h for h in setup["hosts"] if h.name == report.name)
-        conn = setup["pool"].get(endpoint_for(spec, setup["hosts"]))
-        return SshHost(report.name, report.address, conn)
+        endpoint = endpoint_for(spec, setup["hosts"])
+        pool = setup["pool"]
+        return SshHost(report.name, report.address, pool.get(endpoint), reconnect=lambda: pool.get(endpoint))
 
     source, target = await asyncio.to_thread(link, plan.source), await asyncio.to_thread(link, plan.target)
     show = _JsonLines() if args.json else _ProgressLine()

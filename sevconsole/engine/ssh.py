@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from qemu.qmp import QMPClient
 
@@ -18,15 +18,28 @@ from sevconsole.hosts.ssh import SshConnection
 
 
 class SshHost:
-    def __init__(self, name: str, address: str, conn: SshConnection) -> None:
+    """`reconnect` (e.g. `lambda: pool.get(endpoint)`) gives a fresh transport when the one in
+    hand died, so the engine can reach the host again after an SSH drop and roll back."""
+
+    def __init__(self, name: str, address: str, conn: SshConnection, *,
+                 reconnect: Callable[[], SshConnection] | None = None) -> None:
         self.name = name
         self.address = address  # where the target QEMU listens for the migration stream
         self.conn = conn
+        self._reconnect = reconnect
         self._links: list[QmpLink] = []
+
+    async def _conn(self) -> SshConnection:
+        if not self.conn.alive and self._reconnect is not None:
+            try:
+                self.conn = await asyncio.to_thread(self._reconnect)
+            except HostError as exc:
+                raise LinkError(self.name, str(exc)) from exc
+        return self.conn
 
     async def open_qmp(self, path: str) -> QMPClient:
         try:
-            link = await connect_qmp(self.conn, path)
+            link = await connect_qmp(await self._conn(), path)
         except HostError as exc:
             raise LinkError(self.name, str(exc)) from exc
         self._links = [x for x in self._links if not x.dropped] + [link]
@@ -34,14 +47,14 @@ class SshHost:
 
     async def launch_incoming(self, argv: Sequence[str]) -> IncomingVm:
         try:
-            vm = await asyncio.to_thread(remote.launch_incoming, self.conn, list(argv))
+            vm = await asyncio.to_thread(remote.launch_incoming, await self._conn(), list(argv))
         except HostError as exc:
             raise LinkError(self.name, str(exc)) from exc
         return IncomingVm(pid=vm.pid, qmp=vm.qmp)
 
     async def stop(self, pid: int) -> bool:
         try:
-            return await asyncio.to_thread(remote.stop, self.conn, pid)
+            return await asyncio.to_thread(remote.stop, await self._conn(), pid)
         except HostError as exc:
             raise LinkError(self.name, str(exc)) from exc
 

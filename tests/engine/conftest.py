@@ -203,7 +203,9 @@ class LabSession:
         from sevconsole.hosts.discovery import endpoint_for
 
         spec = self.inventory.by_name()[report.name]
-        return SshHost(report.name, report.address, self.pool.get(endpoint_for(spec, self.inventory.hosts)))
+        endpoint = endpoint_for(spec, self.inventory.hosts)
+        return SshHost(report.name, report.address, self.pool.get(endpoint),
+                       reconnect=lambda: self.pool.get(endpoint))
 
 
     async def qmp(self, report: HostReport, vm: str, command: str, args: dict[str, Any] | None = None) -> Any:

@@ -97,9 +97,10 @@ async def test_sev_cancel_mid_way_sends_cancel(lab_session) -> None:
     assert after["lab-2"].vm("web") is None  # the incoming VM is gone
 
 
-async def test_sev_source_qmp_link_dropped_rolls_back(lab_session) -> None:
-    """The SSH channel carrying the source's QMP dies mid-way: the engine reconnects over SSH and
-    rolls back (SEND_CANCEL), so the guest keeps running on the source alone."""
+@pytest.mark.parametrize("what", ["bridge", "transport"])
+async def test_sev_source_qmp_link_dropped_rolls_back(lab_session, what: str) -> None:
+    """The SSH channel carrying the source's QMP dies mid-way (or the whole SSH transport): the
+    engine reconnects over SSH and rolls back (SEND_CANCEL); the guest runs on the source alone."""
     plan = _plan(lab_session, "web", "lab-1", "lab-2", bandwidth_bps=8_000_000)
     checks = preflight(plan, lab_session.trust)
     src, dst = lab_session.link(plan.source), lab_session.link(plan.target)
@@ -108,7 +109,10 @@ async def test_sev_source_qmp_link_dropped_rolls_back(lab_session) -> None:
     def watch(p: Progress) -> None:
         if p.phase is Phase.PRECOPY and p.bytes_transferred > 2_000_000 and not cut:
             cut.append(True)
-            src._links[0].bridge.close()  # the bridge of the engine's one source QMP session
+            if what == "bridge":
+                src._links[0].bridge.close()  # the bridge of the engine's one source QMP session
+            else:
+                src.conn.close()  # the transport under every channel to lab-1
 
     outcome = await Migration(plan, src, dst, checks=checks, on_progress=watch, poll_interval_s=0.1).run()
     await src.close()
