@@ -74,3 +74,20 @@ def test_cli_verify_exit_codes(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "sevconsole", "audit", "verify", "--file", str(path)],
                          capture_output=True, text=True, cwd=ROOT, env=env)
     assert bad.returncode == 1 and "line 2" in bad.stdout + bad.stderr
+
+
+def test_cli_show_prints_the_last_entries(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sevconsole.cli import main
+
+    path = tmp_path / "audit.jsonl"
+    for i in range(4):
+        audit.append(path, {"vm": f"vm{i}", "source": "a", "target": "b", "outcome": "done",
+                            "operator": "op", "time": "2026-01-01T00:00:00", "bytes": 2_000_000,
+                            "duration_s": 1.5})
+    assert main(["audit", "show", "--file", str(path), "-n", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and "vm2 a -> b: done (2.0 MB, 1.5 s)" in out[0] and out[1].lstrip().startswith("4 ")
+    assert main(["audit", "show", "--file", str(path), "-n", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["vm"] == "vm3"
+    assert main(["audit", "show", "--file", str(tmp_path / "none.jsonl")]) == 0
+    assert "no migrations recorded yet" in capsys.readouterr().out
