@@ -125,6 +125,32 @@ async def test_sev_source_qmp_link_dropped_rolls_back(lab_session, what: str) ->
     assert after["lab-1"].vm("web").status == "running" and after["lab-2"].vm("web") is None
 
 
+async def test_stall_on_a_throttled_link(lab_session) -> None:
+    """max-bandwidth of 1 kB/s: after the first burst nothing moves. The engine warns after
+    stall_warn_s, asks the stall callback after stall_timeout_s, and cancels on its word."""
+    plan = _plan(lab_session, "web", "lab-1", "lab-2", bandwidth_bps=1000, stall_warn_s=0.5,
+                 stall_timeout_s=1.5)
+    checks = preflight(plan, lab_session.trust)
+    asked: list[Progress] = []
+    seen: list[Progress] = []
+
+    async def on_stall(p: Progress) -> bool:  # the console asks the operator; here: yes, cancel
+        asked.append(p)
+        return True
+
+    src, dst = lab_session.link(plan.source), lab_session.link(plan.target)
+    outcome = await Migration(plan, src, dst, checks=checks, on_progress=seen.append, on_stall=on_stall,
+                              poll_interval_s=0.1).run()
+    await src.close()
+    await dst.close()
+    assert len(asked) == 1 and asked[0].extra["stalled"] is True and asked[0].extra["stalled_for_s"] >= 1.5
+    assert 0 < asked[0].bytes_transferred < 4 * 1024 * 1024  # one burst, then nothing
+    first_warning = next(p for p in seen if p.extra.get("stalled"))
+    assert 0.5 <= first_warning.extra["stalled_for_s"] < 1.5  # warned before it was asked
+    assert outcome.result == "cancelled" and "stalled" in outcome.message
+    assert outcome.runnable == ("lab-1",) and outcome.source_guest_state == GUEST_RUNNING
+
+
 async def test_sev_migration_end_to_end(lab_session) -> None:
     # QEMU keeps migration parameters per VM: lift the cap the tests above left on web
     plan = _plan(lab_session, "web", "lab-1", "lab-2", bandwidth_bps=10_000_000_000)
