@@ -99,6 +99,7 @@ class JsonSplitter:
         self.depth = 0
         self.in_str = False
         self.esc = False
+        self.scalar = False  # inside a top-level string
         self.pos = 0  # scan position in buf
         self.start = 0  # start of the current text
 
@@ -120,6 +121,12 @@ class JsonSplitter:
                     self.start = i
                     i += 1
                     continue
+                if c == 0x22:  # a top-level string is one token, as in QEMU's lexer
+                    self.depth = 1
+                    self.in_str = self.scalar = True
+                    self.start = i
+                    i += 1
+                    continue
                 # a stray token: up to the next whitespace or bracket
                 j = i
                 while j < n and buf[j] not in b" \t\r\n{[":
@@ -136,6 +143,11 @@ class JsonSplitter:
                     self.esc = True
                 elif c == 0x22:
                     self.in_str = False
+                    if self.scalar:
+                        self.scalar = False
+                        self.depth = 0
+                        out.append(("ok", bytes(buf[self.start:i + 1])))
+                        self.start = i + 1
             elif c == 0x22:
                 self.in_str = True
             elif c in b"{[":
@@ -158,7 +170,7 @@ class JsonSplitter:
     def reset(self) -> None:
         self.buf.clear()
         self.depth = 0
-        self.in_str = self.esc = False
+        self.in_str = self.esc = self.scalar = False
         self.pos = self.start = 0
 
 
@@ -230,7 +242,11 @@ class QmpServer:
 
     async def _answer(self, client: _Client, kind: str, text: bytes) -> dict[str, Any] | None:
         if kind == "bad":
-            return _error(None, f"JSON parse error, invalid keyword '{text.decode(errors='replace')}'")
+            try:
+                json.loads(text)  # a number, true, false or null: valid JSON, but not an object
+            except ValueError:
+                return _error(None, f"JSON parse error, invalid keyword '{text.decode(errors='replace')}'")
+            return _error(None, "QMP input must be a JSON object")
         try:
             msg = json.loads(text)
         except (ValueError, UnicodeDecodeError) as exc:

@@ -84,6 +84,10 @@ def test_malformed_messages_get_qemus_answers_and_the_connection_stays(lab3: Lab
         assert raw.read() == {"return": {"status": "running", "singlestep": False, "running": True}}
         raw.send(b'"\xff\xfe"\n')
         assert raw.read()["error"]["class"] == "GenericError"
+        raw.send(b'"a string { with [ brackets" 7 nul\n')  # one token each, as QEMU's lexer sees them
+        assert raw.read() == {"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}
+        assert raw.read() == {"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}
+        assert raw.read() == {"error": {"class": "GenericError", "desc": "JSON parse error, invalid keyword 'nul'"}}
         raw.send(b'{"execute": "query-name", "id": 10}')
         assert raw.read()["return"] == {"name": "web"}
     finally:
@@ -178,3 +182,38 @@ async def test_stop_and_cont_send_events_with_timestamps(lab3: Lab) -> None:
         assert (await client.execute("query-status"))["status"] == "running"
     finally:
         await client.disconnect()
+
+
+@given(st.lists(st.binary(max_size=200), max_size=8))
+@settings(max_examples=100, deadline=None)
+def test_random_bytes_never_take_the_monitor_down(tmp_path_factory: pytest.TempPathFactory, chunks: list[bytes]) -> None:
+    """Whatever arrives, every answer is a well-formed QMP line and the monitor keeps serving."""
+    from sevconsole.lab.qmp import CommandSpec, QmpServer
+
+    path = str(tmp_path_factory.mktemp("q") / "m.qmp")
+
+    async def answers(data: list[bytes]) -> list[dict]:
+        reader, writer = await asyncio.open_unix_connection(path)
+        for chunk in data:
+            writer.write(chunk)
+        writer.write_eof()
+        out = []
+        while line := await asyncio.wait_for(reader.readline(), 5):
+            assert line.endswith(b"\r\n")
+            out.append(json.loads(line))
+        writer.close()
+        return out
+
+    async def scenario() -> None:
+        server = QmpServer(path, {"query-name": CommandSpec("query-name", lambda a: {"name": "x"})})
+        await server.start()
+        try:
+            got = await answers([b'{"execute": "qmp_capabilities"}', *chunks])
+            assert "QMP" in got[0] and got[1] == {"return": {}}
+            assert all(set(m) <= {"return", "error", "id"} and ("return" in m) != ("error" in m) for m in got[1:])
+            after = await answers([b'{"execute": "qmp_capabilities"}{"execute": "query-name", "id": 1}'])
+            assert after[2] == {"return": {"name": "x"}, "id": 1}
+        finally:
+            await server.close()
+
+    asyncio.run(scenario())
