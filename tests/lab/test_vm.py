@@ -6,6 +6,8 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sevconsole.lab.layout import DB_POLICY, VmSpec, default_shared_ranges
 from sevconsole.lab.psp import FirmwareError, Psp
@@ -93,3 +95,35 @@ def test_workload_dirties_the_running_guest(psp: Psp) -> None:
         assert wait_for(vm.workload.written + 20)
     finally:
         vm.close()
+
+
+@given(st.binary(max_size=3000), st.sampled_from([b"", b"hello", b"sev"]))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_stream_fails_with_a_sentence_not_a_crash(psp: Psp, tail: bytes, prefix_kind: bytes) -> None:
+    """The target's parser meets garbage after a valid start: only the lab's typed errors come out."""
+    import json
+    import socket
+    import struct
+
+    from sevconsole.lab import stream
+    from sevconsole.lab.migration import IncomingMigration, MigrationError
+    from sevconsole.lab.stream import Frame, StreamError
+
+    vm = LabVm(name="g", pid=9, spec=VmSpec(name="g", sev=True, policy=DB_POLICY, mem_mib=1, shared=()),
+               psp=psp, qmp_path="/nonexistent", argv=[], incoming=True)
+    mig = IncomingMigration(vm, "tcp:127.0.0.1:0", lambda e, d: None, lambda v: None)
+    mig.close()
+    hello = json.dumps({"vm": "g", "mem": vm.mem_bytes, "page-size": 4096, "sev": True, "shared": []}).encode()
+    data = stream.MAGIC
+    if prefix_kind:
+        data += stream.frame_header(Frame.HELLO, len(hello)) + hello
+    if prefix_kind == b"sev":
+        data += bytes([Frame.PRIVATE]) + struct.pack(">I", len(tail))  # a PRIVATE frame before SEV_START
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(data + tail)
+        a.shutdown(socket.SHUT_WR)
+        with pytest.raises((StreamError, MigrationError, FirmwareError)) as exc:
+            mig._receive(b)
+        assert str(exc.value)
+    vm.close()
