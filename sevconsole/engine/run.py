@@ -397,8 +397,11 @@ class Migration:
         if idle >= plan.stall_timeout_s and not self._cancel.is_set():
             cancel = True
             if self._on_stall is not None:
-                answer = self._on_stall(f.snapshot())
-                cancel = bool(await answer) if inspect.isawaitable(answer) else bool(answer)
+                try:
+                    answer = self._on_stall(f.snapshot())
+                    cancel = bool(await answer) if inspect.isawaitable(answer) else bool(answer)
+                except Exception as exc:  # nobody to ask: do what the CLI does, cancel
+                    f.event(f"stall callback failed ({type(exc).__name__}: {exc}); cancelling")
             if cancel:
                 self.cancel(f"stalled: no progress for {idle:.0f} s (stall timeout "
                             f"{plan.stall_timeout_s:g} s)")
@@ -668,8 +671,12 @@ class Migration:
             return None
 
     def _post(self) -> None:
-        if self._on_progress is not None:
+        if self._on_progress is None:
+            return
+        try:
             self._on_progress(self.folder.snapshot())
+        except Exception as exc:  # a broken watcher must not strand a guest mid-migration
+            self.folder.event(f"progress watcher failed: {type(exc).__name__}: {exc}")
 
 
 def _host(address: str) -> str:

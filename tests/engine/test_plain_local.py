@@ -208,3 +208,16 @@ async def test_polls_never_overlap_and_keep_their_cadence(guests, local_hosts) -
     assert len(polls) >= 10, polls
     assert sum(1 for g in gaps if g < 0.05) <= 4  # early reads only on the few MIGRATION events
     assert max(gaps) < 1.0  # 0.1 s cadence; slack for a loaded machine
+
+
+async def test_a_failing_watcher_does_not_strand_the_guest(guests, local_hosts) -> None:
+    vm = await guests.start("web")
+    calls = []
+
+    def broken(p: Progress) -> None:
+        calls.append(p)
+        raise RuntimeError("widget gone")
+
+    outcome = await Migration(_plan(vm), *local_hosts, on_progress=broken, poll_interval_s=0.05).run()
+    assert outcome.result == "done" and outcome.runnable == ("dst",)
+    assert len(calls) > 2 and any("progress watcher failed" in e for e in outcome.progress.events)
