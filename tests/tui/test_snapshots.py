@@ -10,6 +10,7 @@ import pytest
 from sevconsole.hosts.report import Capabilities
 from sevconsole.tui.app import SevConsoleApp
 from sevconsole.tui.screens.live import LiveScreen
+from sevconsole.tui.screens.migrate import MigrateScreen
 from sevconsole.tui.screens.result import ResultScreen
 from sevconsole.tui.scripted import ScriptedBackend, sample_progress, sample_reports, sample_result
 
@@ -19,7 +20,19 @@ def make_app(rome: Capabilities, naples: Capabilities, theme: str | None = None)
 
 
 async def idle(pilot) -> None:  # type: ignore[no-untyped-def]
-    await pilot.app.workers.wait_for_complete()
+    """Workers done, their messages handled, and the screen's own data complete."""
+    app = pilot.app
+    await app.workers.wait_for_complete()
+
+    def pending() -> bool:
+        screen = app.screen
+        if isinstance(screen, MigrateScreen):
+            return len(screen.results) < len(screen.targets())
+        return len(app.reports) < 3 or getattr(screen, "busy", False)
+
+    while pending():
+        await pilot.pause(0.01)
+        await app.workers.wait_for_complete()
     await pilot.pause()
 
 

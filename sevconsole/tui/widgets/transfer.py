@@ -24,8 +24,7 @@ def convergence_sentence(p: Progress) -> str:
         return f"[$success]converging[/]{eta}"
     dirty_bps = p.dirty_pages_per_s * p.page_size
     return (f"[$error]NOT converging[/]: dirtying {fmt.rate(dirty_bps)} vs sending "
-            f"{fmt.rate(p.rate_bps)}; the last copy cannot fit {p.downtime_limit_ms} ms. "
-            "Raise the limit or cancel (c).")
+            f"{fmt.rate(p.rate_bps)}: raise the limit or cancel")
 
 
 class TransferPanel(Vertical):
