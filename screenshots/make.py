@@ -98,7 +98,9 @@ async def shoot(lab_dir: Path, out: Path, size: tuple[int, int]) -> list[Path]:
             await until(pilot, lambda: not guide.busy)
             await pilot.pause()
             save("guide")
-            # on to the last demo: a realistic PSP that cannot keep up with the guest
+            # on to the last demo: a realistic PSP that cannot keep up with the guest. The guide
+            # would cancel the moment the prediction turns; here it waits for the picture first.
+            guide.steps = tuple(replace(s, cancel_if_not_converging=False) for s in guide.steps)
             while guide.index < len(guide.steps) - 2:
                 await until(pilot, lambda: not guide.busy, timeout=300)
                 await pilot.press("space")
@@ -111,6 +113,7 @@ async def shoot(lab_dir: Path, out: Path, size: tuple[int, int]) -> list[Path]:
             await until(pilot, predicted, timeout=300)
             await pilot.pause()
             save("guide-not-converging")
+            await pilot.press("c")  # cancel, as the operator would
             await until(pilot, lambda: not guide.busy, timeout=120)
     finally:
         backend.close()

@@ -39,8 +39,12 @@ def text_of(app: SevConsoleApp, selector: str) -> str:
 
 
 async def settle(app: SevConsoleApp, pilot) -> None:  # type: ignore[no-untyped-def]
+    """Workers done and their messages handled (a migrate screen has every target's checks)."""
     await app.workers.wait_for_complete()
     await pilot.pause()
+    while isinstance(app.screen, MigrateScreen) and len(app.screen.results) < len(app.screen.targets()):
+        await pilot.pause(0.01)
+        await app.workers.wait_for_complete()
 
 
 @pytest.fixture
