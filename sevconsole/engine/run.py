@@ -443,42 +443,42 @@ class Migration:
         self._tasks.append(asyncio.create_task(pump()))
 
     # -- ends
-    async def _finish(self) -> Outcome:
+    async def _finish(self, note: str | None = None) -> Outcome:
+        """The stream reached its end: the guest must now live on the target alone. `note` says
+        why we got here another way (the source reported a failure after the target took over)."""
         f = self.folder
         f.phase(Phase.FINISHING)
+        if note:
+            f.error(note)
         self._post()
         src_state = dst_state = None
-        want = ("running", "paused") if self._hold_target else ("running",)
+        # QEMU leaves a target paused when the source was paused; -S holds it paused for the digest
+        held = self._hold_target or self._source_initial == "paused"
+        want = ("running", "paused") if held else ("running",)
         dst_status = await self._wait_status(self._dst, "target", want, timeout=QMP_TIMEOUT_S)
-        if dst_status is None and self._incoming is not None:  # the target's QMP link broke: reopen it
-            with contextlib.suppress(Exception):
-                if self._dst is not None:
-                    await self._dst.disconnect()
-            try:
-                self._dst = await self.target.open_qmp(self._incoming.qmp)
-                f.event(f"{self.plan.target.name}: QMP link re-opened")
-            except LinkError as exc:
-                self._dst = None
-                f.error(str(exc))
+        if dst_status is None and await self._reopen_target():
             dst_status = await self._wait_status(self._dst, "target", want, timeout=QMP_TIMEOUT_S)
         # QEMU says "completed" a moment before the source leaves finish-migrate
         src_status = await self._wait_status(self._src, "source", SETTLED, timeout=QMP_TIMEOUT_S)
         digest_src = await self._digest(self._src, self._src_cmds, "source")
         digest_dst = await self._digest(self._dst, self._dst_cmds, "target")
-        if dst_status == "paused" and self._source_initial == "running" and \
+        if dst_status == "paused" and self._source_initial != "paused" and \
                 (digest_src is None or digest_src == digest_dst):
             with contextlib.suppress(LinkError):
                 await self._qmp(self._dst, "target", "cont")
                 f.event(f"{self.plan.target.name}: guest verified and resumed (cont)")
             dst_status = await self._wait_status(self._dst, "target", ("running",), timeout=QMP_TIMEOUT_S)
-        if LAB_FIRMWARE in self._src_cmds:
+        if LAB_FIRMWARE in self._src_cmds or LAB_FIRMWARE in self._dst_cmds:
             await self._lab_extras()
-            src_state = _guest_state(f.current.source_fw)
+            src_state = _guest_state(f.current.source_fw) if self._src is not None else None
             dst_state = _guest_state(f.current.target_fw)
         runnable = self._runnable(src_status, src_state, dst_status, dst_state)
         problems = []
         if dst_status != "running" and not (dst_status == "paused" and self._source_initial == "paused"):
             problems.append(f"{self.plan.target.name}: guest is '{dst_status}', not running")
+        if src_status is None:
+            problems.append(f"{self.plan.source.name}: unreachable, so its copy could not be confirmed "
+                            "stopped")
         if self.plan.sev and src_state is not None and src_state != GUEST_SENT:
             problems.append(f"{self.plan.source.name}: firmware guest state {src_state}, not SENT")
         if not self.plan.sev and src_status == "running":
@@ -493,11 +493,55 @@ class Migration:
         ok = not problems
         f.phase(Phase.DONE if ok else Phase.FAILED)
         kind = "SENT" if self.plan.sev else "stopped"
-        msg = (f"{self.plan.vm.name} now runs on {self.plan.target.name}; the source copy is {kind}"
-               if ok else "migration completed but the end state is wrong: " + "; ".join(problems))
+        where = f"{self.plan.vm.name} now runs on {self.plan.target.name}"
+        if dst_status == "paused":
+            where = f"{self.plan.vm.name} is now on {self.plan.target.name} (paused, as it was)"
+        msg = (f"{where}; the source copy is {kind}" if ok
+               else f"migration completed, but: {'; '.join(problems)}")
         return Outcome("done" if ok else "failed", msg, runnable=runnable, source_status=src_status,
                        target_status=dst_status, source_guest_state=src_state, target_guest_state=dst_state,
                        digest_source=digest_src, digest_target=digest_dst)
+
+    async def _reopen_target(self) -> bool:
+        """A fresh QMP link to the incoming VM after the old one broke."""
+        if self._incoming is None:
+            return False
+        with contextlib.suppress(Exception):
+            if self._dst is not None:
+                await self._dst.disconnect()
+        try:
+            self._dst = await self.target.open_qmp(self._incoming.qmp)
+        except LinkError as exc:
+            self._dst = None
+            self.folder.error(str(exc))
+            return False
+        self.folder.event(f"{self.plan.target.name}: QMP link re-opened")
+        return True
+
+    async def _target_took_over(self) -> bool:
+        """Whether the incoming VM already holds the whole guest (its side of the stream completed)
+        while the source cannot run it any more (SEV: SENT; plain: not running). Then stopping the
+        target would lose the guest; the end is a finish, not a rollback."""
+        if self._incoming is None:
+            return False
+        info: dict[str, Any] = {}
+        for _ in range(2):
+            try:
+                info = await self._qmp(self._dst, "target", "query-migrate")
+                break
+            except LinkError:
+                if not await self._reopen_target():
+                    return False
+        if info.get("status") != "completed":
+            return False
+        src_status = await self._status(self._src, "source")
+        src_state = None
+        if LAB_FIRMWARE in self._src_cmds and self._src is not None:
+            await self._lab_extras()
+            src_state = _guest_state(self.folder.current.source_fw)
+        if src_state == GUEST_SENT:
+            return True
+        return src_status != "running" and not (self.plan.sev and src_state == GUEST_RUNNING)
 
     async def _rollback(self, result: str, reason: str) -> Outcome:
         """Cancel or failure: the source guest runs again and the target's incoming VM is gone."""
@@ -515,6 +559,9 @@ class Migration:
                 if info.get("status") in ("active", "setup", "device", "pre-switchover"):
                     await self._qmp(self._src, "source", "migrate_cancel")
                     await self._wait_migrate_end()
+        if await self._target_took_over():
+            return await self._finish(note=f"{reason}; but the target had already received the whole "
+                                      "guest and the source could no longer run it, so it stays there")
         target_gone = await self._stop_target()
         src_status = await self._status(self._src, "source")
         if (src_status in ("paused", "postmigrate") and self._source_initial == "running"
@@ -569,16 +616,14 @@ class Migration:
                 return await self._finish()
             return await self._rollback("failed", f"{self.plan.source.name}'s QMP link dropped mid-way; "
                                         "migration rolled back")
-        dst_status = await self._status(self._dst, "target")
-        if dst_status == "running":
-            f.phase(Phase.FAILED)
-            return Outcome("failed", f"{self.plan.source.name} unreachable; {self.plan.vm.name} runs on "
-                           f"{self.plan.target.name} (source copy not confirmed stopped)",
-                           runnable=(self.plan.target.name,), target_status=dst_status)
+        if await self._target_took_over():
+            return await self._finish(note=f"{self.plan.source.name} unreachable over QMP after the target "
+                                      "received the whole guest")
         gone = await self._stop_target()
         f.phase(Phase.FAILED)
         return Outcome("failed", f"{self.plan.source.name} unreachable over QMP; the incoming VM on "
-                       f"{self.plan.target.name} was stopped, so the source keeps the guest (not confirmed)",
+                       f"{self.plan.target.name} was stopped before it had the whole guest, so the source "
+                       "QEMU keeps it (not confirmed)",
                        runnable=(self.plan.source.name,) if gone else (), target_status=None if gone else "unknown")
 
     async def _stop_target(self) -> bool:
@@ -606,7 +651,7 @@ class Migration:
         src_ok = src_status == "running" or (src_status == "paused" and self._source_initial == "paused")
         if src_ok and src_state != GUEST_SENT:
             out.append(self.plan.source.name)
-        if dst_status == "running" or dst_status == "unknown":
+        if dst_status in ("running", "unknown") or (dst_status == "paused" and self._source_initial == "paused"):
             out.append(self.plan.target.name)
         return tuple(out)
 

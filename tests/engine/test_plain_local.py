@@ -221,3 +221,16 @@ async def test_a_failing_watcher_does_not_strand_the_guest(guests, local_hosts) 
     outcome = await Migration(_plan(vm), *local_hosts, on_progress=broken, poll_interval_s=0.05).run()
     assert outcome.result == "done" and outcome.runnable == ("dst",)
     assert len(calls) > 2 and any("progress watcher failed" in e for e in outcome.progress.events)
+
+
+async def test_paused_guest_arrives_paused_as_the_one_copy(guests, local_hosts) -> None:
+    vm = await guests.start("web")
+    client = QMPClient("pause")
+    await client.connect(vm.qmp_path)
+    await client.execute("stop")
+    await client.disconnect()
+    outcome = await Migration(_plan(vm), *local_hosts, poll_interval_s=0.05).run()
+    assert outcome.result == "done", outcome
+    assert outcome.target_status == "paused" and outcome.runnable == ("dst",)
+    assert "paused, as it was" in outcome.message
+    assert await _status(outcome.target_qmp) == "paused"
