@@ -128,9 +128,6 @@ async def test_reply_cut_before_ready_rolls_back(rig3: Rig) -> None:
     assert att.outcome.result == "failed" and [c.host for c in att.census.runnable] == [home]
 
 
-@pytest.mark.xfail(strict=True, reason="engine/run.py _rollback: the source reports 'failed' (DONE never "
-                   "came) and the rollback stops the target, which already ran RECEIVE_FINISH while the "
-                   "source is SENT: the guest is lost. See report.")
 async def test_reply_cut_before_done_leaves_the_target_running(rig3: Rig) -> None:
     """The target ran RECEIVE_FINISH, its DONE never arrives: the source is SENT already, so the
     guest lives on the target only."""
