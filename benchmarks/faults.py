@@ -3,7 +3,7 @@ fault (seeded), and the promises checked after every one by an independent censu
 
 Fault kinds: the stream cut at a random byte, a reply (READY/DONE) cut, one bit flipped in the
 session, a packet header or the ciphertext, the target or the source host process killed at a
-random byte, the source's QMP link dropped mid-stream, a guest whose policy turned NOSEND after
+random byte, the source's QMP link or its whole SSH transport dropped mid-stream, a guest whose policy turned NOSEND after
 the preflight. Prints JSON: faults by kind, outcomes, invariant violations (must be 0), digest
 mismatches (must be 0), the longest time from a fault to the engine's verified end, and every
 violation with its fault so it can be replayed (same seed, same K).
@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import socket
 import sys
 import tempfile
 import time
@@ -27,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sevconsole.hosts.discovery import endpoint_for  # noqa: E402
 from sevconsole.sev.policy import PolicyFlag  # noqa: E402
 from tests.reliability.proxy import Fault, StreamProxy  # noqa: E402
 from tests.reliability.rig import (  # noqa: E402
@@ -45,7 +47,7 @@ from tests.reliability.rig import (  # noqa: E402
 )
 
 KINDS = ("cut-stream", "cut-reply", "flip-session", "flip-header", "flip-ciphertext", "kill-target",
-         "kill-source", "drop-qmp", "nosend")
+         "kill-source", "drop-qmp", "drop-ssh", "nosend")
 
 
 async def nosend_attempt(rig: Rig) -> Attempt:
@@ -97,6 +99,12 @@ async def one(rig: Rig, kind: str, rng: np.random.Generator, total: int) -> tupl
                 link.bridge.channel.close()
 
         faults = [Fault("call", at=at, call=drop)]
+    elif kind == "drop-ssh":
+        def drop_ssh() -> None:  # the TCP connection under the source's SSH transport dies
+            conn = rig.pool.get(endpoint_for(rig.spec(home), rig.inventory.hosts))
+            conn.transport.sock.shutdown(socket.SHUT_RDWR)
+
+        faults = [Fault("call", at=at, call=drop_ssh)]
     else:
         faults = fault_plan(rng, kind, total)
 
