@@ -11,7 +11,8 @@ from textual.theme import Theme
 
 from sevconsole import paths
 
-PROJECT_THEMES = Path(__file__).resolve().parents[2] / "themes"
+# A link to the project's themes/ folder in a checkout; a real folder in an installed copy.
+PROJECT_THEMES = Path(__file__).resolve().parent / "builtin_themes"
 DEFAULT = "dark"
 THEME_KEYS = ("primary", "secondary", "warning", "error", "success", "accent", "foreground",
               "background", "surface", "panel", "boost", "dark", "luminosity_spread", "text_alpha")
