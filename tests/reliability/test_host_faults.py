@@ -73,10 +73,7 @@ async def test_source_host_killed_mid_stream_never_clones(rig2: Rig, at: int) ->
     assert "lab-1" in att.outcome.message
 
 
-@pytest.mark.parametrize("how", ["qmp-link", pytest.param("ssh-transport", marks=pytest.mark.xfail(
-    strict=False, reason="engine/run.py _source_lost: the source stays unreachable for RECONNECT_S (the "
-    "pool hands back the dead transport), the stream completes meanwhile, and the engine stops the "
-    "target, which holds the only copy paused (-S): the guest is lost. See report."))])
+@pytest.mark.parametrize("how", ["qmp-link", "ssh-transport"])
 async def test_source_link_dropped_mid_stream(rig2: Rig, how: str) -> None:
     """The engine loses its QMP link to the source (the bridge channel, or the whole SSH transport
     under it) mid-stream: it reconnects and ends in a verified state either way."""
