@@ -40,6 +40,7 @@ TERMINAL = ("completed", "failed", "cancelled")
 SETTLED = ("postmigrate", "paused", "running", "shutdown", "guest-panicked", "internal-error")
 QMP_TIMEOUT_S = 10.0
 RECONNECT_S = 3.0
+TARGET_LOAD_S = 30.0  # how long a target may take to load the end of the stream
 
 ProgressCallback = Callable[[Progress], None]
 StallCallback = Callable[[Progress], "bool | Awaitable[bool]"]
@@ -258,10 +259,11 @@ class Migration:
     async def _prepare_target(self) -> int:
         f = self.folder
         argv = tuple(self.plan.vm.argv)
-        self._hold_target = LAB_DIGEST in self._src_cmds and "-S" not in argv
-        if self._hold_target:
-            # -S: the target stays paused after the last page until its digest is compared (a
-            # host helper that drops -S just lets it run, and then the digest may drift)
+        # -S: the target stays paused after the last page until its digest is compared (a host
+        # helper that drops -S just lets it run, and then the digest may drift). A source that
+        # itself arrived by migration may carry -S already: its target is held the same way.
+        self._hold_target = LAB_DIGEST in self._src_cmds or "-S" in argv
+        if LAB_DIGEST in self._src_cmds and "-S" not in argv:
             argv += ("-S",)
         self._incoming = await self.target.launch_incoming(argv)
         f.event(f"{self.target.name}: incoming VM started (pid {self._incoming.pid})")
@@ -452,12 +454,16 @@ class Migration:
             f.error(note)
         self._post()
         src_state = dst_state = None
-        # QEMU leaves a target paused when the source was paused; -S holds it paused for the digest
-        held = self._hold_target or self._source_initial == "paused"
-        want = ("running", "paused") if held else ("running",)
-        dst_status = await self._wait_status(self._dst, "target", want, timeout=QMP_TIMEOUT_S)
-        if dst_status is None and await self._reopen_target():
-            dst_status = await self._wait_status(self._dst, "target", want, timeout=QMP_TIMEOUT_S)
+        # QEMU leaves a target paused when the source was paused, -S holds it paused for the digest,
+        # and a helper may keep a source's -S: a paused target is resumed below when it should run
+        want = ("running", "paused")
+        dst_status = await self._target_settled(want)
+        if dst_status not in want and note is None:
+            # QEMU's source says "completed" once its last bytes are in socket buffers; a target
+            # that then fails to load them never runs. A plain source still holds the whole guest
+            # (postmigrate): the rollback stops the target for certain, then resumes the source.
+            return await self._rollback("failed", f"{self.plan.target.name}: the incoming VM did not take "
+                                        f"the guest after the source completed (it is '{dst_status}')")
         # QEMU says "completed" a moment before the source leaves finish-migrate
         src_status = await self._wait_status(self._src, "source", SETTLED, timeout=QMP_TIMEOUT_S)
         digest_src = await self._digest(self._src, self._src_cmds, "source")
@@ -501,6 +507,28 @@ class Migration:
         return Outcome("done" if ok else "failed", msg, runnable=runnable, source_status=src_status,
                        target_status=dst_status, source_guest_state=src_state, target_guest_state=dst_state,
                        digest_source=digest_src, digest_target=digest_dst)
+
+    async def _target_settled(self, want: tuple[str, ...]) -> str | None:
+        """The target's run state once it has the guest (in `want`), has failed, or is gone; a target
+        still loading the end of the stream (inmigrate, active) is given TARGET_LOAD_S."""
+        deadline = self._clock() + TARGET_LOAD_S
+        while True:
+            status = await self._status(self._dst, "target")
+            if status is None and await self._reopen_target():
+                status = await self._status(self._dst, "target")
+            if status in want or status is None:
+                return status
+            if status != "inmigrate":
+                # postmigrate/paused the target would not leave by itself: give QEMU a moment
+                status = await self._wait_status(self._dst, "target", want, timeout=QMP_TIMEOUT_S)
+                return status
+            try:
+                info = await self._qmp(self._dst, "target", "query-migrate")
+            except LinkError:
+                info = {}
+            if info.get("status") in ("failed", "cancelled") or self._clock() > deadline:
+                return status
+            await asyncio.sleep(0.05)
 
     async def _reopen_target(self) -> bool:
         """A fresh QMP link to the incoming VM after the old one broke."""
@@ -566,9 +594,11 @@ class Migration:
         src_status = await self._status(self._src, "source")
         if (src_status in ("paused", "postmigrate") and self._source_initial == "running"
                 and target_gone):
-            with contextlib.suppress(LinkError):
+            try:
                 await self._qmp(self._src, "source", "cont")
                 f.event(f"{self.plan.source.name}: guest resumed (cont)")
+            except LinkError as exc:
+                f.error(f"{self.plan.source.name}: the guest could not be resumed: {exc}")
             src_status = await self._wait_status(self._src, "source", ("running",), timeout=5)
         src_state = None
         if LAB_FIRMWARE in self._src_cmds:
@@ -579,6 +609,12 @@ class Migration:
         could_run = self._mig_status == "completed" or src_state == GUEST_SENT
         runnable = self._runnable(src_status, src_state, "unknown" if not target_gone and could_run else None,
                                   None)
+        if (src_status == "postmigrate" and self._source_initial == "paused" and target_gone
+                and src_state != GUEST_SENT and self.plan.source.name not in runnable):
+            # a paused guest whose stream "completed" into a target that then died: QEMU has no way
+            # back to 'paused' without running it, but `cont` resumes it, so it is the one copy
+            runnable = (self.plan.source.name, *runnable)
+            f.event(f"{self.plan.source.name}: the paused guest stays there (postmigrate; `cont` resumes it)")
         if not target_gone:
             f.error(f"{self.plan.target.name}: the incoming VM could not be confirmed gone"
                     + ("" if could_run else " (it never received the end of the stream, so it cannot run)"))

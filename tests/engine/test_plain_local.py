@@ -234,3 +234,23 @@ async def test_paused_guest_arrives_paused_as_the_one_copy(guests, local_hosts) 
     assert outcome.target_status == "paused" and outcome.runnable == ("dst",)
     assert "paused, as it was" in outcome.message
     assert await _status(outcome.target_qmp) == "paused"
+
+
+async def test_target_dies_right_after_the_stream_ends(guests, local_hosts) -> None:
+    """QEMU's source says "completed" once its last bytes are written; if the target dies then,
+    the source still holds the whole guest: the engine resumes it there (one copy)."""
+    vm = await guests.start("web")
+    mig: Migration
+    killed: list[int] = []
+
+    def watch(p: Progress) -> None:
+        if p.phase is Phase.FINISHING and not killed and mig.incoming is not None:
+            killed.append(mig.incoming.pid)
+            os.kill(mig.incoming.pid, signal.SIGKILL)
+
+    mig = Migration(_plan(vm), *local_hosts, on_progress=watch, poll_interval_s=0.05)
+    outcome = await mig.run()
+    assert killed and outcome.result == "failed", outcome
+    assert "did not take the guest" in outcome.message
+    assert outcome.runnable == ("src",) and outcome.source_status == "running"
+    assert await _status(vm.qmp_path) == "running"
