@@ -86,9 +86,6 @@ async def test_target_pdh_other_than_verified_stops_before_a_byte(rig3: Rig, sev
     assert [(c.host, c.digest) for c in after.runnable] == [(home, before)], after.describe()
 
 
-@pytest.mark.xfail(strict=True, reason="engine/run.py _prepare_target: a source argv that already has -S "
-                   "(a guest that arrived by migration) sets _hold_target False, so _finish waits "
-                   "QMP_TIMEOUT_S (10 s) for the paused target to run by itself before it sends cont")
 async def test_second_hop_finishes_without_a_10_s_wait(rig3: Rig) -> None:
     for _ in range(2):  # the second hop moves a guest that arrived with -S
         home = await cleanup_vm(rig3, "web")
