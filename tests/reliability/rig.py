@@ -278,8 +278,9 @@ class Rig:
         raise AssertionError(f"lab discovery kept failing: {[(r.name, r.error, [v.errors for v in r.vms]) for r in got.values()]}")
 
     def link(self, name: str) -> SshHost:
-        spec = self.spec(name)
-        return SshHost(name, "127.0.0.1", self.pool.get(endpoint_for(spec, self.inventory.hosts)))
+        endpoint = endpoint_for(self.spec(name), self.inventory.hosts)
+        # as `sevconsole migrate` does: a dropped transport is re-opened from the pool
+        return SshHost(name, "127.0.0.1", self.pool.get(endpoint), reconnect=lambda: self.pool.get(endpoint))
 
     def plan(self, vm: str, src: str, dst: str, *, strip_hold: bool = True, **kw: Any) -> MigrationPlan:
         reports = self.reports(src, dst, need=vm)
