@@ -131,7 +131,6 @@ class Migration:
         self._src_cmds: set[str] = set()
         self._dst_cmds: set[str] = set()
         self._incoming: IncomingVm | None = None
-        self._hold_target = False
         self._mig_status = "none"  # the source's last query-migrate status
         self._cancel_sent = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -261,8 +260,7 @@ class Migration:
         argv = tuple(self.plan.vm.argv)
         # -S: the target stays paused after the last page until its digest is compared (a host
         # helper that drops -S just lets it run, and then the digest may drift). A source that
-        # itself arrived by migration may carry -S already: its target is held the same way.
-        self._hold_target = LAB_DIGEST in self._src_cmds or "-S" in argv
+        # itself arrived by migration may carry -S already; _finish resumes a paused target either way.
         if LAB_DIGEST in self._src_cmds and "-S" not in argv:
             argv += ("-S",)
         self._incoming = await self.target.launch_incoming(argv)
