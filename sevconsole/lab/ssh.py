@@ -86,6 +86,7 @@ class LabSshServer:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self._transports: set[paramiko.Transport] = set()
+        self._held: set[paramiko.Channel] = set()
         self._stopped = threading.Event()
         self._lock = threading.Lock()
 
@@ -134,8 +135,12 @@ class LabSshServer:
             t.start_server(server=_Server(self))
             while t.is_active() and not self._stopped.is_set():
                 chan = t.accept(timeout=1.0)
-                if chan is None:
-                    continue
+                # paramiko keeps channels by weak reference: hold each one until its command
+                # has run, or a second channel opened on the same connection can vanish.
+                with self._lock:
+                    self._held = {c for c in self._held if not c.closed}
+                    if chan is not None:
+                        self._held.add(chan)
         except (paramiko.SSHException, EOFError, OSError):
             pass
         finally:
@@ -159,6 +164,8 @@ class LabSshServer:
                 chan.send_exit_status(code)
                 chan.shutdown_write()
                 chan.close()
+            with self._lock:
+                self._held.discard(chan)
 
     def _dispatch(self, chan: paramiko.Channel, command: str) -> int:
         try:

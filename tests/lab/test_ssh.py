@@ -139,3 +139,18 @@ def test_launch_incoming_and_stop(lab3: Lab) -> None:
     assert f.readline() == b""  # its monitor closed
     s.close()
     assert "web" not in [v["name"] for v in helper(lab3, "lab-2", "probe")["vms"]]
+
+
+def test_many_channels_opened_at_once_on_one_connection_all_run(lab3: Lab) -> None:
+    """paramiko holds channels weakly: the server must keep each one until its command ends."""
+    import gc
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = ssh_client(lab3, "lab-2")
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: (gc.collect(), run(client, "probe"))[1], range(16)))
+    finally:
+        client.close()
+    assert [code for code, _, _ in answers] == [0] * 16
+    assert {json.loads(out)["hostname"] for _, out, _ in answers} == {"lab-2"}
