@@ -78,7 +78,8 @@ class Bridge:
         self._closing.set()
         with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
             self.channel.shutdown_write()
-        self.channel.close()
+        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            self.channel.close()  # on a dead transport, close() itself raises EOFError
         self._end()
 
     def _end(self) -> None:
@@ -92,7 +93,8 @@ class Bridge:
     def close(self) -> None:
         """Close both ends now (the pumps then finish on their own)."""
         self._closing.set()
-        self.channel.close()
+        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            self.channel.close()
         for sock in (self.local, self._inner):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
