@@ -155,6 +155,11 @@ def _discover(spec: HostSpec, ctx: _Context, last: list[HostReport]) -> HostRepo
     caps = _capabilities(spec, data, qmp_caps, ctx, errors, sev)
     extra = {"helper": data.get("helper"), "python": data.get("python"), "endpoint": endpoint.where(),
              "host_claims_lab": bool(data.get("lab"))}
+    memory = data.get("memory") if isinstance(data.get("memory"), dict) else {}
+    for key in ("total_mib", "available_mib"):
+        value = memory.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            extra[f"mem_{key}"] = value
     text = {k: str(data[k]) if data.get(k) is not None else None for k in ("hostname", "kernel", "cpu")}
     return replace(base, hostname=text["hostname"] or "?", kernel=text["kernel"], cpu=text["cpu"],
                    sev=sev, capabilities=caps, vms=tuple(vms), errors=tuple(errors), extra=extra)

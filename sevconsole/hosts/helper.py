@@ -81,6 +81,17 @@ def cpu_model():
     return os.uname().machine
 
 
+def memory_mib():
+    """MemTotal and MemAvailable of /proc/meminfo in MiB (None where unreadable)."""
+    found = {}
+    for line in (read_text("/proc/meminfo") or "").splitlines():
+        key, _, value = line.partition(":")
+        parts = value.split()
+        if key in ("MemTotal", "MemAvailable") and parts and parts[0].isdigit():
+            found[key] = int(parts[0]) // 1024
+    return {"total_mib": found.get("MemTotal"), "available_mib": found.get("MemAvailable")}
+
+
 def sev_issue(fd, command, buf):
     """Issue one SEV platform command through the kernel's ioctl; return the firmware status."""
     arg = bytearray(struct.pack("<IQI", command, ctypes.addressof(buf), 0))
@@ -307,7 +318,7 @@ def cmd_probe(args):
         "helper": HELPER_VERSION, "hostname": socket.gethostname(), "kernel": uname.release,
         "cpu": cpu_model(), "kvm_amd": {"sev": kvm_amd_param("sev"), "sev_es": kvm_amd_param("sev_es")},
         "dev_sev": False, "platform_status": None, "pdh": None, "cert_chain": None, "errors": [],
-        "python": "{}.{}".format(*sys.version_info[:2]),
+        "python": "{}.{}".format(*sys.version_info[:2]), "memory": memory_mib(),
     }
     probe_dev_sev(result)
     result["vms"] = find_vms(globs)

@@ -158,8 +158,15 @@ class LabHost:
             "errors": [] if pdh.status == 0 else [f"PDH_CERT_EXPORT failed: {pdh.detail}"],
             "vms": [{"pid": vm.pid, "name": vm.name, "qmp": vm.qmp_path, "argv": list(vm.argv)}
                     for vm in list(self.vms.values())],
+            "memory": self._memory(),
             "lab": True,
         }
+
+    def _memory(self) -> dict[str, int]:
+        """A host of `host-mib` (64 GiB unless the layout says) less what its guests hold."""
+        total = int(self.spec.extra.get("host-mib", 65536))
+        used = sum(vm.spec.mem_mib for vm in list(self.vms.values()))
+        return {"total_mib": total, "available_mib": max(total - used, 0)}
 
     def launch_incoming(self, request: Any) -> dict[str, Any]:
         """From an SSH thread: create an incoming VM like the source's argv describes."""

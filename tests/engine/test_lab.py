@@ -32,6 +32,8 @@ def test_refusals_on_the_lab(lab_session) -> None:
     assert checks["domain"].status is CheckStatus.FAIL and "lab-3" in checks["domain"].sentence
     assert checks["api"].status is CheckStatus.FAIL and "0.17" in checks["api"].sentence
     assert checks["chain"].status is CheckStatus.PASS and "lab root" in checks["chain"].sentence
+    # The lab host reports its free memory (64 GiB less its guests) through the probe.
+    assert checks["memory"].status is CheckStatus.PASS and "MiB available" in checks["memory"].sentence
     vault = {c.key: c for c in preflight(_plan(lab_session, "vault", "lab-1", "lab-2"), lab_session.trust)}
     assert vault["nosend"].status is CheckStatus.FAIL
     # Without the lab root the same chain is untrusted.

@@ -40,6 +40,9 @@ def test_probe_runs_inline_like_on_a_host() -> None:
     data = json.loads(out.stdout)
     assert data["helper"] == 1 and data["kernel"] and isinstance(data["vms"], list)
     assert data["kvm_amd"].keys() == {"sev", "sev_es"} and isinstance(data["dev_sev"], bool)
+    mem = data["memory"]
+    assert 0 < mem["available_mib"] <= mem["total_mib"]
+
 
 
 def test_unknown_command_exits_127() -> None:
