@@ -1,4 +1,4 @@
-"""SshHost satisfies the engine's HostLink protocol over a real sshd and real QEMUs."""
+"""The engine's SshHost satisfies HostLink over a real sshd and real QEMUs."""
 
 from __future__ import annotations
 
@@ -6,18 +6,23 @@ import pytest
 
 from sevconsole.engine.errors import LinkError
 from sevconsole.engine.links import HostLink
+from sevconsole.engine.ssh import SshHost
 from sevconsole.hosts.errors import QmpLinkError
-from sevconsole.hosts.link import SshHost
 from sevconsole.hosts.ssh import SshPool, resolve
 from tests.hosts.conftest import Sshd, pid_gone
 
 pytestmark = [pytest.mark.needs_sshd, pytest.mark.needs_qemu]
 
 
+def _host(sshd: Sshd, pool: SshPool) -> SshHost:
+    endpoint = resolve(sshd.spec("h1"))
+    return SshHost("h1", endpoint.address, pool.get(endpoint), reconnect=lambda: pool.get(endpoint))
+
+
 @pytest.mark.slow
 async def test_ssh_host_is_a_host_link(sshd: Sshd, pool: SshPool, qemu_vm) -> None:
     vm = qemu_vm()
-    host = SshHost(resolve(sshd.spec("h1")), pool)
+    host = _host(sshd, pool)
     assert isinstance(host, HostLink) and host.address == "127.0.0.1"
     client = await host.open_qmp(str(vm.qmp))
     try:
@@ -40,12 +45,10 @@ async def test_ssh_host_is_a_host_link(sshd: Sshd, pool: SshPool, qemu_vm) -> No
     await host.close()
 
 
-async def test_errors_in_the_engine_type_when_asked(sshd: Sshd, pool: SshPool, tmp_path) -> None:
-    plain = SshHost(resolve(sshd.spec("h1")), pool)
-    with pytest.raises(QmpLinkError):
-        await plain.open_qmp(str(tmp_path / "none.qmp"))
-    wrapped = SshHost(resolve(sshd.spec("h1")), pool, error=LinkError)
+async def test_link_errors_name_the_host(sshd: Sshd, pool: SshPool, tmp_path) -> None:
+    host = _host(sshd, pool)
     with pytest.raises(LinkError) as info:
-        await wrapped.open_qmp(str(tmp_path / "none.qmp"))
+        await host.open_qmp(str(tmp_path / "none.qmp"))
     assert info.value.host == "h1" and "none.qmp" in str(info.value)
     assert isinstance(info.value.__cause__, QmpLinkError)
+    await host.close()
