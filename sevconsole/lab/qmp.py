@@ -83,6 +83,17 @@ def timestamp() -> dict[str, int]:
     return {"seconds": int(now), "microseconds": int((now % 1) * 1_000_000)}
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"invalid keyword '{name}'")
+
+
 def encode(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj).encode() + b"\r\n"
 
@@ -248,7 +259,9 @@ class QmpServer:
                 return _error(None, f"JSON parse error, invalid keyword '{text.decode(errors='replace')}'")
             return _error(None, "QMP input must be a JSON object")
         try:
-            msg = json.loads(text)
+            msg = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+        except RecursionError:
+            return _error(None, "JSON nesting depth limit exceeded")
         except (ValueError, UnicodeDecodeError) as exc:
             return _error(None, f"JSON parse error, {exc}")
         if not isinstance(msg, dict):
