@@ -35,6 +35,7 @@ SEV_PARAMS = ("sev-pdh", "sev-plat-cert", "sev-amd-cert")
 SEV_INFO_COMMANDS = ("migrate-set-sev-info", "migrate-sev-set-info")  # the series spells it both ways
 LAB_PAGE_STATE = "x-query-sev-page-state"
 LAB_FIRMWARE = "x-query-sev-firmware"
+HELD_FINISH = "x-sev-receive-finish"  # lab: finish an incoming guest held after a lost last frame
 LAB_DIGEST = "x-query-guest-digest"
 TERMINAL = ("completed", "failed", "cancelled")
 SETTLED = ("postmigrate", "paused", "running", "shutdown", "guest-panicked", "internal-error")
@@ -558,16 +559,29 @@ class Migration:
             except LinkError:
                 if not await self._reopen_target():
                     return False
-        if info.get("status") != "completed":
-            return False
         src_status = await self._status(self._src, "source")
         src_state = None
         if LAB_FIRMWARE in self._src_cmds and self._src is not None:
             await self._lab_extras()
             src_state = _guest_state(self.folder.current.source_fw)
-        if src_state == GUEST_SENT:
+        source_done = src_state == GUEST_SENT or (
+            src_status != "running" and not (self.plan.sev and src_state == GUEST_RUNNING))
+        if info.get("status") == "completed":
+            return source_done
+        # A held guest is finished only on positive word that the source cannot run it.
+        source_known_done = src_state == GUEST_SENT if self.plan.sev else src_status == "postmigrate"
+        if source_known_done and info.get("status") == "failed" and HELD_FINISH in self._dst_cmds:
+            # The link died between READY and FINISHED: the target holds every page and the
+            # source can no longer run the guest, so the target must (else the guest is lost).
+            try:
+                await self._qmp(self._dst, "target", HELD_FINISH)
+            except LinkError as exc:
+                self.folder.error(f"{self.plan.target.name}: the held guest could not be finished: {exc}")
+                return False
+            self.folder.event(f"{self.plan.target.name}: held guest finished ({HELD_FINISH}), "
+                              f"since {self.plan.source.name} can no longer run it")
             return True
-        return src_status != "running" and not (self.plan.sev and src_state == GUEST_RUNNING)
+        return False
 
     async def _rollback(self, result: str, reason: str) -> Outcome:
         """Cancel or failure: the source guest runs again and the target's incoming VM is gone."""

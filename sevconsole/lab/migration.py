@@ -520,6 +520,11 @@ class IncomingMigration:
         self.address = self.listener.getsockname()[:2]
         self.stats = Stats(vm.mem_bytes)
         self.thread = threading.Thread(target=self._run, name=f"migrate-in-{vm.name}", daemon=True)
+        # READY sent: every page is in. If the link dies before FINISHED, the source may already be
+        # SENT (it got READY) or may have cancelled (it did not): only someone who can ask the
+        # source may decide, so the guest is held, neither runnable nor discarded.
+        self.ready_sent = False
+        self.held = False
 
     def start(self) -> None:
         self.emit("MIGRATION", {"status": "setup"})
@@ -564,6 +569,11 @@ class IncomingMigration:
             if sock is not None:
                 with contextlib.suppress(OSError):
                     stream.send_frame(sock, Frame.ERROR, reason.encode()[:4096])
+            if self.ready_sent and not isinstance(exc, MigrationError):
+                self.held = True
+                self._set_status("failed", f"{reason}; the guest is held here with every page: "
+                                 "x-sev-receive-finish runs it if the source is SENT, quit discards it")
+                return
             self._set_status("failed", reason)
             self.discard(vm)  # like QEMU, a failed incoming VM does not stay around
         finally:
@@ -626,20 +636,36 @@ class IncomingMigration:
             elif kind is Frame.PASS:
                 self.emit("MIGRATION_PASS", {"pass": struct.unpack(">I", payload)[0] if len(payload) == 4 else 0})
             elif kind is Frame.COMPLETE:
+                self.ready_sent = True
                 stream.send_frame(conn, Frame.READY)
             elif kind is Frame.FINISHED:
-                if sev:
-                    psp.call("receive_finish", vm.handle)
+                self._complete()
                 with contextlib.suppress(OSError):
                     stream.send_frame(conn, Frame.DONE)
-                self._set_status("completed")
-                vm.incoming = False
-                vm.set_status("running" if vm.autostart else "paused")
                 return
+            elif kind is Frame.ABORT and self.ready_sent:
+                # the source cancelled after READY (it never reached SEND_FINISH): not a hold
+                self.ready_sent = False
+                raise MigrationError(f"the source aborted: {payload.decode(errors='replace')}")
             elif kind is Frame.ABORT:
                 raise MigrationError(f"the source aborted: {payload.decode(errors='replace')}")
             else:
                 raise StreamError(f"unexpected {kind.name} frame from the source")
+
+    def _complete(self) -> None:
+        vm = self.vm
+        if vm.sev:
+            vm.psp.call("receive_finish", vm.handle)
+        self._set_status("completed")
+        vm.incoming = False
+        vm.set_status("running" if vm.autostart else "paused")
+
+    def finish_held(self) -> None:
+        """x-sev-receive-finish: the caller has seen the source SENT (or stopped, plain)."""
+        if not self.held:
+            raise MigrationError(f"{self.vm.name}: no held incoming guest to finish")
+        self.held = False
+        self._complete()
 
     def _check_range(self, gpa: int, length: int, *, shared: bool) -> None:
         vm = self.vm

@@ -15,6 +15,7 @@ from sevconsole.sev.status import Command, GuestState
 
 from .layout import PAGE_SIZE
 from .migration import Fault, IncomingMigration, MigrationError, OutgoingMigration
+from .psp import FirmwareError
 from .qmp import QEMU_VERSION, Arg, CommandSpec, QmpError
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ class Monitor:
             c("x-query-sev-firmware", self.x_firmware),
             c("x-query-guest-digest", self.x_digest),
             c("x-lab-inject-fault", self.x_inject_fault, {"fault": Arg("str", True), "after-pages": Arg("uint")}),
+            c("x-sev-receive-finish", self.x_receive_finish),
             c("x-lab-set", self.x_lab_set, {"dirty-rate": Arg("uint"), "digest-on-send": Arg("bool")}),
         ]
         return {s.name: s for s in specs}
@@ -287,6 +289,17 @@ class Monitor:
         self.fault.fired = False
         return {}
 
+
+    def x_receive_finish(self, args: dict) -> dict:
+        """Runs an incoming guest held after its link died between READY and FINISHED."""
+        mig = self.vm.migration
+        if not isinstance(mig, IncomingMigration):
+            raise QmpError(f"{self.vm.name} has no incoming migration")
+        try:
+            mig.finish_held()
+        except (MigrationError, FirmwareError) as exc:
+            raise QmpError(str(exc)) from None
+        return {}
 
     def x_lab_set(self, args: dict) -> dict:
         """Lab knobs: the guest workload's dirty rate (pages/s) and whether the source records

@@ -137,9 +137,6 @@ async def test_reply_cut_before_done_leaves_the_target_running(rig3: Rig) -> Non
     assert [c.host for c in att.census.runnable] == [dst], att.to_json()
 
 
-@pytest.mark.xfail(strict=True, reason="lab/migration.py: the link lost between SEND_FINISH and the "
-                   "FINISHED frame leaves the source SENT and the target discards its complete copy: the "
-                   "guest is lost. See report.")
 async def test_cut_between_send_finish_and_finished_keeps_one_copy(rig3: Rig) -> None:
     home = await cleanup_vm(rig3, "web")
     other = "lab-2" if home == "lab-1" else "lab-1"
