@@ -615,7 +615,12 @@ class IncomingMigration:
                 raise StreamError(f"expected SEV_START, got {kind.name}")
             policy, pdh, session = stream.unpack_sev_start(payload)
             vm.policy = policy
-            vm.handle = psp.call("receive_start", policy, pdh, session, vm.memory).handle
+            handle = psp.call("receive_start", policy, pdh, session, vm.memory).handle
+            if not psp.claim_session(bytes(session[:16])):
+                psp.raw("decommission", handle)
+                raise MigrationError(f"replayed stream refused: {psp.host} already received the session with "
+                                     f"nonce {bytes(session[:16]).hex()}; accepting it again would clone the guest")
+            vm.handle = handle
         while True:
             kind, payload = stream.recv_frame(sock)
             if kind is Frame.PRIVATE:

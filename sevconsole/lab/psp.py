@@ -28,6 +28,16 @@ class Psp:
         self.host = host
         self.fw = firmware
         self.lock = threading.RLock()
+        self._sessions: set[bytes] = set()
+
+    def claim_session(self, nonce: bytes) -> bool:
+        """The hypervisor's replay guard: a session (by its nonce) is received once per host.
+        The firmware would unwrap a replayed session again; accepting it would clone the guest."""
+        with self.lock:
+            if nonce in self._sessions:
+                return False
+            self._sessions.add(nonce)
+            return True
 
     def call(self, command: str, *args: Any, **kwargs: Any) -> Any:
         """Runs `firmware.<command>(...)`; raises FirmwareError unless the status is SUCCESS."""

@@ -86,8 +86,6 @@ async def test_replayed_stream_to_another_host_is_refused(rig3: Rig) -> None:
     assert [c.host for c in after.runnable] == [dst]
 
 
-@pytest.mark.xfail(strict=True, reason="lab: a recorded stream replayed to another incoming VM on the "
-                   "same target host is accepted (no session nonce is remembered): a clone. See report.")
 async def test_replayed_stream_to_the_same_host_is_refused(rig3: Rig) -> None:
     att, target, _, dst = await hop(rig3, [], "record", record=True)
     recorded = bytes(target.proxy.recorded["out"])
@@ -96,6 +94,7 @@ async def test_replayed_stream_to_the_same_host_is_refused(rig3: Rig) -> None:
     clones = list(after.runnable)
     await _quit_extra_copies(rig3, dst, after)  # leave one copy for the next tests
     assert answer[:1] == bytes([Frame.ERROR]), f"replay accepted: {answer[:20]!r}; {after.describe()}"
+    assert b"replayed stream refused" in answer and b"would clone the guest" in answer, answer[:300]
     assert len(clones) == 1, after.describe()
 
 
