@@ -150,8 +150,11 @@ class LiveMigration:
 
         src_conn = await asyncio.to_thread(self.backend.connection, self.plan.source.name)
         dst_conn = await asyncio.to_thread(self.backend.connection, self.plan.target.name)
-        source = SshHost(self.plan.source.name, self.plan.source.address, src_conn)
-        target = SshHost(self.plan.target.name, self.plan.target.address, dst_conn)
+        # reconnect: a dropped SSH transport is replaced, so a rollback can still reach the host
+        source = SshHost(self.plan.source.name, self.plan.source.address, src_conn,
+                         reconnect=lambda: self.backend.connection(self.plan.source.name))
+        target = SshHost(self.plan.target.name, self.plan.target.address, dst_conn,
+                         reconnect=lambda: self.backend.connection(self.plan.target.name))
         checks = [Check(c.key, c.title, CheckStatus(c.status), c.sentence) for c in self.checks]
         self._migration = Migration(self.plan, source, target, checks=checks, on_progress=self._post)
         if self._cancel is not None:

@@ -132,9 +132,6 @@ async def test_guest_moves_on_after_a_rollback(rig2: Rig) -> None:
     assert [c.host for c in (await census(rig2.lab, "web")).runnable] == ["lab-2"]
 
 
-@pytest.mark.xfail(strict=True, reason="tui/live_backend.py LiveMigration.run builds SshHost without "
-                   "reconnect=, so after the source's SSH transport drops the engine cannot reach it again "
-                   "and ends with 'could not be confirmed' although the host answers a new connection")
 async def test_console_backend_ssh_drop_ends_in_a_confirmed_state(rig2: Rig) -> None:
     """The console's own backend migrates; the source's SSH transport dies mid-stream."""
     from sevconsole.tui.live_backend import open_backend
