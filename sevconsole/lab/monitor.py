@@ -59,6 +59,7 @@ CAPABILITIES = (
 )
 IMPLEMENTED_CAPABILITIES = ("events",)
 FAULTS = ("none", "tamper-packet", "cut-link")
+MAX_DIRTY_RATE = 1_000_000  # pages/s, about 4 GB/s: beyond any guest the lab can model
 
 
 class Monitor:
@@ -305,6 +306,8 @@ class Monitor:
         """Lab knobs: the guest workload's dirty rate (pages/s) and whether the source records
         the guest's digest while stopped for the last copy (costs downtime; tests use it)."""
         if "dirty-rate" in args:
+            if args["dirty-rate"] > MAX_DIRTY_RATE:
+                raise QmpError(f"Parameter 'dirty-rate' must be at most {MAX_DIRTY_RATE} pages/s")
             self.vm.workload.rate = float(args["dirty-rate"])
             if self.vm.running:
                 self.vm.workload.start()

@@ -235,7 +235,8 @@ class Workload:
             if not self.vm.running:
                 pacer.idle(time.monotonic())
                 continue
-            n = pacer.due(time.monotonic())
+            # a tick never writes more than the whole guest, whatever rate it was given
+            n = min(pacer.due(time.monotonic()), self.vm.pages)
             if n <= 0:
                 continue
             data = rng.bytes(n * PAGE_SIZE)
