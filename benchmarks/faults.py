@@ -3,10 +3,12 @@ fault (seeded), and the promises checked after every one by an independent censu
 
 Fault kinds: the stream cut at a random byte, a reply (READY/DONE) cut, one bit flipped in the
 session, a packet header or the ciphertext, the target or the source host process killed at a
-random byte, the source's QMP link or its whole SSH transport dropped mid-stream, a guest whose policy turned NOSEND after
-the preflight. Prints JSON: faults by kind, outcomes, invariant violations (must be 0), digest
-mismatches (must be 0), the longest time from a fault to the engine's verified end, and every
-violation with its fault so it can be replayed (same seed, same K).
+random byte, the source's QMP link or its whole SSH transport dropped mid-stream, a guest whose
+policy turned NOSEND after the preflight, a recorded stream replayed to a second incoming VM, a
+plan carrying another generation's chain (a real AMD Rome machine's) for the target. Prints
+JSON: faults by kind, outcomes, invariant violations (must be 0), digest mismatches (must be 0),
+the longest time from a fault to the engine's verified end, and every violation with its fault
+so it can be replayed (same seed, same K).
 
     python benchmarks/faults.py [--k 40] [--seed 1] [--mem 16] [--kinds cut-stream,flip-header]
 """
@@ -29,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sevconsole.hosts.discovery import endpoint_for  # noqa: E402
+from sevconsole.lab.stream import Frame  # noqa: E402
 from sevconsole.sev.policy import PolicyFlag  # noqa: E402
 from tests.reliability.proxy import Fault, StreamProxy  # noqa: E402
 from tests.reliability.rig import (  # noqa: E402
@@ -40,14 +43,18 @@ from tests.reliability.rig import (  # noqa: E402
     check_promises,
     cleanup_vm,
     fault_plan,
+    helper,
+    plain_proxy,
     qmp_once,
     rebind,
+    replay_to,
     run_with_fault,
     settle,
 )
 
 KINDS = ("cut-stream", "cut-reply", "flip-session", "flip-header", "flip-ciphertext", "kill-target",
-         "kill-source", "drop-qmp", "drop-ssh", "nosend")
+         "kill-source", "drop-qmp", "drop-ssh", "nosend", "replay", "other-chain")
+CERTS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "sev-certs"  # real AMD certificates
 
 
 async def nosend_attempt(rig: Rig) -> Attempt:
@@ -75,10 +82,75 @@ async def nosend_attempt(rig: Rig) -> Attempt:
     return att
 
 
+async def replay_attempt(rig: Rig, rng: np.random.Generator) -> Attempt:
+    """A clean migration recorded, then its stream replayed to a second incoming VM: on the host
+    the guest left, or on the host it went to (same PDH). Either must refuse it."""
+    home = await cleanup_vm(rig, "web")
+    assert home is not None
+    other = "lab-2" if home == "lab-1" else "lab-1"
+    att, target = await run_with_fault(rig, "web", home, other, [], kind="replay", record=True)
+    assert target.proxy is not None
+    if att.violations or att.mismatches or not att.outcome or att.outcome.result != "done":
+        return att
+    second = home if rng.integers(0, 2) == 0 else other
+    t0 = time.monotonic()
+    answer, _ = await replay_to(rig, second, "web", bytes(target.proxy.recorded["out"]))
+    c = await settle(rig.lab, "web", (home, other))
+    out = Attempt("replay", f"recorded stream replayed to {second}", att.outcome, c, att.digest_before, True,
+                  round(time.monotonic() - t0, 3), source=home, target=other)
+    if answer[:1] != bytes([Frame.ERROR]):
+        out.violations.append(f"replayed stream accepted by {second}")
+    if len(c.runnable) > 1:
+        out.violations.append(f"cloned: {c.describe()}")
+        keep = (att.census.runnable[0].host, att.census.runnable[0].pid)  # the migrated copy
+        for extra in c.runnable:  # the campaign goes on with one copy
+            if (extra.host, extra.pid) != keep:
+                await asyncio.to_thread(helper, rig.lab, extra.host, f"stop {extra.pid}")
+    for copy in c.runnable:
+        if copy.digest != att.digest_before:
+            out.mismatches.append(f"{copy.host}: digest differs from before")
+    return out
+
+
+async def other_chain_attempt(rig: Rig) -> Attempt:
+    """The plan carries a real Rome machine's chain for the target (another generation, another
+    root than the lab's): the engine must stop before the source gets a PDH, even without a
+    preflight, and leave the guest where it was."""
+    from dataclasses import replace
+
+    from sevconsole.engine.run import Migration
+    from tests.reliability.test_trust_faults import rome_capabilities
+
+    home = await cleanup_vm(rig, "web")
+    assert home is not None
+    other = "lab-2" if home == "lab-1" else "lab-1"
+    plan = rig.plan("web", home, other)
+    rome = replace(plan, target=replace(plan.target, capabilities=rome_capabilities(CERTS)))
+    before = (await qmp_once(plan.vm.qmp_path or "", "x-query-guest-digest"))["sha256"]
+    source, target = KeepSource(rig.link(home)), ProxiedTarget(rig.link(other), plain_proxy)
+    t0 = time.monotonic()
+    outcome = await Migration(rome, source, target, checks=(), audit_log=False).run()
+    await source.close()
+    await target.close()
+    c = await settle(rig.lab, "web", (home, other))
+    att = Attempt("other-chain", "target chain of a real Rome machine in the plan", outcome, c, before, True,
+                  round(time.monotonic() - t0, 3), source=home, target=other)
+    check_promises(att, home, other, None)
+    if target.proxy is not None and target.proxy.forwarded["out"]:
+        att.violations.append(f"{target.proxy.forwarded['out']} stream bytes left for a target never verified")
+    if outcome.result == "done":
+        att.violations.append("migrated to a target whose PDH was never verified")
+    return att
+
+
 async def one(rig: Rig, kind: str, rng: np.random.Generator, total: int) -> tuple[Attempt, bool]:
     """Runs one attempt; returns it and whether a host was killed (the rig must restart)."""
     if kind == "nosend":
         return await nosend_attempt(rig), False
+    if kind == "replay":
+        return await replay_attempt(rig, rng), False
+    if kind == "other-chain":
+        return await other_chain_attempt(rig), False
     home = await cleanup_vm(rig, "web")
     assert home is not None, "web has no runnable copy left"
     other = "lab-2" if home == "lab-1" else "lab-1"
@@ -173,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", default=",".join(KINDS))
     args = ap.parse_args(argv)
     kinds = tuple(k for k in args.kinds.split(",") if k)
+    if "other-chain" in kinds and not CERTS.is_dir():
+        print(f"faults.py: no real certificates at {CERTS}; other-chain left out", file=sys.stderr)
+        kinds = tuple(k for k in kinds if k != "other-chain")
     unknown = set(kinds) - set(KINDS)
     if unknown or args.k < 1:
         print(f"faults.py: unknown kinds {sorted(unknown)} (known: {', '.join(KINDS)}) or k < 1", file=sys.stderr)

@@ -431,6 +431,26 @@ def fault_plan(rng: Any, kind: str, total_out: int) -> list[Fault]:
     raise ValueError(kind)
 
 
+async def replay_to(rig: Rig, host: str, vm: str, recorded: bytes) -> tuple[bytes, Census]:
+    """Starts an incoming `vm` on `host` (same command line as the guest's), opens its listener,
+    sends it the recorded bytes; returns the listener's answer and the host's census after."""
+    argv = None
+    for h in rig.lab.hosts:
+        if h.alive:
+            for entry in (await asyncio.to_thread(helper, rig.lab, h.name, "probe"))["vms"]:
+                if entry["name"] == vm:
+                    argv = entry["argv"]
+    assert argv is not None, f"no {vm} anywhere to copy the command line from"
+    incoming = await asyncio.to_thread(helper, rig.lab, host, "launch-incoming", {"argv": argv})
+    await qmp_once(incoming["qmp"], "migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+    info = await qmp_once(incoming["qmp"], "query-migrate")
+    port = int(info["socket-address"][0]["port"])
+    from .proxy import replay
+
+    answer = await asyncio.to_thread(replay, ("127.0.0.1", port), recorded)
+    return answer, await settle(rig.lab, vm, (host,))
+
+
 def plain_proxy(port: int) -> StreamProxy:
     """A proxy without faults (to see what crossed)."""
     return StreamProxy(("127.0.0.1", port))

@@ -12,8 +12,9 @@ import pytest
 
 from sevconsole.lab.stream import Frame
 
-from .proxy import BACK, Fault, replay
-from .rig import Rig, census, cleanup_vm, helper, qmp_once, run_with_fault, settle
+from .proxy import BACK, Fault
+from .rig import Rig, census, cleanup_vm, helper, run_with_fault
+from .rig import replay_to as rig_replay_to
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -105,19 +106,7 @@ async def _quit_extra_copies(rig: Rig, host: str, c) -> None:  # type: ignore[no
 
 
 async def replay_to(rig: Rig, host: str, recorded: bytes):  # type: ignore[no-untyped-def]
-    """Starts an incoming `web` on `host`, opens its listener and sends it the recorded bytes."""
-    argv = None
-    for name in ("lab-1", "lab-2"):
-        for vm in (await asyncio.to_thread(helper, rig.lab, name, "probe"))["vms"]:
-            if vm["name"] == "web":
-                argv = vm["argv"]
-    assert argv is not None
-    incoming = await asyncio.to_thread(helper, rig.lab, host, "launch-incoming", {"argv": argv})
-    await qmp_once(incoming["qmp"], "migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
-    info = await qmp_once(incoming["qmp"], "query-migrate")
-    port = int(info["socket-address"][0]["port"])
-    answer = await asyncio.to_thread(replay, ("127.0.0.1", port), recorded)
-    return answer, await settle(rig.lab, "web", (host,))
+    return await rig_replay_to(rig, host, "web", recorded)
 
 
 async def test_reply_cut_before_ready_rolls_back(rig3: Rig) -> None:
