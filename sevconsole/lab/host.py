@@ -241,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m sevconsole.lab.host CONFIG.json", file=sys.stderr)
         return 2
     config = json.loads(Path(args[0]).read_text())
+    # A lab host stands for another machine: on this one it yields the CPU to the console, as
+    # a remote hypervisor would never compete with the operator's terminal.
+    with contextlib.suppress(OSError):
+        os.nice(5)
     # stdout carries only the ready line; everything else goes to stderr (the host's log).
     ready_out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
