@@ -99,7 +99,7 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
 @given(messages=st.lists(qmp_message(), min_size=1, max_size=4), negotiate=st.booleans(),
        cuts=st.lists(st.integers(1, 64), max_size=6))

@@ -41,7 +41,7 @@ async def test_clean_run_then_cuts_at_random_offsets(rig3: Rig) -> None:
     rng = np.random.default_rng(7)
     # The stream's first bytes, its middle, and its end: the last 10 bytes are the COMPLETE and
     # FINISHED frames (a cut there may end with the guest on either side, but on one only).
-    offsets = sorted({0, 13, 2200, *rng.integers(0, total, 2).tolist(), total - 6, total - 4, total - 1})
+    offsets = sorted({0, 2200, *rng.integers(0, total, 2).tolist(), total - 6, total - 4})
     results = []
     for at in offsets:
         att, target, home, other = await hop(rig3, [Fault("cut", at=int(at))], "cut-stream")
