@@ -120,9 +120,8 @@ async def migrate_with(guests: Guests, tmp_path: Path, name: str, faults: list[F
             not target_alive or (await qmp(path, "query-migrate")).get("status") != "completed")
         if status in ("running", "paused") or failed_away:
             runnable[host] = await ram_digest(path, tmp_path / f"{name}-{host}.bin")
-    for pid in dst.started():
-        if pid != outcome.target_pid:
-            await dst.stop(pid)
+    for pid in dst.started():  # the census is taken: no QEMU of this attempt outlives it
+        await dst.stop(pid)
     return outcome, runnable, before, target.proxy
 
 
