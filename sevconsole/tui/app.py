@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -46,6 +47,7 @@ class SevConsoleApp(App[int]):
         self.start_guide = guide
         self.probe_on_start = probe_on_start
         self.screenshot_dir = screenshot_dir or Path.cwd()
+        self._heap_frozen = False
 
     # -- start
     def on_mount(self) -> None:
@@ -108,6 +110,14 @@ class SevConsoleApp(App[int]):
         else:
             self.post_message(HostProbed(report))
 
+    def _freeze_startup_heap(self) -> None:
+        """Once every host has answered: start-up garbage (imports, first probes) would otherwise
+        be walked by every full collection, a 100+ ms pause mid-migration. Collect it, freeze it."""
+        if not self._heap_frozen and set(self.backend.host_names()) <= set(self.reports):
+            self._heap_frozen = True
+            gc.collect()
+            gc.freeze()
+
     def on_host_probed(self, message: HostProbed) -> None:
         report = message.report
         self.reports[report.name] = report
@@ -117,6 +127,7 @@ class SevConsoleApp(App[int]):
             self.notify(report.errors[0] if report.errors else f"{report.name}: host key changed",
                         title="Host key changed: refused", severity="error", timeout=20)
         self._fan_out("report_updated", report)
+        self._freeze_startup_heap()
 
     def on_host_probe_failed(self, message: HostProbeFailed) -> None:
         self.probe_log.append(f"{message.host}: failed: {message.sentence}")
@@ -128,6 +139,7 @@ class SevConsoleApp(App[int]):
                                 lab=old.lab, errors=(message.sentence,), probed_at=report.probed_at)
         self.reports[message.host] = report
         self._fan_out("report_updated", report)
+        self._freeze_startup_heap()
 
     def on_host_key_asked(self, message: HostKeyAsked) -> None:
         from sevconsole.tui.screens.modals import HostKeyScreen

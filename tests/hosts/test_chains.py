@@ -63,3 +63,20 @@ def test_malformed_and_unreadable_input(sev_certs: Path, tmp_path: Path) -> None
     (tmp_path / "junk.cert").write_bytes(b"junk")
     assert load_roots(tmp_path).problems and load_roots(tmp_path / "absent") == Roots()
     assert roots_from_blob(b"short", "x").problems
+
+
+def test_a_host_serving_a_lab_root_is_told_apart_from_missing_amd_roots() -> None:
+    """A host not marked as a lab host that serves a sevconsole lab chain: refused, and the
+    sentence says it is a lab root (to trust only for lab hosts), not 'import AMD's roots'."""
+    from sevconsole.sev.certs import generate_lab_root
+    from sevconsole.sev.firmware import SevFirmware
+
+    lab = generate_lab_root()
+    fw = SevFirmware(ask_key=lab.ask_key, ask=lab.ask, ark=lab.ark)
+    assert fw.init().status == 0
+    export = fw.pdh_cert_export()
+    check = check_host_chain("rogue", export.pdh, export.cert_chain,
+                             roots_from_blob(fw.amd_chain, "rogue AMD chain"), lab_ark=None)
+    assert check.report is not None and not check.report.ok
+    assert "rogue" in check.error and "LAB root" in check.error and "lab = true" in check.error
+    assert "import-amd" not in check.error
