@@ -87,7 +87,7 @@ def check_host_chain(host: str, pdh: bytes, cert_chain: bytes, roots: Roots, *,
     error = None
     if ask is None:
         error = (f"{host}: no known ASK signed its CEK; "
-                 + ("its chain ends in a sevconsole LAB root, not AMD's; trust that only for a lab host "
+                 + ("its chain ends in a sevconsole lab root, not AMD's; trust that only for a lab host "
                     "(`lab = true` in the inventory, or --lab DIR)"
                     if any(is_lab_key_id(a.key_id) for a in roots.arks)
                     else "import the AMD roots with `sevconsole certs import-amd`"))

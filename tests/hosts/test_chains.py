@@ -78,5 +78,5 @@ def test_a_host_serving_a_lab_root_is_told_apart_from_missing_amd_roots() -> Non
     check = check_host_chain("rogue", export.pdh, export.cert_chain,
                              roots_from_blob(fw.amd_chain, "rogue AMD chain"), lab_ark=None)
     assert check.report is not None and not check.report.ok
-    assert "rogue" in check.error and "LAB root" in check.error and "lab = true" in check.error
+    assert "rogue" in check.error and "lab root" in check.error and "lab = true" in check.error
     assert "import-amd" not in check.error
