@@ -35,6 +35,7 @@ SEV_PARAMS = ("sev-pdh", "sev-plat-cert", "sev-amd-cert")
 SEV_INFO_COMMANDS = ("migrate-set-sev-info", "migrate-sev-set-info")  # the series spells it both ways
 LAB_PAGE_STATE = "x-query-sev-page-state"
 LAB_FIRMWARE = "x-query-sev-firmware"
+LAB_SET = "x-lab-set"  # lab knobs
 HELD_FINISH = "x-sev-receive-finish"  # lab: finish an incoming guest held after a lost last frame
 LAB_DIGEST = "x-query-guest-digest"
 TERMINAL = ("completed", "failed", "cancelled")
@@ -308,6 +309,11 @@ class Migration:
             self.folder.set(extra={**self.folder.current.extra,
                                    "max_bandwidth_bps": effective.get("max-bandwidth")})
         await self._enable_events(self._src, self._src_cmds, "source")
+        if LAB_SET in self._src_cmds:
+            # a lab source records the guest digest while stopped for the last copy, so the
+            # result can compare both ends (a real QEMU offers no digest at all)
+            with contextlib.suppress(LinkError):
+                await self._qmp(self._src, "source", LAB_SET, {"digest-on-send": True})
         if not plan.sev:
             return
         caps = plan.target.capabilities

@@ -157,8 +157,7 @@ async def test_sev_migration_end_to_end(lab_session) -> None:
     # QEMU keeps migration parameters per VM: lift the cap the tests above left on web
     plan = _plan(lab_session, "web", "lab-1", "lab-2", bandwidth_bps=10_000_000_000)
     # the lab records the guest's digest while it is stopped for the last copy only on request
-    # (it lengthens the downtime); once SENT the source's memory can no longer be read
-    await lab_session.qmp(plan.source, "web", "x-lab-set", {"digest-on-send": True})
+    # (once SENT the source's memory can no longer be read): the engine asks a lab source itself
     checks = preflight(plan, lab_session.trust)
     assert not refused(checks), [c for c in checks if c.status is CheckStatus.FAIL]
     seen: list[Progress] = []
