@@ -152,18 +152,6 @@ def _plan(args: argparse.Namespace, setup: dict[str, Any]) -> Any:
                          stall_warn_s=args.stall_warn, stall_timeout_s=args.stall_timeout)
 
 
-def _trust(lab_root: Path | None) -> Any:
-    from sevconsole.hosts.chains import load_roots
-    from sevconsole.sev.trust import TrustStore
-
-    trust = TrustStore.amd()
-    if lab_root is not None:
-        roots = load_roots(lab_root)
-        if roots.arks:
-            trust = trust.with_lab_root(roots.arks[0])
-    return trust
-
-
 MARK = {"pass": "ok  ", "warn": "WARN", "fail": "FAIL"}
 
 
@@ -171,8 +159,9 @@ def _migrate(args: argparse.Namespace, setup: dict[str, Any], plan: Any) -> int:
     from sevconsole.engine import audit
     from sevconsole.engine.checks import preflight, refused
     from sevconsole.engine.run import Outcome
+    from sevconsole.hosts.chains import trust_with_lab_root
 
-    checks = preflight(plan, _trust(setup["lab_root"]))
+    checks = preflight(plan, trust_with_lab_root(setup["lab_root"]))
     _say(args, f"preflight: {plan.describe()}")
     for c in checks:
         _say(args, f"  {MARK[c.status.value]}  {c.title}: {c.sentence}")

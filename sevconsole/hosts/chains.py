@@ -98,3 +98,14 @@ def check_host_chain(host: str, pdh: bytes, cert_chain: bytes, roots: Roots, *,
         error = f"{host}: the certificate chain does not verify: {bad}"
     amd_chain = join_amd_chain(ask, ark) if ask is not None and ark is not None else None
     return ChainCheck(report, error, amd_chain)
+
+
+def trust_with_lab_root(lab_root: Path | None) -> TrustStore:
+    """AMD's pinned roots, plus the lab root found under `lab_root` (a lab's state folder or its
+    lab-root folder) when one is given: what preflight checks a target's chain against."""
+    trust = TrustStore.amd()
+    if lab_root is not None:
+        roots = load_roots(lab_root)
+        if roots.arks:
+            trust = trust.with_lab_root(roots.arks[0])
+    return trust

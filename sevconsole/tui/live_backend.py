@@ -47,6 +47,7 @@ def open_backend(*, inventory: Path | None, lab_dir: Path | None) -> LiveBackend
 class LiveBackend:
     def __init__(self, hosts: Sequence[Any], *, known_hosts: Path | None, lab_root: Path | None,
                  lab: bool) -> None:
+        from sevconsole.hosts.chains import trust_with_lab_root
         from sevconsole.hosts.discovery import DiscoveryOptions
 
         self.specs = {h.name: h for h in hosts}
@@ -54,7 +55,7 @@ class LiveBackend:
         self.options = DiscoveryOptions(known_hosts=known_hosts, lab_root=lab_root)
         self._lock = threading.Lock()
         self._pool = self.options.pool()
-        self._trust = _trust(lab_root)
+        self._trust = trust_with_lab_root(lab_root)
 
     def host_names(self) -> list[str]:
         return list(self.specs)
@@ -173,18 +174,6 @@ class LiveMigration:
         self._cancel = reason
         if self._migration is not None:
             self._migration.cancel(reason)
-
-
-def _trust(lab_root: Path | None) -> Any:
-    from sevconsole.hosts.chains import load_roots
-    from sevconsole.sev.trust import TrustStore
-
-    trust = TrustStore.amd()
-    if lab_root is not None:
-        roots = load_roots(lab_root)
-        if roots.arks:
-            trust = trust.with_lab_root(roots.arks[0])
-    return trust
 
 
 def _last_audit_line() -> str | None:
