@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,22 +28,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sevconsole.engine.fold import ProgressFolder  # noqa: E402
-from sevconsole.engine.local import LocalHost  # noqa: E402
+from sevconsole.engine.local import LocalHost, accepts  # noqa: E402
 from sevconsole.engine.plan import MigrationPlan  # noqa: E402
 from sevconsole.engine.run import Migration  # noqa: E402
 from sevconsole.hosts.report import HostReport, VmInfo  # noqa: E402
 from sevconsole.sev.pagestate import decode_states, encode_states  # noqa: E402
 
 MIB = 64
-
-
-def _accepts(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 def start_guest(qemu: str, work: Path, name: str) -> tuple[subprocess.Popen[bytes], VmInfo]:
@@ -59,7 +49,7 @@ def start_guest(qemu: str, work: Path, name: str) -> tuple[subprocess.Popen[byte
             "-qmp", f"unix:{qmp},server=on,wait=off", "-name", name]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 15
-    while not _accepts(qmp):
+    while not accepts(qmp):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit("QEMU did not start")
         time.sleep(0.02)

@@ -60,7 +60,7 @@ class LocalHost:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + START_TIMEOUT_S
         # QEMU binds its QMP socket, then listens, during start-up: wait until it accepts (or exits).
-        while not _accepts(sock):
+        while not accepts(sock):
             if proc.poll() is not None:
                 self._children.pop(proc.pid, None)
                 text = log.read_text(errors="replace").strip()[-400:]
@@ -107,7 +107,8 @@ class LocalHost:
                 self._children.pop(pid)
 
 
-def _accepts(path: Path) -> bool:
+def accepts(path: Path) -> bool:
+    """Whether a UNIX socket at `path` accepts a connection now (QEMU binds, then listens)."""
     with socket.socket(socket.AF_UNIX) as probe:
         try:
             probe.connect(str(path))

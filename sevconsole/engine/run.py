@@ -25,6 +25,7 @@ from sevconsole.engine import audit
 from sevconsole.engine.checks import Check, refused
 from sevconsole.engine.errors import EngineError, LinkError
 from sevconsole.engine.fold import ProgressFolder
+from sevconsole.engine.invariant import GuestCopies
 from sevconsole.engine.links import HostLink, IncomingVm
 from sevconsole.engine.plan import MigrationPlan
 from sevconsole.engine.progress import Phase, Progress
@@ -49,7 +50,7 @@ StallCallback = Callable[[Progress], "bool | Awaitable[bool]"]
 
 
 @dataclass(frozen=True)
-class Outcome:
+class Outcome(GuestCopies):
     result: str  # done, failed, cancelled, refused
     message: str
     runnable: tuple[str, ...] = ()  # hosts where the guest can run at the end
@@ -65,17 +66,6 @@ class Outcome:
     target_pid: int | None = None  # the incoming QEMU on the target, when it still runs
     target_qmp: str | None = None
     progress: Progress | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def one_copy(self) -> bool:
-        """The invariant: exactly one runnable copy of the guest."""
-        return len(self.runnable) == 1
-
-    @property
-    def digest_match(self) -> bool | None:
-        if self.digest_source is None or self.digest_target is None:
-            return None
-        return self.digest_source == self.digest_target
 
     def to_json(self) -> dict[str, Any]:
         return {"result": self.result, "message": self.message, "runnable": list(self.runnable),

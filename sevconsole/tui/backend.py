@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from sevconsole.engine.invariant import GuestCopies
 from sevconsole.engine.progress import Progress
 from sevconsole.hosts.report import HostReport, VmInfo
 
@@ -44,7 +45,7 @@ class CheckLine:
 
 
 @dataclass(frozen=True)
-class Result:
+class Result(GuestCopies):
     """A finished migration as the result screen shows it (engine Outcome, adapted)."""
 
     result: str  # done, failed, cancelled, refused
@@ -60,16 +61,6 @@ class Result:
     duration_s: float = 0.0
     errors: tuple[str, ...] = ()
     audit: str | None = None  # the line written to the audit log, if any
-
-    @property
-    def one_copy(self) -> bool:
-        return len(self.runnable) == 1
-
-    @property
-    def digest_match(self) -> bool | None:
-        if self.digest_source is None or self.digest_target is None:
-            return None
-        return self.digest_source == self.digest_target
 
 
 class MigrationHandle(Protocol):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from sevconsole.engine.local import LocalHost
+from sevconsole.engine.local import LocalHost, accepts
 from sevconsole.hosts.report import HostReport, VmInfo
 from tests.conftest import require_binary
 
@@ -33,16 +32,6 @@ def qemu_argv(qemu: str, name: str, qmp: Path, memory_mib: int = MEMORY_MIB,
         argv[2] += ",memory-backend=ram0"
         argv += ["-object", f"memory-backend-file,id=ram0,size={memory_mib}M,mem-path={mem_file},share=off"]
     return argv
-
-
-def accepts(path: Path) -> bool:
-    """Whether a UNIX socket at `path` accepts a connection now."""
-    with socket.socket(socket.AF_UNIX) as sock:
-        try:
-            sock.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 @dataclass
