@@ -214,7 +214,9 @@ class SshConnection:
         guard.start()
         try:
             channel.exec_command(command)
-        except (paramiko.SSHException, EOFError) as exc:
+        # paramiko's _wait_for_event asserts its event is still set, which a transport dying in
+        # another thread can falsify: that AssertionError is a dropped channel like the others.
+        except (paramiko.SSHException, EOFError, AssertionError) as exc:
             channel.close()
             raise SshError(self.name, f"{self.endpoint.where()}: the server refused to run a "
                            f"command ({exc or 'channel closed'}).") from None
