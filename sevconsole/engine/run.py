@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import inspect
+import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,11 +28,11 @@ from sevconsole.engine.errors import EngineError, LinkError
 from sevconsole.engine.fold import ProgressFolder
 from sevconsole.engine.invariant import GuestCopies
 from sevconsole.engine.links import HostLink, IncomingVm
+from sevconsole.engine.machine import Action, EndState, Facts, Observation, Step, takes_over
 from sevconsole.engine.plan import MigrationPlan
 from sevconsole.engine.progress import Phase, Progress
+from sevconsole.sev.status import GuestState
 
-GUEST_SENT = 6  # firmware guest state after SEND_FINISH
-GUEST_RUNNING = 3
 SEV_PARAMS = ("sev-pdh", "sev-plat-cert", "sev-amd-cert")
 SEV_INFO_COMMANDS = ("migrate-set-sev-info", "migrate-sev-set-info")  # the series spells it both ways
 LAB_PAGE_STATE = "x-query-sev-page-state"
@@ -47,6 +48,7 @@ TARGET_LOAD_S = 30.0  # how long a target may take to load the end of the stream
 
 ProgressCallback = Callable[[Progress], None]
 StallCallback = Callable[[Progress], "bool | Awaitable[bool]"]
+StepCallback = Callable[[Step, dict[str, Any]], None]  # the journal: must be durable when it returns
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,25 @@ class Outcome(GuestCopies):
     target_pid: int | None = None  # the incoming QEMU on the target, when it still runs
     target_qmp: str | None = None
     progress: Progress | None = field(default=None, compare=False, repr=False)
+    audit: str | None = field(default=None, compare=False)  # the line written to the audit log
+    migration_id: str | None = field(default=None, compare=False)
+
+    def to_wire(self) -> dict[str, Any]:
+        """Every field but the progress snapshot, JSON-safe (the runner's socket, the journal)."""
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "progress"}
+        data["runnable"] = list(self.runnable)
+        data["errors"] = list(self.errors)
+        return data
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Outcome:
+        if not isinstance(data, dict) or not isinstance(data.get("result"), str):
+            raise ValueError("an outcome that is not a JSON object with a result")
+        values = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k != "progress"}
+        values["runnable"] = tuple(str(x) for x in values.get("runnable", ()))
+        values["errors"] = tuple(str(x) for x in values.get("errors", ()))
+        values["message"] = str(values.get("message", ""))
+        return cls(**values)
 
     def to_json(self) -> dict[str, Any]:
         return {"result": self.result, "message": self.message, "runnable": list(self.runnable),
@@ -104,7 +125,7 @@ class Migration:
                  checks: Sequence[Check] = (), on_progress: ProgressCallback | None = None,
                  on_stall: StallCallback | None = None, poll_interval_s: float = 0.25,
                  clock: Callable[[], float] = time.monotonic,
-                 audit_log: Path | None | bool = True) -> None:
+                 audit_log: Path | None | bool = True, on_step: StepCallback | None = None) -> None:
         self.plan = plan
         self._audit_log = audit_log  # True: the console's log (paths.audit_log_file()); False: none
         self.source = source
@@ -130,6 +151,8 @@ class Migration:
         self._source_initial: str | None = None
         self._src_status: str | None = None
         self.outcome: Outcome | None = None
+        self._on_step = on_step
+        self.step = Step.PLANNED
 
     # -- public
     def cancel(self, reason: str = "cancelled by the operator") -> None:
@@ -174,10 +197,17 @@ class Migration:
         if self._audit_log is not False:
             path = None if self._audit_log is True else self._audit_log
             try:
-                audit.record(self.plan, self.checks, outcome, path)
+                line = audit.record(self.plan, self.checks, outcome, path)
+                outcome = _with(outcome, audit=json.dumps(line, sort_keys=True))
             except OSError as exc:
                 outcome = _with(outcome, errors=(*outcome.errors, f"audit log not written: {exc}"))
         return _with(outcome, progress=self.folder.snapshot())
+
+    def _record(self, step: Step, **data: Any) -> None:
+        """A decision on which copy may run, made durable (journal) before it is acted on."""
+        self.step = step
+        if self._on_step is not None:
+            self._on_step(step, data)
 
     # -- the flow
     async def _run(self) -> Outcome:
@@ -196,6 +226,9 @@ class Migration:
             f.phase(Phase.FAILED)
             f.error(str(exc))
             return Outcome("failed", f"nothing started: {exc}", runnable=(self.plan.source.name,))
+        self._record(Step.PLANNED, vm=self.plan.vm.name, sev=self.plan.sev, source=self.plan.source.name,
+                     target=self.plan.target.name, source_qmp=self.plan.vm.qmp_path,
+                     source_was_running=self._source_initial == "running")
         try:
             port = await self._prepare_target()
             await self._configure_source()
@@ -207,6 +240,7 @@ class Migration:
         await self._lab_extras(baseline=True)  # the SEV log starts here, not at the guest's launch
         f.phase(Phase.SEND_START)
         self._post()
+        self._record(Step.STREAMING)
         try:
             await self._qmp(self._src, "source", "migrate", {"uri": f"tcp:{_host(self.target.address)}:{port}"})
         except (EngineError, QMPError, OSError) as exc:
@@ -220,6 +254,7 @@ class Migration:
             f.error(str(exc))
             return await self._rollback("failed", str(exc))
         if end.status == "completed":
+            self._record(Step.SEND_FINISHED, why="the source completed the stream")
             return await self._finish()
         if end.status == "cancelled" and self._cancel.is_set():
             return await self._rollback("cancelled", self._cancel_reason)
@@ -256,6 +291,7 @@ class Migration:
         if LAB_DIGEST in self._src_cmds and "-S" not in argv:
             argv += ("-S",)
         self._incoming = await self.target.launch_incoming(argv)
+        self._record(Step.TARGET_LAUNCHED, target_pid=self._incoming.pid, target_qmp=self._incoming.qmp)
         f.event(f"{self.target.name}: incoming VM started (pid {self._incoming.pid})")
         self._post()
         self._dst = await self.target.open_qmp(self._incoming.qmp)
@@ -480,7 +516,7 @@ class Migration:
         if src_status is None:
             problems.append(f"{self.plan.source.name}: unreachable, so its copy could not be confirmed "
                             "stopped")
-        if self.plan.sev and src_state is not None and src_state != GUEST_SENT:
+        if self.plan.sev and src_state is not None and src_state != GuestState.SENT:
             problems.append(f"{self.plan.source.name}: firmware guest state {src_state}, not SENT")
         if not self.plan.sev and src_status == "running":
             problems.append(f"{self.plan.source.name}: guest still running after completion")
@@ -548,9 +584,11 @@ class Migration:
         if self._incoming is None:
             return False
         info: dict[str, Any] = {}
+        answered = False
         for _ in range(2):
             try:
                 info = await self._qmp(self._dst, "target", "query-migrate")
+                answered = True
                 break
             except LinkError:
                 if not await self._reopen_target():
@@ -560,13 +598,16 @@ class Migration:
         if LAB_FIRMWARE in self._src_cmds and self._src is not None:
             await self._lab_extras()
             src_state = _guest_state(self.folder.current.source_fw)
-        source_done = src_state == GUEST_SENT or (
-            src_status != "running" and not (self.plan.sev and src_state == GUEST_RUNNING))
-        if info.get("status") == "completed":
-            return source_done
-        # A held guest is finished only on positive word that the source cannot run it.
-        source_known_done = src_state == GUEST_SENT if self.plan.sev else src_status == "postmigrate"
-        if source_known_done and info.get("status") == "failed" and HELD_FINISH in self._dst_cmds:
+        facts = Facts(sev=self.plan.sev, source_was_running=self._source_initial == "running",
+                      can_finish_held=HELD_FINISH in self._dst_cmds)
+        obs = Observation(
+            EndState(reachable=src_status is not None, run_state=src_status, guest=_known_state(src_state)),
+            EndState(reachable=answered, migration=str(info.get("status", "none"))))
+        verdict = takes_over(facts, obs)
+        if verdict is None:
+            return False
+        self._record(Step.SEND_FINISHED, why="the target holds the guest and the source cannot run it")
+        if verdict == Action.FINISH_HELD:
             # The link died between READY and FINISHED: the target holds every page and the
             # source can no longer run the guest, so the target must (else the guest is lost).
             try:
@@ -576,8 +617,7 @@ class Migration:
                 return False
             self.folder.event(f"{self.plan.target.name}: held guest finished ({HELD_FINISH}), "
                               f"since {self.plan.source.name} can no longer run it")
-            return True
-        return False
+        return True
 
     async def _rollback(self, result: str, reason: str) -> Outcome:
         """Cancel or failure: the source guest runs again and the target's incoming VM is gone."""
@@ -598,6 +638,8 @@ class Migration:
         if await self._target_took_over():
             return await self._finish(note=f"{reason}; but the target had already received the whole "
                                       "guest and the source could no longer run it, so it stays there")
+        if not self.step.forward or not self.plan.sev:
+            self._record(Step.ROLLBACK_CHOSEN, why=reason)
         target_gone = await self._stop_target()
         src_status = await self._status(self._src, "source")
         if (src_status in ("paused", "postmigrate") and self._source_initial == "running"
@@ -614,11 +656,11 @@ class Migration:
             src_state = _guest_state(f.current.source_fw)
         # An incoming VM we could not stop can only run the guest if the stream got to its end
         # (QEMU: completed; SEV: the source reached SENT). Otherwise it can never start.
-        could_run = self._mig_status == "completed" or src_state == GUEST_SENT
+        could_run = self._mig_status == "completed" or src_state == GuestState.SENT
         runnable = self._runnable(src_status, src_state, "unknown" if not target_gone and could_run else None,
                                   None)
         if (src_status == "postmigrate" and self._source_initial == "paused" and target_gone
-                and src_state != GUEST_SENT and self.plan.source.name not in runnable):
+                and src_state != GuestState.SENT and self.plan.source.name not in runnable):
             # a paused guest whose stream "completed" into a target that then died: QEMU has no way
             # back to 'paused' without running it, but `cont` resumes it, so it is the one copy
             runnable = (self.plan.source.name, *runnable)
@@ -693,7 +735,7 @@ class Migration:
                   dst_state: int | None) -> tuple[str, ...]:
         out = []
         src_ok = src_status == "running" or (src_status == "paused" and self._source_initial == "paused")
-        if src_ok and src_state != GUEST_SENT:
+        if src_ok and src_state != GuestState.SENT:
             out.append(self.plan.source.name)
         if dst_status in ("running", "unknown") or (dst_status == "paused" and self._source_initial == "paused"):
             out.append(self.plan.target.name)
@@ -775,6 +817,13 @@ def _host(address: str) -> str:
 
 def _guest_state(view: Any) -> int | None:
     return None if view is None else view.guest_state
+
+
+def _known_state(value: int | None) -> GuestState | None:
+    try:
+        return None if value is None else GuestState(value)
+    except ValueError:
+        return None
 
 
 def _sentence(exc: BaseException) -> str:

@@ -11,9 +11,10 @@ import pytest
 from sevconsole.engine.checks import CheckStatus, preflight, refused
 from sevconsole.engine.plan import MigrationPlan
 from sevconsole.engine.progress import Phase, Progress
-from sevconsole.engine.run import GUEST_RUNNING, GUEST_SENT, Migration
+from sevconsole.engine.run import Migration
 from sevconsole.hosts.report import VmInfo
 from sevconsole.sev.pagestate import PageState
+from sevconsole.sev.status import GuestState
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -91,7 +92,7 @@ async def test_sev_cancel_mid_way_sends_cancel(lab_session) -> None:
     await dst.close()
     assert outcome.result == "cancelled", outcome
     assert outcome.runnable == ("lab-1",) and outcome.source_status == "running"
-    assert outcome.source_guest_state == GUEST_RUNNING  # SEND_CANCEL: SUPDATE -> RUNNING
+    assert outcome.source_guest_state == GuestState.RUNNING  # SEND_CANCEL: SUPDATE -> RUNNING
     log = [(e.host, e.command) for e in outcome.progress.sev_log]
     assert ("lab-1", "SEND_START") in log and ("lab-1", "SEND_CANCEL") in log
     after = lab_session.reports("lab-1", "lab-2", need=("web",))
@@ -122,7 +123,7 @@ async def test_sev_source_qmp_link_dropped_rolls_back(lab_session, what: str) ->
     assert cut and outcome.result == "failed", outcome
     assert any("QMP link lost" in e for e in outcome.errors)
     assert "rolled back" in outcome.message
-    assert outcome.runnable == ("lab-1",) and outcome.source_guest_state == GUEST_RUNNING
+    assert outcome.runnable == ("lab-1",) and outcome.source_guest_state == GuestState.RUNNING
     after = lab_session.reports("lab-1", "lab-2", need=("web",))
     assert after["lab-1"].vm("web").status == "running" and after["lab-2"].vm("web") is None
 
@@ -150,7 +151,7 @@ async def test_stall_on_a_throttled_link(lab_session) -> None:
     first_warning = next(p for p in seen if p.extra.get("stalled"))
     assert 0.5 <= first_warning.extra["stalled_for_s"] < 1.5  # warned before it was asked
     assert outcome.result == "cancelled" and "stalled" in outcome.message
-    assert outcome.runnable == ("lab-1",) and outcome.source_guest_state == GUEST_RUNNING
+    assert outcome.runnable == ("lab-1",) and outcome.source_guest_state == GuestState.RUNNING
 
 
 async def test_sev_migration_end_to_end(lab_session) -> None:
@@ -168,7 +169,7 @@ async def test_sev_migration_end_to_end(lab_session) -> None:
     await dst.close()
     assert outcome.result == "done", outcome
     assert outcome.digest_match is True
-    assert outcome.source_guest_state == GUEST_SENT and outcome.target_guest_state == GUEST_RUNNING
+    assert outcome.source_guest_state == GuestState.SENT and outcome.target_guest_state == GuestState.RUNNING
     assert outcome.runnable == ("lab-2",) and outcome.target_status == "running"
     sent = [p.bytes_transferred for p in seen]
     assert sent == sorted(sent) and sent[-1] >= 64 * 1024 * 1024
@@ -208,5 +209,5 @@ async def test_sev_target_host_killed_mid_way(lab_session) -> None:
     assert not host.alive
     assert outcome.result == "failed", outcome
     assert outcome.runnable == ("lab-2",) and outcome.source_status == "running"
-    assert outcome.source_guest_state == GUEST_RUNNING
+    assert outcome.source_guest_state == GuestState.RUNNING
     assert any(e.command == "SEND_CANCEL" for e in outcome.progress.sev_log)
