@@ -82,24 +82,19 @@ def _run_console(args: argparse.Namespace) -> int:
 
 
 def _embedded_lab():  # type: ignore[no-untyped-def]
-    """A context manager: a 4-host lab in a temporary state folder, stopped on exit."""
+    """A context manager yielding the built-in lab's state folder (4 hosts, lab-4 with a
+    realistic PSP). A keeper process runs the lab for as long as a lease is held on it: this
+    console's, another console's, or a runner's migrating on it (see sevconsole.lab.keeper)."""
     import contextlib
-    import tempfile
-    from dataclasses import replace
-    from pathlib import Path
 
-    from sevconsole.lab.control import Lab
-    from sevconsole.lab.layout import default_layout
-
-    # lab-1..3 as `sevconsole lab`, plus lab-4 with a realistic PSP for the guide's last demo
-    hosts = default_layout(4)
-    layout = (*hosts[:3], replace(hosts[3], realistic_psp=True))
+    from sevconsole import paths
+    from sevconsole.lab import keeper
 
     @contextlib.contextmanager
     def lab():  # type: ignore[no-untyped-def]
-        with tempfile.TemporaryDirectory(prefix="sevconsole-lab-") as tmp, \
-                Lab.start(Path(tmp), len(layout), layout=layout) as running:
-            yield running.paths.root
+        folder = paths.state_dir() / "lab"
+        with keeper.attach(folder, "console"):
+            yield folder
 
     return lab()
 
