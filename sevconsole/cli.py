@@ -18,6 +18,8 @@ COMMAND_MODULES = (
     "sevconsole.commands.certs",
     "sevconsole.commands.discover",
     "sevconsole.commands.migrate",
+    "sevconsole.commands.migrations",
+    "sevconsole.commands.recover",
     "sevconsole.commands.audit",
     "sevconsole.lab.cli",
 )
@@ -38,6 +40,8 @@ examples:
   sevconsole discover --lab DIR       list hosts and VMs of a running lab
   sevconsole certs verify --platform-dir DIR --amd-dir DIR
   sevconsole migrate web --to lab-2 --lab DIR
+  sevconsole migrations               in-flight and recent migrations (watch ID re-attaches)
+  sevconsole recover                  finish migrations whose runner died
 """
 
 

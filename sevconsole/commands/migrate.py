@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import signal
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
+
+from sevconsole.textsafe import escape_controls
 
 EXIT_DONE, EXIT_FAILED, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2, 3
 
@@ -21,8 +24,12 @@ Live-migrate one VM to another host. Hosts come from --lab DIR, --inventory FILE
 default inventory. The preflight is printed first (policy NOSEND/DOMAIN/SEV, certificate
 chain, firmware API, ES, cbitpos, memory, QEMU support); any failed check refuses the
 migration. Then, unless --yes, it asks for confirmation, and shows one updating progress line
-(or, with --json, one Progress snapshot per line on stdout). Ctrl-C cancels: the source keeps
-the guest. Every attempt is appended to the audit log (see `sevconsole audit`).
+(or, with --json, one Progress snapshot per line on stdout, then one {"outcome": ...} line).
+
+The migration itself runs in a runner process of its own: closing the terminal, a dropped SSH
+session or killing this command never stops it (`sevconsole migrations watch ID` re-attaches,
+`sevconsole recover` finishes one whose runner died). Ctrl-C asks the runner to cancel: the
+source keeps the guest. Every attempt is appended to the audit log (see `sevconsole audit`).
 
 exit status: 0 done, 1 failed or cancelled (the source still runs), 2 refused by preflight,
 3 bad usage
@@ -69,72 +76,59 @@ def _say(args: argparse.Namespace, text: str = "") -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sevconsole.hosts.fleet import FleetError, open_fleet
+
     try:
         _validate(args)
-        setup = _load(args)
-    except _UsageError as exc:
-        print(f"sevconsole migrate: {exc}", file=sys.stderr)
+        fleet = open_fleet(inventory=args.inventory, lab=args.lab)
+        _check_names(args, fleet)
+    except (_UsageError, FleetError) as exc:
+        print(f"sevconsole migrate: {escape_controls(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    pool = fleet.options.pool()
     try:
         try:
-            plan = _plan(args, setup)
+            plan = _plan(args, fleet, pool)
         except _UsageError as exc:
-            print(f"sevconsole migrate: {exc}", file=sys.stderr)
+            print(f"sevconsole migrate: {escape_controls(exc)}", file=sys.stderr)
             return EXIT_USAGE
-        return _migrate(args, setup, plan)
+        return _migrate(args, fleet, plan)
     finally:
-        setup["pool"].close()
+        pool.close()
 
 
 def _validate(args: argparse.Namespace) -> None:
     if args.downtime_ms < 0:
         raise _UsageError("--downtime-ms must be 0 or more")
-    if args.bandwidth is not None and not args.bandwidth > 0:
-        raise _UsageError("--bandwidth must be a positive number of MB/s")
-    if not 0 < args.stall_warn <= args.stall_timeout:
+    if args.bandwidth is not None and not (math.isfinite(args.bandwidth) and args.bandwidth > 0):
+        raise _UsageError("--bandwidth must be a positive, finite number of MB/s")
+    if not (math.isfinite(args.stall_warn) and math.isfinite(args.stall_timeout)
+            and 0 < args.stall_warn <= args.stall_timeout):
         raise _UsageError("--stall-warn must be positive and at most --stall-timeout")
 
 
-def _load(args: argparse.Namespace) -> dict[str, Any]:
-    from sevconsole import paths
-    from sevconsole.hosts.discovery import DiscoveryOptions
-    from sevconsole.hosts.errors import InventoryError
-    from sevconsole.hosts.inventory import load_inventory
-    from sevconsole.hosts.labdir import load_lab
-
-    try:
-        if args.lab is not None:
-            lab = load_lab(args.lab)
-            hosts, known_hosts, lab_root = lab.inventory.hosts, lab.known_hosts, lab.lab_root
-        else:
-            if args.inventory is None and not paths.default_inventory().is_file():
-                raise _UsageError(f"no inventory: write {paths.default_inventory()}, or give "
-                                  "--inventory FILE or --lab DIR")
-            inventory = load_inventory(args.inventory)
-            hosts, known_hosts, lab_root = inventory.hosts, inventory.known_hosts, inventory.lab_root
-    except InventoryError as exc:
-        raise _UsageError("; ".join(str(p) for p in exc.problems)) from None
-    names = {h.name for h in hosts}
+def _check_names(args: argparse.Namespace, fleet: Any) -> None:
+    names = set(fleet.names)
     for role, name in (("--to", args.to), ("--from", args.source)):
         if name is not None and name not in names:
             raise _UsageError(f"{role} {name}: no such host in the inventory (hosts: {', '.join(sorted(names))})")
     if args.source is not None and args.source == args.to:
         raise _UsageError(f"--from and --to are both {args.to}")
-    options = DiscoveryOptions(known_hosts=known_hosts, lab_root=lab_root)
-    return {"hosts": list(hosts), "options": options, "pool": options.pool(), "lab_root": lab_root}
 
 
-def _plan(args: argparse.Namespace, setup: dict[str, Any]) -> Any:
+def _plan(args: argparse.Namespace, fleet: Any, pool: Any) -> Any:
     from sevconsole.engine.plan import MigrationPlan
     from sevconsole.hosts.discovery import discover
+    from sevconsole.hosts.fleet import pick_vm
 
-    hosts = setup["hosts"]
-    wanted = [h for h in hosts if h.name in (args.to, args.source)] if args.source else hosts
+    wanted = [h for h in fleet.hosts if h.name in (args.to, args.source)] if args.source else list(fleet.hosts)
     _say(args, f"probing {', '.join(h.name for h in wanted)} ...")
-    reports = {r.name: r for r in discover(wanted, setup["options"], pool=setup["pool"])}
+    reports = {r.name: r for r in discover(wanted, fleet.options, pool=pool)}
     if args.source is None:
-        found = [r for r in reports.values() if r.vm(args.vm) is not None and r.name != args.to]
+        found = [r for r in reports.values() if _runs(r, args.vm) and r.name != args.to]
         if not found:
+            if _runs(reports.get(args.to), args.vm):
+                raise _UsageError(f"{args.vm} already runs on {args.to}; nothing to migrate")
             unreachable = [r.name for r in reports.values() if not r.reachable]
             hint = f" ({', '.join(unreachable)} could not be probed)" if unreachable else ""
             raise _UsageError(f"no host runs a VM named {args.vm}{hint}; see `sevconsole discover`")
@@ -143,72 +137,136 @@ def _plan(args: argparse.Namespace, setup: dict[str, Any]) -> Any:
         source = found[0]
     else:
         source = reports[args.source]
-        if source.vm(args.vm) is None:
+        if pick_vm([source], args.vm) is None:
             why = "; ".join(source.errors) or f"its VMs: {', '.join(v.name for v in source.vms) or 'none'}"
             raise _UsageError(f"{args.source} runs no VM named {args.vm} ({why})")
-    vm = source.vm(args.vm)
+    vm = pick_vm([source], args.vm)
     return MigrationPlan(vm=vm, source=source, target=reports[args.to], downtime_limit_ms=args.downtime_ms,
                          bandwidth_bps=None if args.bandwidth is None else int(args.bandwidth * 1e6),
                          stall_warn_s=args.stall_warn, stall_timeout_s=args.stall_timeout)
 
 
+def _runs(report: Any, vm: str) -> bool:
+    """The host has a copy of `vm` that runs or is paused (not a SENT or incoming leftover)."""
+    from sevconsole.hosts.fleet import pick_vm
+
+    if report is None:
+        return False
+    copy = pick_vm([report], vm)
+    return copy is not None and copy.status in ("running", "paused", None)
+
+
 MARK = {"pass": "ok  ", "warn": "WARN", "fail": "FAIL"}
 
 
-def _migrate(args: argparse.Namespace, setup: dict[str, Any], plan: Any) -> int:
+def _migrate(args: argparse.Namespace, fleet: Any, plan: Any) -> int:
     from sevconsole.engine import audit
     from sevconsole.engine.checks import preflight, refused
     from sevconsole.engine.run import Outcome
+    from sevconsole.engine.runner import RunnerError, spawn
     from sevconsole.hosts.chains import trust_with_lab_root
 
-    checks = preflight(plan, trust_with_lab_root(setup["lab_root"]))
-    _say(args, f"preflight: {plan.describe()}")
+    checks = preflight(plan, trust_with_lab_root(fleet.lab_root))
+    _say(args, f"preflight: {escape_controls(plan.describe())}")
     for c in checks:
-        _say(args, f"  {MARK[c.status.value]}  {c.title}: {c.sentence}")
+        _say(args, f"  {MARK[c.status.value]}  {c.title}: {escape_controls(c.sentence)}")
     if refused(checks):
         _say(args, "refused by preflight: nothing was started.")
-        audit.record(plan, checks, Outcome("refused", "refused by preflight", runnable=(plan.source.name,)))
+        try:
+            audit.record(plan, checks, Outcome("refused", "refused by preflight", runnable=(plan.source.name,)))
+        except (OSError, ValueError) as exc:
+            _say(args, f"audit log not written: {escape_controls(exc)}")
         return EXIT_REFUSED
     if not args.yes and not _confirm(args, plan):
         _say(args, "not confirmed: nothing was started.")
         return EXIT_FAILED
-    outcome = asyncio.run(_run(args, setup, plan, checks))
+    job = {"vm": plan.vm.name, "source": plan.source.name, "target": plan.target.name,
+           "where": fleet.where(), "downtime_ms": plan.downtime_limit_ms, "bandwidth_bps": plan.bandwidth_bps,
+           "stall_warn_s": plan.stall_warn_s, "stall_timeout_s": plan.stall_timeout_s}
+    try:
+        with lab_lease(fleet) as lease_fd:
+            migration_id = spawn(job, lease_fd=lease_fd)
+    except (RunnerError, OSError) as exc:
+        _say(args, f"sevconsole migrate: {escape_controls(exc)}")
+        return EXIT_FAILED
+    _say(args, f"migration {migration_id} runs in its own process: closing this terminal does not stop it "
+               f"(`sevconsole migrations watch {migration_id}` re-attaches; Ctrl-C cancels)")
+    return follow(args, migration_id)
+
+
+def lab_lease(fleet: Any) -> Any:
+    """An embedded lab's lease for the runner (it keeps the lab up while it migrates); a no-op
+    for other fleets."""
+    import contextlib
+
+    if fleet.lab_dir is None or not (fleet.lab_dir / "leases").is_dir():
+        return contextlib.nullcontext(None)
+    from sevconsole import leases
+
+    @contextlib.contextmanager
+    def held() -> Any:
+        lease = leases.take(fleet.lab_dir / "leases", "runner")
+        try:
+            yield lease.fd
+        finally:
+            lease.release_here()
+
+    return held()
+
+
+def follow(args: argparse.Namespace, migration_id: str) -> int:
+    """Attach to a runner and show its progress until the outcome; Ctrl-C sends cancel."""
+    from sevconsole.engine.runner import RunnerError
+
+    try:
+        outcome = asyncio.run(_follow(args, migration_id))
+    except RunnerError as exc:
+        _say(args, f"sevconsole: {escape_controls(exc)}")
+        return EXIT_FAILED
+    if outcome is None:
+        return EXIT_FAILED
     if not args.json:
         print(file=sys.stdout)
-    _say(args, f"{outcome.result}: {outcome.message}")
+    _say(args, f"{outcome.result}: {escape_controls(outcome.message)}")
     for err in outcome.errors:
-        _say(args, f"  {err}")
+        _say(args, f"  {escape_controls(err)}")
+    if args.json:
+        print(json.dumps({"outcome": outcome.to_json(), "migration": migration_id}), flush=True)
     return {"done": EXIT_DONE, "refused": EXIT_REFUSED}.get(outcome.result, EXIT_FAILED)
 
 
-def _confirm(args: argparse.Namespace, plan: Any) -> bool:
-    print(f"Start the {plan.describe()}? [y/N] ", end="", file=sys.stderr, flush=True)
-    answer = sys.stdin.readline()
-    return answer.strip().lower() in ("y", "yes")
+async def _follow(args: argparse.Namespace, migration_id: str) -> Any:
+    from sevconsole.engine.attach import Ended, RunnerClient, RunnerGone, Snapshot
 
-
-async def _run(args: argparse.Namespace, setup: dict[str, Any], plan: Any, checks: Any) -> Any:
-    from sevconsole.engine.run import Migration
-    from sevconsole.engine.ssh import SshHost
-    from sevconsole.hosts.discovery import endpoint_for
-
-    def link(report: Any) -> SshHost:
-        spec = next(h for h in setup["hosts"] if h.name == report.name)
-        endpoint = endpoint_for(spec, setup["hosts"])
-        pool = setup["pool"]
-        return SshHost(report.name, report.address, pool.get(endpoint), reconnect=lambda: pool.get(endpoint))
-
-    source, target = await asyncio.to_thread(link, plan.source), await asyncio.to_thread(link, plan.target)
+    client = await RunnerClient.connect(migration_id)
     show = _JsonLines() if args.json else _ProgressLine()
-    migration = Migration(plan, source, target, checks=checks, on_progress=show)
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGINT, migration.cancel, "cancelled by the operator (Ctrl-C)")
+    cancelling: list[asyncio.Task[None]] = []
+
+    def on_sigint() -> None:
+        _say(args, "\ncancelling (the source keeps the guest) ...")
+        cancelling.append(loop.create_task(client.cancel("cancelled by the operator (Ctrl-C)")))
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
     try:
-        return await migration.run()
+        async for message in client.messages():
+            if isinstance(message, Snapshot):
+                show(message.progress)
+            elif isinstance(message, Ended):
+                return message.outcome
+            elif isinstance(message, RunnerGone):
+                _say(args, f"\n{message.sentence}")
+                return None
+        return None
     finally:
         loop.remove_signal_handler(signal.SIGINT)
-        await source.close()
-        await target.close()
+        await client.close()
+
+
+def _confirm(args: argparse.Namespace, plan: Any) -> bool:
+    print(f"Start the {escape_controls(plan.describe())}? [y/N] ", end="", file=sys.stderr, flush=True)
+    answer = sys.stdin.readline()
+    return answer.strip().lower() in ("y", "yes")
 
 
 class _JsonLines:

@@ -197,7 +197,7 @@ def create(job: dict[str, Any]) -> tuple[str, Path]:
             continue
         job = {**job, "id": migration_id}
         tmp = where / "job.json.tmp"
-        with open(tmp, "w", encoding="utf-8") as out:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as out:
             json.dump(job, out, indent=1, sort_keys=True)
             out.flush()
             os.fsync(out.fileno())

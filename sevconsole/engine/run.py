@@ -505,6 +505,8 @@ class Migration:
                 await self._qmp(self._dst, "target", "cont")
                 f.event(f"{self.plan.target.name}: guest verified and resumed (cont)")
             dst_status = await self._wait_status(self._dst, "target", ("running",), timeout=QMP_TIMEOUT_S)
+        if dst_status == "running" or (dst_status == "paused" and self._source_initial == "paused"):
+            self._record(Step.TARGET_CONFIRMED, target_status=dst_status)
         if LAB_FIRMWARE in self._src_cmds or LAB_FIRMWARE in self._dst_cmds:
             await self._lab_extras()
             src_state = _guest_state(f.current.source_fw) if self._src is not None else None
