@@ -162,7 +162,9 @@ def decide(step: Step, facts: Facts, obs: Observation) -> Decision:
     # 1. a stream still flowing is stopped first (unless the guest already went forward)
     if src.reachable and src.migration in ACTIVE and not step.forward:
         return Decision(step, (Action.CANCEL_MIGRATION,), "the migration is still streaming: cancel it")
-    forward = step.forward or (step != Step.ROLLBACK_CHOSEN and takes_over(facts, obs) is not None)
+    # SEND_FINISH is the point of no return: a SENT source can never run again, whatever was chosen
+    sent = facts.sev and src.reachable and src.guest == GuestState.SENT
+    forward = step.forward or sent or (step != Step.ROLLBACK_CHOSEN and takes_over(facts, obs) is not None)
     if forward:
         return _forward(step, facts, obs)
     return _back(step, facts, obs)
@@ -191,8 +193,9 @@ def _forward(step: Step, facts: Facts, obs: Observation) -> Decision:
     if dst.unknown:
         return Decision(Step.NEEDS_OPERATOR, (), "the target cannot be reached and the source can no "
                         "longer run the guest: bring the target host back, then run recover again")
-    return Decision(Step.NEEDS_OPERATOR, (), "the source was SENT but the target does not hold the "
-                    "guest: no copy can run (the guest is lost unless the target's host comes back)")
+    left = "was SENT" if facts.sev else "handed the guest over (the target ran it since)"
+    return Decision(Step.NEEDS_OPERATOR, (), f"the source {left} but the target does not hold the guest: "
+                    "no copy can run; the guest is lost unless the target's host comes back")
 
 
 def _back(step: Step, facts: Facts, obs: Observation) -> Decision:
