@@ -10,9 +10,11 @@ from pathlib import Path
 from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
+from textual.notifications import SeverityLevel
 from textual.screen import Screen
 
 from sevconsole.hosts.report import HostReport
+from sevconsole.textsafe import escape_controls, escape_lines
 from sevconsole.tui.backend import ConsoleBackend, HostKeyPending
 from sevconsole.tui.config import ConsoleConfig
 from sevconsole.tui.messages import HostKeyAsked, HostProbed, HostProbeFailed
@@ -67,6 +69,14 @@ class SevConsoleApp(App[int]):
             self.probe_all()
         if self.start_guide:
             self.action_guide()
+
+    def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
+               timeout: float | None = None, markup: bool = True) -> None:
+        """Every notification is plain text, whatever the caller asks: messages carry host names and
+        sentences, whose brackets must not be parsed (a `[/` killed the console); control
+        characters show escaped."""
+        super().notify(escape_lines(message), title=escape_controls(title), severity=severity,
+                       timeout=timeout, markup=False)
 
     def apply_theme(self, label: str, *, save: bool = True) -> bool:
         named: NamedTheme | None = self.themes.get(label)

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import re
-from typing import TYPE_CHECKING
-
-from rich.text import Text
-
 from sevconsole.sev.status import GuestState, PlatformState, Status
 
 GUEST_STATES = tuple(s.name for s in GuestState)  # UNINIT .. SENT, firmware numbering
 PLATFORM_STATES = tuple(s.name for s in PlatformState)
-
-if TYPE_CHECKING:
-    from textual.app import App
 
 
 def size(n: float | None) -> str:
@@ -100,12 +92,3 @@ def fingerprint(hexdigest: str, groups: int = 8) -> str:
     pairs = [hexdigest[i : i + 2] for i in range(0, min(len(hexdigest), groups * 2), 2)]
     return ":".join(pairs) + ("…" if len(hexdigest) > groups * 2 else "")
 
-
-_VARIABLE = re.compile(r"\$([a-z][a-z0-9-]*)")
-
-
-def cell(app: App[object], markup: str) -> Text:
-    """Textual-style markup (with $theme colours) as a Rich Text, for DataTable cells, which
-    read Rich markup only."""
-    variables = app.get_css_variables()
-    return Text.from_markup(_VARIABLE.sub(lambda m: variables.get(m.group(1), "default"), markup), end="")

@@ -50,7 +50,7 @@ async def test_guide_walks_every_step(rome_caps: Capabilities, naples_caps: Capa
             while guide.busy:  # feed the scripted migration one snapshot at a time
                 backend.step.set()  # type: ignore[union-attr]
                 await pilot.pause(0.01)
-                seen_notes.update(line for line in guide.narration if line.startswith("[$accent]▸"))
+                seen_notes.update(line for line in guide.narration if line.startswith("▸"))
         assert guide.outcomes == ["allowed", "done", "refused", "refused", "failed", "cancelled"]
         assert backend.lab_commands == [("lab-1", "web", "x-lab-set"), ("lab-2", "db", "x-lab-inject-fault"),
                                         ("lab-4", "db-4", "x-lab-set")]

@@ -9,12 +9,13 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
-from textual.markup import escape
+from textual.content import Content
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
 from sevconsole.engine.progress import Phase, Progress
 from sevconsole.hosts.report import HostReport
+from sevconsole.tui import safe
 from sevconsole.tui.backend import RUNNABLE, MigrationHandle, Result, find_vm
 from sevconsole.tui.guide_steps import PHASE_NOTES, STEPS, Step
 from sevconsole.tui.messages import HostProbed, MigrationEnded, ProgressPosted
@@ -36,7 +37,7 @@ class GuideScreen(Screen[None]):
         self.index = -1
         self.busy = False
         self.handle: MigrationHandle | None = None
-        self.narration: list[str] = []
+        self.narration: list[str] = []  # plain text of what was said, oldest first (tests)
         self.phases_seen: set[Phase] = set()
         self._pending: Progress | None = None
         self.outcomes: list[str] = []  # result per action step, for tests and the last page
@@ -55,15 +56,16 @@ class GuideScreen(Screen[None]):
         self.action_next()
 
     # -- narration
-    def say(self, *lines: str, reset: bool = False) -> None:
+    def say(self, *lines: Content, reset: bool = False) -> None:
         """The step's own text (reset=True) or what is happening now (replaces the last)."""
+        plain = [line.plain for line in lines]
         if reset:
-            self.narration = list(lines)
-            self.query_one("#guide-text", Static).update("\n".join(lines))
+            self.narration = plain
+            self.query_one("#guide-text", Static).update(safe.lines(lines))
             self.query_one("#guide-now", Static).update("")
         else:
-            self.narration += lines
-            self.query_one("#guide-now", Static).update("\n".join(lines))
+            self.narration += plain
+            self.query_one("#guide-now", Static).update(safe.lines(lines))
         self.query_one("#guide-box", VerticalScroll).scroll_home(animate=False)
 
     @property
@@ -79,10 +81,10 @@ class GuideScreen(Screen[None]):
             return
         self.index += 1
         step = self.step
-        self.say(f"[b]{escape(step.title)}[/]  [$text-muted]({self.index + 1}/{len(self.steps)})[/]",
-                 escape(step.text), reset=True)
+        self.say(safe.show("[b]$title[/]  [$text-muted]($n/$total)[/]", title=step.title, n=self.index + 1,
+                           total=len(self.steps)), safe.plain(step.text), reset=True)
         if step.action == "read":
-            self.say("[$accent]Space: next step[/]" if self.index + 1 < len(self.steps) else "")
+            self.say(safe.show("[$accent]Space: next step[/]") if self.index + 1 < len(self.steps) else Content())
             return
         self.busy = True
         self.run_step(step)
@@ -94,8 +96,8 @@ class GuideScreen(Screen[None]):
             source, target = await asyncio.gather(asyncio.to_thread(backend.probe, step.source),
                                                   asyncio.to_thread(backend.probe, step.target))
         except Exception as exc:
-            self.finish_step(f"[$warning]This step needs {step.source} and {step.target}: {escape(str(exc))}. "
-                             "Skipped.[/]")
+            self.finish_step(safe.show("[$warning]This step needs $source and $target: $why. Skipped.[/]",
+                                       source=step.source, target=step.target, why=exc))
             return
         for report in (source, target):
             self.app.post_message(HostProbed(report))
@@ -104,30 +106,32 @@ class GuideScreen(Screen[None]):
         if (vm is None or vm.status not in RUNNABLE) and there is not None and there.status in RUNNABLE:
             # an earlier migration (this tour's or the operator's) moved it: go the other way
             source, target, vm = target, source, there
-            self.say(f"[$text-muted]{escape(step.vm)} now runs on {escape(source.name)}, so this step "
-                     f"goes {escape(source.name)} -> {escape(target.name)}.[/]")
+            self.say(safe.show("[$text-muted]$vm now runs on $source, so this step goes $source -> $target.[/]",
+                               vm=step.vm, source=source.name, target=target.name))
         if vm is None:
-            self.finish_step(f"[$warning]{step.vm} is not on {step.source} in this lab; skipped.[/]")
+            self.finish_step(safe.show("[$warning]$vm is not on $source in this lab; skipped.[/]",
+                                       vm=step.vm, source=step.source))
             return
         checks = tuple(await asyncio.to_thread(backend.preflight, vm, source, target, 300))
         bad = first_failure(checks)
         if step.action == "preflight":
-            verdict = (f"[$error]Refused: {escape(bad.sentence)}[/]" if bad else
-                       "[$success]Every check allows it.[/]")
+            verdict = (safe.show("[$error]Refused: $why[/]", why=bad.sentence) if bad else
+                       safe.show("[$success]Every check allows it.[/]"))
             self.outcomes.append("refused" if bad else "allowed")
             self.finish_step(verdict, checklist(checks))
             return
         if bad is not None:
             self.outcomes.append("refused")
-            self.finish_step(f"[$error]Preflight refused it: {escape(bad.sentence)}[/]")
+            self.finish_step(safe.show("[$error]Preflight refused it: $why[/]", why=bad.sentence))
             return
         for command, args in step.lab_commands:
             try:
                 await backend.lab_command(source, vm, command, args)
             except Exception as exc:
-                self.finish_step(f"[$warning]The lab did not take {command}: {escape(str(exc))}; skipped.[/]")
+                self.finish_step(safe.show("[$warning]The lab did not take $command: $why; skipped.[/]",
+                                           command=command, why=exc))
                 return
-            self.say(f"[$text-muted]lab: {escape(command)} {escape(str(args))}[/]")
+            self.say(safe.show("[$text-muted]lab: $command $args[/]", command=command, args=args))
         self.phases_seen = set()
         try:
             self.handle = backend.migration(vm, source, target, 300, checks, self.post_progress,
@@ -145,11 +149,11 @@ class GuideScreen(Screen[None]):
         p = message.progress
         if p.phase not in self.phases_seen and p.phase in PHASE_NOTES:
             self.phases_seen.add(p.phase)
-            self.say(f"[$accent]▸ {escape(p.phase.value)}[/]: {escape(PHASE_NOTES[p.phase])}")
+            self.say(safe.show("[$accent]▸ $phase[/]: $note", phase=p.phase.value, note=PHASE_NOTES[p.phase]))
         if (self.step.cancel_if_not_converging and p.converging is False and self.handle is not None
                 and not self._cancel_sent):
             self._cancel_sent = True
-            self.say("[$warning]The prediction is clear: it cannot converge. The guide cancels.[/]")
+            self.say(safe.show("[$warning]The prediction is clear: it cannot converge. The guide cancels.[/]"))
             self.handle.cancel("cancelled by the guide: the migration could not converge")
         if p is self._pending:
             self.query_one(MigrationView).apply(p)
@@ -162,13 +166,13 @@ class GuideScreen(Screen[None]):
         self.outcomes.append(message.result.result)
         lines = [line for line in result_lines(message.result, self._pending)[:6] if line]
         if self.step.expect:
-            lines.append(f"[$text-muted]expected: {escape(self.step.expect)}[/]")
-        self.finish_step("", *lines)
+            lines.append(safe.show("[$text-muted]expected: $expect[/]", expect=self.step.expect))
+        self.finish_step(Content(), *lines)
 
-    def finish_step(self, *lines: str) -> None:
+    def finish_step(self, *lines: Content) -> None:
         self.busy = False
         more = self.index + 1 < len(self.steps)
-        self.say(*lines, "[$accent]Space: next step[/]" if more else "[$accent]Esc: back to the hosts[/]")
+        self.say(*lines, safe.show("[$accent]Space: next step[/]" if more else "[$accent]Esc: back to the hosts[/]"))
         if self.step.source:
             for name in (self.step.source, self.step.target):
                 if name in self.app.reports:  # type: ignore[attr-defined]

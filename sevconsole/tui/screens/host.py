@@ -7,36 +7,42 @@ import base64
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.markup import escape
+from textual.content import Content
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static, Tree
 
 from sevconsole.hosts.report import HostReport, VmInfo
+from sevconsole.textsafe import escape_controls
 from sevconsole.tui import format as fmt
+from sevconsole.tui import safe
 from sevconsole.tui.widgets.chain_tree import fill_chain_tree
 
 
-def capability_lines(report: HostReport) -> list[str]:
-    lines = [f"[b]{escape(report.name)}[/] {escape(report.address)}:{report.port}"
-             + (" [$accent]lab[/]" if report.lab else "")]
+def capability_lines(report: HostReport) -> list[Content]:
+    lines = [safe.show("[b]$name[/] $address:$port" + (" [$accent]lab[/]" if report.lab else ""),
+                       name=report.name, address=report.address, port=report.port)]
     if report.hostname or report.kernel:
-        lines.append(escape(f"{report.hostname or '?'}  kernel {report.kernel or '?'}"))
+        lines.append(safe.show("$hostname  kernel $kernel", hostname=report.hostname or "?",
+                               kernel=report.kernel or "?"))
     if report.cpu:
-        lines.append(escape(report.cpu))
+        lines.append(safe.plain(report.cpu))
     sev = report.sev
     if sev is None:
-        lines.append("[$error]no SEV information[/]")
+        lines.append(safe.show("[$error]no SEV information[/]"))
     else:
         api = "-" if sev.api is None else f"{sev.api[0]}.{sev.api[1]} build {sev.build}"
         owner = {None: "?", False: "self-owned", True: "externally owned"}[sev.owner_external]
-        lines.append(f"kvm_amd sev={_yn(sev.kernel_sev)} sev_es={_yn(sev.kernel_sev_es)} /dev/sev={_yn(sev.dev_sev)}")
-        lines.append(f"firmware API {api}, platform {fmt.platform_state(sev.platform_state)}, {owner}")
-        lines.append(f"ES configured {_yn(sev.es_configured)}, guests {sev.guest_count if sev.guest_count is not None else '?'}")
+        guests = sev.guest_count if sev.guest_count is not None else "?"
+        lines.append(safe.plain(f"kvm_amd sev={_yn(sev.kernel_sev)} sev_es={_yn(sev.kernel_sev_es)} "
+                                f"/dev/sev={_yn(sev.dev_sev)}"))
+        lines.append(safe.show("firmware API $api, platform $platform, $owner", api=api,
+                               platform=fmt.platform_state(sev.platform_state), owner=owner))
+        lines.append(safe.show("ES configured $es, guests $guests", es=_yn(sev.es_configured), guests=guests))
     caps = report.capabilities
     if caps is not None:
-        lines.append(f"cbitpos {caps.cbitpos}, reduced-phys-bits {caps.reduced_phys_bits}")
-    for error in report.errors:
-        lines.append(f"[$error]{escape(error)}[/]")
+        lines.append(safe.show("cbitpos $cbitpos, reduced-phys-bits $bits", cbitpos=caps.cbitpos,
+                               bits=caps.reduced_phys_bits))
+    lines += [safe.plain(error, "$error") for error in report.errors]
     return lines
 
 
@@ -44,21 +50,21 @@ def _yn(value: bool | None) -> str:
     return {None: "?", True: "yes", False: "no"}[value]
 
 
-def policy_lines(vm: VmInfo) -> list[str]:
+def policy_lines(vm: VmInfo) -> list[Content]:
     if vm.policy is None:
-        return [f"[b]{escape(vm.name)}[/]: not an SEV guest (no policy)"]
-    lines = [f"[b]{escape(vm.name)}[/] policy {escape(fmt.policy(vm.policy))}"]
+        return [safe.show("[b]$vm[/]: not an SEV guest (no policy)", vm=vm.name)]
+    lines = [safe.show("[b]$vm[/] policy $policy", vm=vm.name, policy=fmt.policy(vm.policy))]
     try:
         from sevconsole.sev.policy import GuestPolicy
 
         infos = GuestPolicy.from_u32(vm.policy).explain()
     except (ImportError, ValueError) as exc:
-        return [*lines, f"[$warning]cannot explain the policy: {escape(str(exc))}[/]"]
+        return [*lines, safe.show("[$warning]cannot explain the policy: $why[/]", why=exc)]
     for info in infos:
         mark = "[$success]■[/]" if info.set else "[$text-muted]□[/]"
-        lines.append(f"{mark} {escape(str(info.name)):<8} {escape(str(info.migration))}")
+        lines.append(safe.show(f"{mark} $name $migration", name=f"{info.name!s:<8}", migration=info.migration))
     if vm.migration_blocker:
-        lines.append(f"[$error]QEMU: {escape(vm.migration_blocker)}[/]")
+        lines.append(safe.show("[$error]QEMU: $blocker[/]", blocker=vm.migration_blocker))
     return lines
 
 
@@ -91,7 +97,7 @@ class HostScreen(Screen[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = self.host_name
+        self.sub_title = escape_controls(self.host_name)
         table = self.query_one("#vms", DataTable)
         for key, label in (("vm", "VM"), ("status", "Status"), ("mem", "Memory"), ("policy", "Policy"),
                            ("state", "Guest state"), ("mig", "Migration")):
@@ -108,7 +114,7 @@ class HostScreen(Screen[None]):
 
     def fill(self) -> None:
         report = self.report
-        self.query_one("#caps", Static).update("\n".join(capability_lines(report)))
+        self.query_one("#caps", Static).update(safe.lines(capability_lines(report)))
         tree = self.query_one("#chain", Tree)
         fill_chain_tree(tree, report.capabilities)
         table = self.query_one("#vms", DataTable)
@@ -118,9 +124,9 @@ class HostScreen(Screen[None]):
             sev_state = fmt.guest_state(state) if state is not None else (vm.sev_state or "-")
             mig = {None: "?", True: "[$success]yes[/]", False: "[$error]no[/]"}[vm.migration_support]
             mem = "-" if vm.memory_mib is None else fmt.size(vm.memory_mib * 1024 * 1024)
-            cells = (escape(vm.name), escape(vm.status or "?"), mem, escape(fmt.policy(vm.policy)),
-                     escape(sev_state), mig)
-            table.add_row(*(fmt.cell(self.app, c) for c in cells), key=str(index))  # names can repeat
+            cells = (safe.plain(vm.name), safe.plain(vm.status or "?"), Content(mem),
+                     safe.plain(fmt.policy(vm.policy)), safe.plain(sev_state), safe.show(mig))
+            table.add_row(*(safe.rich(self.app, c) for c in cells), key=str(index))  # names can repeat
         self.show_policy()
 
     def selected_vm(self) -> VmInfo | None:
@@ -133,7 +139,7 @@ class HostScreen(Screen[None]):
 
     def show_policy(self) -> None:
         vm = self.selected_vm()
-        text = "\n".join(policy_lines(vm)) if vm else "[$text-muted]no VM on this host[/]"
+        text = safe.lines(policy_lines(vm)) if vm else safe.show("[$text-muted]no VM on this host[/]")
         self.query_one("#policy", Static).update(text)
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
@@ -172,7 +178,7 @@ class HostScreen(Screen[None]):
 
     def palette_commands(self) -> list[tuple[str, str, object]]:
         return [
-            ("Copy PDH (base64)", f"Copy {self.host_name}'s PDH certificate to the clipboard (c)", self.action_copy_pdh),
+            ("Copy PDH (base64)", "Copy this host's PDH certificate to the clipboard (c)", self.action_copy_pdh),
             ("Copy platform chain (base64)", "PEK||OCA||CEK to the clipboard (C)", self.action_copy_chain),
             ("Migrate selected VM", "Pick a target and run the preflight checks (m)", self.action_migrate),
             ("Re-probe this host", "Run discovery again (r)", self.action_reprobe),

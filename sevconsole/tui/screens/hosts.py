@@ -4,41 +4,48 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.markup import escape
+from textual.content import Content
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Static
 
 from sevconsole.hosts.report import HostReport
 from sevconsole.tui import format as fmt
+from sevconsole.tui import safe
 from sevconsole.tui.backend import RUNNABLE
 
 COLUMNS = (("host", "Host"), ("state", "State"), ("sev", "SEV API"), ("platform", "Platform"),
            ("chain", "Chain"), ("vms", "VMs"), ("latency", "Latency"), ("note", "Note"))
 
 
-def chain_cell(report: HostReport) -> str:
+def chain_cell(report: HostReport) -> Content:
     caps = report.capabilities
     if caps is None:
-        return "-"
+        return Content("-")
     chain = caps.chain_report
     if chain is None:
-        return "[$warning]unchecked[/]"
+        return safe.show("[$warning]unchecked[/]")
     if chain.ok:
         root = chain.root
-        return f"[$success]ok[/] {escape(root.generation if root else '')}"
-    return f"[$error]{len(chain.failures)} bad[/]"
+        return safe.show("[$success]ok[/] $generation", generation=root.generation if root else "")
+    return safe.show("[$error]$count bad[/]", count=len(chain.failures))
 
 
-def row_cells(report: HostReport) -> list[str]:
+def row_cells(report: HostReport) -> list[Content]:
+    """One row; host strings are values of constant templates, never markup."""
     sev = report.sev
     api = "-" if sev is None or sev.api is None else f"{sev.api[0]}.{sev.api[1]}"
     platform = "-" if sev is None else fmt.platform_state(sev.platform_state)
-    state = "[$success]up[/]" if report.reachable else "[$error]down[/]"
+    state = safe.show("[$success]up[/]" if report.reachable else "[$error]down[/]")
     if report.lab:
         state += " lab"
     latency = "-" if report.latency_ms is None else f"{report.latency_ms:.0f} ms"
-    note = escape(report.errors[0]) if report.errors else ""
-    return [escape(report.name), state, api, platform, chain_cell(report), str(len(report.vms)), latency, note]
+    note = report.errors[0] if report.errors else ""
+    return [safe.plain(report.name), state, safe.plain(api), safe.plain(platform), chain_cell(report),
+            Content(str(len(report.vms))), Content(latency), safe.plain(note)]
+
+
+def probing_cells(report: HostReport) -> list[Content]:
+    return [safe.plain(report.name), safe.show("[$text-muted]probing…[/]"), *(Content(),) * 6]
 
 
 class HostsScreen(Screen[None]):
@@ -98,10 +105,9 @@ class HostsScreen(Screen[None]):
         selected = self.selected_host()
         table.clear()
         for report in self.visible_reports():
-            cells = row_cells(report)
-            if report.name in self.pending and report.name not in self.app.reports:  # type: ignore[attr-defined]
-                cells = [escape(report.name), "[$text-muted]probing…[/]", "", "", "", "", "", ""]
-            table.add_row(*(fmt.cell(self.app, c) for c in cells), key=report.name)
+            probing = report.name in self.pending and report.name not in self.app.reports  # type: ignore[attr-defined]
+            cells = probing_cells(report) if probing else row_cells(report)
+            table.add_row(*(safe.rich(self.app, c) for c in cells), key=report.name)
         if selected is not None and selected in table.rows:
             table.move_cursor(row=table.get_row_index(selected))
         elif table.row_count:
@@ -110,8 +116,9 @@ class HostsScreen(Screen[None]):
         done = total - len(self.pending)
         shown = table.row_count
         filt = f", filter {self.filter_text!r}" if self.filter_text else ""
-        self.query_one("#hosts-status", Static).update(
-            f"{done}/{total} hosts probed, {shown} shown{escape(filt)}. Enter opens a host, m migrates from it.")
+        self.query_one("#hosts-status", Static).update(safe.show(
+            "$done/$total hosts probed, $shown shown$filt. Enter opens a host, m migrates from it.",
+            done=done, total=total, shown=shown, filt=filt))
 
     def selected_host(self) -> str | None:
         table = self.query_one(DataTable)

@@ -12,6 +12,7 @@ from textual.widgets import Footer, Header
 
 from sevconsole.engine.progress import Progress
 from sevconsole.hosts.report import HostReport, VmInfo
+from sevconsole.textsafe import escape_controls
 from sevconsole.tui.backend import CheckLine, MigrationHandle, Result
 from sevconsole.tui.messages import MigrationEnded, ProgressPosted
 from sevconsole.tui.widgets.migration_view import MigrationView
@@ -41,7 +42,7 @@ class LiveScreen(Screen[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = f"migrating {self.vm.name}"
+        self.sub_title = escape_controls(f"migrating {self.vm.name}")
         if self.start:
             self.run_migration()
 

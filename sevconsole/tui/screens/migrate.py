@@ -7,12 +7,14 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.markup import escape
+from textual.content import Content
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from sevconsole.hosts.report import HostReport, VmInfo
+from sevconsole.textsafe import escape_controls
 from sevconsole.tui import format as fmt
+from sevconsole.tui import safe
 from sevconsole.tui.backend import CheckLine, find_vm
 from sevconsole.tui.messages import PreflightDone
 
@@ -24,8 +26,9 @@ def first_failure(checks: tuple[CheckLine, ...]) -> CheckLine | None:
     return next((c for c in checks if c.status == "fail"), None)
 
 
-def checklist(checks: tuple[CheckLine, ...]) -> str:
-    return "\n".join(f"{MARKS.get(c.status, '?')} [b]{escape(c.title)}[/]: {escape(c.sentence)}" for c in checks)
+def checklist(checks: tuple[CheckLine, ...]) -> Content:
+    return safe.lines(safe.show(f"{MARKS.get(c.status, '?')} [b]$title[/]: $sentence", title=c.title,
+                                sentence=c.sentence) for c in checks)
 
 
 class MigrateScreen(Screen[None]):
@@ -72,7 +75,7 @@ class MigrateScreen(Screen[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = f"migrate {self.vm_name}"
+        self.sub_title = escape_controls(f"migrate {self.vm_name}")
         table = self.query_one("#targets", DataTable)
         table.add_column("Target", key="target")
         table.add_column("Verdict", key="verdict")
@@ -83,9 +86,10 @@ class MigrateScreen(Screen[None]):
     def show_plan(self) -> None:
         vm = self.vm
         mem = "-" if vm.memory_mib is None else fmt.size(vm.memory_mib * 1024 * 1024)
-        self.query_one("#plan", Static).update(
-            f"[b]{escape(vm.name)}[/] on {escape(self.source_name)}, {mem}, policy {escape(fmt.policy(vm.policy))}\n"
-            f"downtime limit [b]{self.downtime_ms} ms[/] (+/- to change). Pick a target:")
+        self.query_one("#plan", Static).update(safe.show(
+            "[b]$vm[/] on $source, $mem, policy $policy\n"
+            "downtime limit [b]$downtime ms[/] (+/- to change). Pick a target:",
+            vm=vm.name, source=self.source_name, mem=mem, policy=fmt.policy(vm.policy), downtime=self.downtime_ms))
 
     def run_preflight(self) -> None:
         self.results.clear()
@@ -122,15 +126,16 @@ class MigrateScreen(Screen[None]):
         current = self.selected_target()
         table.clear()
         for target, checks in self.ordered():
+            bad = first_failure(checks) if checks is not None else None
             if checks is None:
-                verdict = "[$text-muted]checking…[/]"
-            elif (bad := first_failure(checks)) is not None:
-                verdict = f"[$error]✗ {escape(bad.title)}[/]"
+                verdict = safe.cell(self.app, "[$text-muted]checking…[/]")
+            elif bad is not None:
+                verdict = safe.cell(self.app, "[$error]✗ $title[/]", title=bad.title)
             elif any(c.status == "warn" for c in checks):
-                verdict = "[$warning]! allowed (warnings)[/]"
+                verdict = safe.cell(self.app, "[$warning]! allowed (warnings)[/]")
             else:
-                verdict = "[$success]✓ allowed[/]"
-            table.add_row(escape(target.name), fmt.cell(self.app, verdict), key=target.name)
+                verdict = safe.cell(self.app, "[$success]✓ allowed[/]")
+            table.add_row(safe.cell(self.app, "$name", name=target.name), verdict, key=target.name)
         if current is not None and current in table.rows:
             table.move_cursor(row=table.get_row_index(current))
         self.show_checks()
@@ -145,16 +150,17 @@ class MigrateScreen(Screen[None]):
         name = self.selected_target()
         box = self.query_one("#checks", Static)
         if name is None:
-            box.update("[$warning]No other host is known: nothing to migrate to.[/]")
+            box.update(safe.show("[$warning]No other host is known: nothing to migrate to.[/]"))
             return
         checks = self.results.get(name)
         if checks is None:
-            box.update(f"Preflight for {escape(name)}: checking…")
+            box.update(safe.show("Preflight for $target: checking…", target=name))
             return
         bad = first_failure(checks)
-        verdict = (f"[$error]Refused: {escape(bad.sentence)}[/]" if bad else
-                   "[$success]All checks allow it.[/] Enter starts (you will confirm).")
-        box.update(f"[b]Preflight {escape(self.vm_name)} → {escape(name)}[/]\n{verdict}\n\n{checklist(checks)}")
+        verdict = (safe.show("[$error]Refused: $why[/]", why=bad.sentence) if bad else
+                   safe.show("[$success]All checks allow it.[/] Enter starts (you will confirm)."))
+        title = safe.show("[b]Preflight $vm → $target[/]", vm=self.vm_name, target=name)
+        box.update(safe.lines([title, verdict, Content(), checklist(checks)]))
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         self.show_checks()
@@ -176,7 +182,7 @@ class MigrateScreen(Screen[None]):
             return
         bad = first_failure(checks)
         if bad is not None:
-            self.notify(f"Refused: {bad.sentence}", severity="error", timeout=8)
+            self.notify(f"Refused: {bad.sentence}", severity="error", timeout=8, markup=False)
             return
         from sevconsole.tui.screens.modals import ConfirmScreen
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.markup import escape
 from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
+from sevconsole.tui import safe
 from sevconsole.tui.backend import HostKeyQuestion
 
 
 class ConfirmScreen(ModalScreen[bool]):
-    """Yes/no for what cannot be undone; `y` confirms, `n`/Esc declines (k9s style)."""
+    """Yes/no for what cannot be undone; `y` confirms, `n`/Esc declines (k9s style).
+    `title` and `body` are plain text (they carry host names), never markup."""
 
     BINDINGS = [
         Binding("y", "answer(True)", "Yes", id="confirm.yes"),
@@ -32,8 +33,8 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Static(f"[b]{escape(self.title_text)}[/]")
-            yield Static(escape(self.body), id="body")
+            yield Static(safe.plain(self.title_text, "b"))
+            yield Static(safe.plain(self.body), id="body")
             with Horizontal():
                 yield Button(self.no, id="no")
                 yield Button(self.yes, id="yes", variant="warning")
@@ -67,9 +68,10 @@ class HostKeyScreen(ModalScreen[bool]):
     def compose(self) -> ComposeResult:
         q = self.question
         with Vertical():
-            yield Static(f"[b]Unknown host key for {escape(q.host)}[/]")
-            yield Static(escape(q.message))
-            yield Static(f"{escape(q.key_type)} {escape(q.fingerprint)}", id="fingerprint")
+            yield Static(safe.show("[b]Unknown host key for $host[/]", host=q.host))
+            yield Static(safe.plain(q.message))
+            yield Static(safe.show("$key_type $fingerprint", key_type=q.key_type, fingerprint=q.fingerprint),
+                         id="fingerprint")
             yield Static("Compare it with the host's own `ssh-keygen -lf` output before accepting. "
                          "A key that later changes is always refused.")
             with Horizontal():

@@ -7,12 +7,14 @@ import json
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
-from textual.markup import escape
+from textual.content import Content
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
 from sevconsole.engine.progress import Progress
+from sevconsole.textsafe import escape_controls
 from sevconsole.tui import format as fmt
+from sevconsole.tui import safe
 from sevconsole.tui.backend import Result
 
 HEADLINES = {
@@ -23,35 +25,38 @@ HEADLINES = {
 }
 
 
-def result_lines(result: Result, progress: Progress | None) -> list[str]:
-    lines = [f"[b]{HEADLINES.get(result.result, escape(result.result))}[/]  {escape(result.message)}", ""]
+def result_lines(result: Result, progress: Progress | None) -> list[Content]:
+    headline = HEADLINES.get(result.result, "$result")
+    lines = [safe.show(f"[b]{headline}[/]  $message", result=result.result, message=result.message), Content()]
     if progress is not None:
-        lines.append(f"{escape(progress.vm)}: {escape(progress.source)} → {escape(progress.target)}")
+        lines.append(safe.show("$vm: $source → $target", vm=progress.vm, source=progress.source,
+                               target=progress.target))
     runnable = ", ".join(result.runnable) or "none"
     if result.one_copy:
-        lines.append(f"[$success]✓ exactly one runnable copy[/]: on {escape(runnable)}")
+        lines.append(safe.show("[$success]✓ exactly one runnable copy[/]: on $on", on=runnable))
     else:
-        lines.append(f"[$error]✗ {len(result.runnable)} runnable copies[/] (on: {escape(runnable)}); check both hosts now")
-    lines.append(f"  source guest {fmt.guest_state(result.source_guest_state)}"
-                 f" (QEMU {escape(result.source_status or '?')}),"
-                 f" target guest {fmt.guest_state(result.target_guest_state)}"
-                 f" (QEMU {escape(result.target_status or '?')})")
+        lines.append(safe.show("[$error]✗ $count runnable copies[/] (on: $on); check both hosts now",
+                               count=len(result.runnable), on=runnable))
+    lines.append(safe.show(
+        "  source guest $sg (QEMU $ss), target guest $tg (QEMU $ts)",
+        sg=fmt.guest_state(result.source_guest_state), ss=result.source_status or "?",
+        tg=fmt.guest_state(result.target_guest_state), ts=result.target_status or "?"))
     if result.digest_match is None:
-        lines.append("[$text-muted]guest digest: not compared (no digest from one end)[/]")
+        lines.append(safe.show("[$text-muted]guest digest: not compared (no digest from one end)[/]"))
     elif result.digest_match:
-        lines.append(f"[$success]✓ guest memory digests match[/] sha256 {escape((result.digest_target or '')[:16])}…")
+        lines.append(safe.show("[$success]✓ guest memory digests match[/] sha256 $digest…",
+                               digest=(result.digest_target or "")[:16]))
     else:
-        lines.append(f"[$error]✗ guest memory digests differ[/]: source {escape((result.digest_source or '')[:16])}…"
-                     f" target {escape((result.digest_target or '')[:16])}…")
+        lines.append(safe.show("[$error]✗ guest memory digests differ[/]: source $source… target $target…",
+                               source=(result.digest_source or "")[:16], target=(result.digest_target or "")[:16]))
     avg = result.bytes_transferred / result.duration_s if result.duration_s else None
-    lines.append(f"time {fmt.duration(result.duration_s)}, sent {fmt.size(result.bytes_transferred)}"
-                 f" (average {fmt.rate(avg)})")
+    lines.append(Content(f"time {fmt.duration(result.duration_s)}, sent {fmt.size(result.bytes_transferred)}"
+                         f" (average {fmt.rate(avg)})"))
     if progress is not None:
-        lines.append(f"passes {progress.pass_number}, downtime limit {progress.downtime_limit_ms} ms")
-    for error in result.errors:
-        lines.append(f"[$error]{escape(error)}[/]")
+        lines.append(Content(f"passes {progress.pass_number}, downtime limit {progress.downtime_limit_ms} ms"))
+    lines += [safe.plain(error, "$error") for error in result.errors]
     if result.audit:
-        lines += ["", "[u]audit log[/]", escape(audit_summary(result.audit))]
+        lines += [Content(), safe.show("[u]audit log[/]"), safe.plain(audit_summary(result.audit))]
     return lines
 
 
@@ -78,11 +83,11 @@ class ResultScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         with VerticalScroll():
-            yield Static("\n".join(result_lines(self.result, self.progress)), id="result")
+            yield Static(safe.lines(result_lines(self.result, self.progress)), id="result")
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = f"result: {self.result.result}"
+        self.sub_title = escape_controls(f"result: {self.result.result}")
 
     def palette_commands(self) -> list[tuple[str, str, object]]:
         return [("Back to hosts", "Leave the result and re-probe both hosts (Enter)", self.action_done)]

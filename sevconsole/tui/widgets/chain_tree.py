@@ -1,4 +1,6 @@
-"""The certificate chain as a Tree: each link's result, then each certificate's ids and keys."""
+"""The certificate chain as a Tree: each link's result, then each certificate's ids and keys.
+
+Labels are Rich Text (a str label would be parsed as markup); host-derived words are escaped."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from textual.widgets import Tree
 from sevconsole.hosts.report import Capabilities
 from sevconsole.sev.certs import AmdCert, SevCert, split_amd_chain, split_platform_chain
 from sevconsole.sev.errors import SevFormatError
+from sevconsole.textsafe import escape_controls
 from sevconsole.tui import format as fmt
 
 
@@ -40,7 +43,7 @@ def cert_label(name: str, cert: SevCert | AmdCert) -> Text:
     try:
         fp = fmt.fingerprint(cert.fingerprint())
     except Exception as exc:  # a key that does not load still shows the rest
-        fp = f"key unusable: {exc}"
+        fp = escape_controls(f"key unusable: {exc}")
     if isinstance(cert, AmdCert):
         label.append(f"key id {cert.key_id.hex()}  {cert.modulus_bits}-bit RSA  sha256 {fp}")
     else:
@@ -57,10 +60,11 @@ def fill_chain_tree(tree: Tree[Any], caps: Capabilities | None) -> None:
         return
     report = caps.chain_report
     if report is None:
-        tree.root.set_label(Text(f"chain not checked: {caps.chain_error or 'no AMD chain'}", style="yellow"))
+        why = escape_controls(caps.chain_error or "no AMD chain")
+        tree.root.set_label(Text(f"chain not checked: {why}", style="yellow"))
     elif report.ok:
         name = report.root.name if report.root else "?"
-        tree.root.set_label(Text.assemble(("✓ chain verified", "bold green"), f" to {name}"))
+        tree.root.set_label(Text.assemble(("✓ chain verified", "bold green"), f" to {escape_controls(name)}"))
     else:
         tree.root.set_label(Text(f"✗ chain broken: {len(report.failures)} link(s) fail", style="bold red"))
     if report is not None:
@@ -68,10 +72,10 @@ def fill_chain_tree(tree: Tree[Any], caps: Capabilities | None) -> None:
         for link in report.links:
             mark = ("✓", "green") if link.ok else ("✗", "red")
             why = "" if link.ok or link.reason is None else f" [{link.reason.value}]"
-            links.add_leaf(Text.assemble(mark, f" {link.name}{why}: ", (link.detail, "dim")))
+            links.add_leaf(Text.assemble(mark, f" {link.name}{why}: ", (escape_controls(link.detail), "dim")))
     certs, problems = certificates(caps)
     node = root.add("certificates", expand=True)
     for name, cert in certs:
         node.add_leaf(cert_label(name, cert))
     for problem in problems:
-        node.add_leaf(Text(problem, style="red"))
+        node.add_leaf(Text(escape_controls(problem), style="red"))

@@ -6,41 +6,40 @@ from collections.abc import Sequence
 
 from textual.app import ComposeResult
 from textual.containers import VerticalScroll
-from textual.markup import escape
+from textual.content import Content
 from textual.widgets import Static
 
 from sevconsole.engine.progress import FirmwareView, SevLogEntry
 from sevconsole.tui import format as fmt
+from sevconsole.tui import safe
 
 SHORT_GUEST = ("UNINIT", "LUPD", "LSEC", "RUNNING", "SUPDATE", "RUPDATE", "SENT")
 
 
-def machine(names: Sequence[str], current: int | None) -> str:
+def machine(names: Sequence[str], current: int | None) -> Content:
     """States in a row, the current one lit (reverse), so it reads without colour too."""
-    cells = []
-    for i, name in enumerate(names):
-        if i == current:
-            cells.append(f"[reverse b $accent] {name} [/]")
-        else:
-            cells.append(f"[$text-muted]{name}[/]")
-    return " ".join(cells)
+    cells = [Content.styled(f" {name} ", "reverse b $accent") if i == current else Content.styled(name, "$text-muted")
+             for i, name in enumerate(names)]
+    return Content(" ").join(cells)
 
 
-def end_lines(role: str, fw: FirmwareView | None) -> list[str]:
+def end_lines(role: str, fw: FirmwareView | None) -> list[Content]:
     if fw is None:
-        return [f"[b]{role}[/] [$text-muted]not seen yet[/]", ""]
+        return [safe.show("[b]$role[/] [$text-muted]not seen yet[/]", role=role), Content()]
     handle = "" if fw.handle is None else f" handle {fw.handle}"
     last = "" if fw.last_status is None else f"  last {fmt.status(fw.last_status)}"
-    return [
-        f"[b]{role}[/] {escape(fw.host)}{handle}{escape(last)}  [$text-muted](guest │ platform)[/]",
-        " " + machine(SHORT_GUEST, fw.guest_state) + " │ " + machine(fmt.PLATFORM_STATES, fw.platform_state),
-    ]
+    head = safe.show("[b]$role[/] $host$handle$last  [$text-muted](guest │ platform)[/]",
+                     role=role, host=fw.host, handle=handle, last=last)
+    states = Content.assemble(" ", machine(SHORT_GUEST, fw.guest_state), " │ ",
+                              machine(fmt.PLATFORM_STATES, fw.platform_state))
+    return [head, states]
 
 
-def log_line(entry: SevLogEntry) -> str:
+def log_line(entry: SevLogEntry) -> Content:
     times = f" ×{entry.count}" if entry.count > 1 else ""
     colour = "$success" if entry.status == 0 else "$error"
-    return f"{escape(entry.host)} {entry.command}{times} [{colour}]{escape(fmt.status(entry.status))}[/]"
+    return safe.show(f"$host $command$times [{colour}]$status[/]", host=entry.host, command=entry.command,
+                     times=times, status=fmt.status(entry.status))
 
 
 class FirmwarePanel(VerticalScroll):
@@ -59,7 +58,7 @@ class FirmwarePanel(VerticalScroll):
         yield Static(id="sevlog")
 
     def show(self, source: FirmwareView | None, target: FirmwareView | None, log: Sequence[SevLogEntry]) -> None:
-        self.query_one("#machines", Static).update("\n".join(end_lines("source", source) + end_lines("target", target)))
+        self.query_one("#machines", Static).update(safe.lines(end_lines("source", source) + end_lines("target", target)))
         recent = list(log)[-self.log_lines :]
-        body = "\n".join(log_line(e) for e in recent) or "[$text-muted]no SEV command yet[/]"
-        self.query_one("#sevlog", Static).update("[u]SEV commands[/]\n" + body)
+        body = [log_line(e) for e in recent] or [safe.show("[$text-muted]no SEV command yet[/]")]
+        self.query_one("#sevlog", Static).update(safe.lines([safe.show("[u]SEV commands[/]"), *body]))

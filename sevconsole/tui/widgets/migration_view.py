@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
-from textual.markup import escape
 from textual.widgets import RichLog, Static, TabbedContent, TabPane
 
 from sevconsole.engine.progress import Progress
+from sevconsole.tui import safe
 from sevconsole.tui.widgets.firmware import FirmwarePanel
 from sevconsole.tui.widgets.page_panel import PagePanel
 from sevconsole.tui.widgets.transfer import TransferPanel
@@ -46,7 +46,7 @@ class MigrationView(Vertical):
             with TabPane("Firmware", id="tab-firmware"):
                 yield FirmwarePanel()
             with TabPane("Events", id="tab-events"):
-                yield RichLog(id="events", wrap=True, markup=True, max_lines=500)
+                yield RichLog(id="events", wrap=True, markup=False, max_lines=500)
 
     def apply(self, p: Progress) -> None:
         with self.app.batch_update():  # one repaint for all panels (Memray's pattern)
@@ -54,14 +54,16 @@ class MigrationView(Vertical):
 
     def _apply(self, p: Progress) -> None:
         self.latest = p
-        self.query_one("#mv-title", Static).update(
-            f"[b]{escape(p.vm)}[/] {escape(p.source)} → {escape(p.target)}  [$accent]{escape(p.phase.value)}[/]")
+        self.query_one("#mv-title", Static).update(safe.show(
+            "[b]$vm[/] $source → $target  [$accent]$phase[/]", vm=p.vm, source=p.source, target=p.target,
+            phase=p.phase.value))
         self.query_one(PagePanel).show(p.page_states, p.page_map_exact, p.page_size)
         self.query_one(TransferPanel).show(p)
         self.query_one(FirmwarePanel).show(p.source_fw, p.target_fw, p.sev_log)
         log = self.query_one("#events", RichLog)
+        # events and errors are host sentences: Rich Text, never markup (a `[` in one crashed the log)
         for event in p.events[self._events_seen :]:
-            log.write(escape(event))
+            log.write(safe.rich(self.app, safe.plain(event)))
         for error in p.errors[self._errors_seen :]:
-            log.write(f"[$error]{escape(error)}[/]")
+            log.write(safe.rich(self.app, safe.plain(error, "$error")))
         self._events_seen, self._errors_seen = len(p.events), len(p.errors)
