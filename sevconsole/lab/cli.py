@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     from sevconsole.paths import data_dir
 
-    from .control import Lab, LabError
+    from .control import Lab, LabError, StateDirError
 
     if args.hosts < 1 or args.mem < 1 or args.vms_per_host < 0 or args.dirty_rate < 0:
         print("sevconsole lab: --hosts and --mem must be at least 1, --vms-per-host and --dirty-rate "
@@ -43,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             lab = Lab.start(state_dir, args.hosts, vms_per_host=args.vms_per_host, mem_mib=args.mem,
                             dirty_rate=args.dirty_rate, realistic_psp=args.realistic_psp)
+        except StateDirError as exc:
+            print(f"sevconsole lab: {exc}", file=sys.stderr)
+            return 2
         except (LabError, ValueError, OSError) as exc:
             print(f"sevconsole lab: {exc}", file=sys.stderr)
             return 1

@@ -36,6 +36,9 @@ class LabError(Exception):
     """The lab could not start or a host failed; the sentence names the host and its log."""
 
 
+StateDirError = state.StateDirError  # a state folder refused before anything is written (exit 2)
+
+
 @dataclass
 class RunningHost:
     name: str
@@ -89,6 +92,7 @@ class Lab:
               layout: tuple[HostSpec, ...] | None = None, timeout: float = READY_TIMEOUT_S) -> Lab:
         specs = layout or default_layout(hosts, vms_per_host=vms_per_host, mem_mib=mem_mib,
                                          dirty_rate=dirty_rate, realistic_psp=realistic_psp)
+        state.check_state_dir(Path(state_dir).resolve())  # before reading anything in it
         _refuse_if_running(Path(state_dir))
         paths = state.prepare(Path(state_dir), [s.name for s in specs], {s.oca_domain for s in specs})
         run_dir, temp_run = state.run_dir(paths)

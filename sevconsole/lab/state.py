@@ -9,12 +9,18 @@
     DIR/hosts/<name>/          a host's SSH host key, its config and its log
     DIR/run/                   QMP sockets (or a short temporary folder if DIR is too deep
                                for a UNIX socket path)
+    DIR/.sevconsole-lab        the marker that says the folder is a lab's (see check_state_dir)
+
+The folder is the user's own and private: a new one is made 0700; an existing one must belong to
+the user, not be writable by group or others, and be empty or already a lab's, so that
+`--state-dir ~/.ssh` never overwrites a real known_hosts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +31,44 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from sevconsole.sev.certs import generate_lab_root
 
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; leave room for "<vm>-<pid>.qmp"
+MARKER = ".sevconsole-lab"
+
+
+class StateDirError(ValueError):
+    """A state folder the lab must not write into; `str()` is the sentence for the operator."""
+
+
+def is_lab_dir(root: Path) -> bool:
+    """The lab's marker, or (folders made before the marker existed) its root and client key."""
+    return (root / MARKER).is_file() or (
+        (root / "lab-root" / "lab-ark.cert").is_file() and (root / "client_key").is_file())
+
+
+def check_state_dir(root: Path) -> None:
+    """Refuse a folder the lab would write into unsafely: someone else's, group/world writable,
+    or holding files of something that is not a lab. A missing folder is fine (it is made 0700)."""
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StateDirError(f"state folder {root} cannot be used: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise StateDirError(f"state folder {root} is not a folder; give a new or empty folder")
+    if st.st_uid != os.getuid():
+        raise StateDirError(f"state folder {root} belongs to uid {st.st_uid}, not to you; give a folder "
+                            "of your own (the lab keeps private keys there)")
+    if st.st_mode & 0o022:
+        raise StateDirError(f"state folder {root} is writable by group or others (mode "
+                            f"{stat.S_IMODE(st.st_mode):o}); run `chmod go-w {root}` or give a private folder")
+    try:
+        empty = next(os.scandir(root), None) is None
+    except OSError as exc:
+        raise StateDirError(f"state folder {root} cannot be read: {exc.strerror or exc}") from None
+    if not empty and not is_lab_dir(root):
+        raise StateDirError(f"state folder {root} is not empty and is not a lab's (no {MARKER} in it); "
+                            "the lab would overwrite its inventory.toml and known_hosts: give a new or "
+                            "empty folder")
 
 
 @dataclass(frozen=True)
@@ -95,7 +139,14 @@ def _ed25519_files(key_path: Path, comment: str) -> None:
 def prepare(root: Path, hosts: list[str], domains: set[str]) -> LabPaths:
     """Creates what must persist across starts: keys and the lab root (made once per folder)."""
     paths = LabPaths(Path(root).resolve())
-    paths.root.mkdir(parents=True, exist_ok=True)
+    check_state_dir(paths.root)
+    paths.root.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        paths.root.mkdir(mode=0o700)
+    check_state_dir(paths.root)  # made just now by someone else: same rules
+    marker = paths.root / MARKER
+    if not marker.is_file():
+        marker.write_text("A sevconsole lab's state folder: `sevconsole lab --state-dir` may reuse it.\n")
     _ed25519_files(paths.client_key, "sevconsole-lab-client")
     if not (paths.ark.exists() and paths.ask.exists() and paths.ask_key.exists()):
         lab = generate_lab_root()

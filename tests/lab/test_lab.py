@@ -130,6 +130,57 @@ def test_cli_refuses_bad_numbers(tmp_path: Path) -> None:
     assert r.returncode == 2 and "--hosts" in r.stderr
 
 
+def _lab_cli(state: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sevconsole", "lab", "--hosts", "1", "--state-dir", str(state)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+def test_cli_refuses_a_folder_that_is_not_a_lab(tmp_path: Path) -> None:
+    ssh = tmp_path / ".ssh"  # what --state-dir ~/.ssh would have overwritten
+    ssh.mkdir(mode=0o700)
+    (ssh / "known_hosts").write_text("github.com ssh-ed25519 AAAA\n")
+    r = _lab_cli(ssh)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "not empty and is not a lab's" in r.stderr
+    assert sorted(p.name for p in ssh.iterdir()) == ["known_hosts"]
+    assert (ssh / "known_hosts").read_text() == "github.com ssh-ed25519 AAAA\n"
+
+
+def test_cli_refuses_a_folder_others_can_write(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    r = _lab_cli(shared)
+    assert r.returncode == 2 and "writable by group or others" in r.stderr and "chmod go-w" in r.stderr
+    assert list(shared.iterdir()) == []
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="giving a folder to another user needs root")
+def test_cli_refuses_someone_elses_folder(tmp_path: Path) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    r = _lab_cli(theirs)
+    assert r.returncode == 2 and "belongs to uid 65534" in r.stderr
+    assert list(theirs.iterdir()) == []
+
+
+def test_state_folder_rules(tmp_path: Path) -> None:
+    from sevconsole.lab.state import MARKER, StateDirError, check_state_dir, prepare
+
+    check_state_dir(tmp_path / "new")  # missing: made 0700 by prepare
+    paths = prepare(tmp_path / "new" / "deeper", ["lab-1"], {"a"})
+    assert paths.root.stat().st_mode & 0o777 == 0o700 and (paths.root / MARKER).is_file()
+    check_state_dir(paths.root)  # a lab's folder is reused
+    (paths.root / MARKER).unlink()  # a lab made before the marker existed is still a lab
+    prepare(paths.root, ["lab-1"], {"a"})
+    assert (paths.root / MARKER).is_file()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(StateDirError, match="not a folder"):
+        check_state_dir(afile)
+
+
 async def _incoming(lab: Lab):
     web = next(v for v in helper(lab, "lab-1", "probe")["vms"] if v["name"] == "web")
     answer = helper(lab, "lab-2", "launch-incoming", {"argv": web["argv"]})
