@@ -184,34 +184,13 @@ def _migrate(args: argparse.Namespace, fleet: Any, plan: Any) -> int:
            "where": fleet.where(), "downtime_ms": plan.downtime_limit_ms, "bandwidth_bps": plan.bandwidth_bps,
            "stall_warn_s": plan.stall_warn_s, "stall_timeout_s": plan.stall_timeout_s}
     try:
-        with lab_lease(fleet) as lease_fd:
-            migration_id = spawn(job, lease_fd=lease_fd)
+        migration_id = spawn(job)
     except (RunnerError, OSError) as exc:
         _say(args, f"sevconsole migrate: {escape_controls(exc)}")
         return EXIT_FAILED
     _say(args, f"migration {migration_id} runs in its own process: closing this terminal does not stop it "
                f"(`sevconsole migrations watch {migration_id}` re-attaches; Ctrl-C cancels)")
     return follow(args, migration_id)
-
-
-def lab_lease(fleet: Any) -> Any:
-    """An embedded lab's lease for the runner (it keeps the lab up while it migrates); a no-op
-    for other fleets."""
-    import contextlib
-
-    if fleet.lab_dir is None or not (fleet.lab_dir / "leases").is_dir():
-        return contextlib.nullcontext(None)
-    from sevconsole import leases
-
-    @contextlib.contextmanager
-    def held() -> Any:
-        lease = leases.take(fleet.lab_dir / "leases", "runner")
-        try:
-            yield lease.fd
-        finally:
-            lease.release_here()
-
-    return held()
 
 
 def follow(args: argparse.Namespace, migration_id: str) -> int:

@@ -6,11 +6,9 @@ Exit status: 0 all reconciled (or nothing to do), 1 one needs the operator, 2 ba
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from sevconsole.textsafe import escape_controls
 
@@ -54,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     def say(text: str) -> None:
         print(escape_controls(text), file=sys.stderr if args.json else sys.stdout, flush=True)
 
+    from sevconsole.engine.recover import recover_all
+
     results = recover_all(override, on_wait=lambda: say("another recover is running: waiting for it ..."),
                           on_start=lambda e: say(f"recovering {e.id}: {e.vm} {e.source} -> {e.target} "
                                                  f"(last step: {e.step.value if e.step else '?'})"))
@@ -72,33 +72,3 @@ def run(args: argparse.Namespace) -> int:
     elif not results:
         print("nothing to recover: no unfinished migration without a runner")
     return 1 if need else 0
-
-
-def recover_all(override: Any = None, *, on_wait: Any = None, on_start: Any = None) -> list[Any]:
-    """Reconcile every pending migration (under the recover lock); blocking."""
-    from sevconsole.engine import journal
-    from sevconsole.engine.recover import Reconciled, pending, reconcile, recover_lock
-    from sevconsole.hosts.fleet import FleetError, open_where
-
-    results: list[Reconciled] = []
-    with recover_lock(on_wait):
-        for entry in pending():
-            where = entry.job.get("where") or {}
-            if override is not None and where != override.where():
-                results.append(Reconciled(entry.id, entry.vm, entry.source, entry.target, "skipped",
-                                          str(entry.step), f"started on another fleet ({where})"))
-                continue
-            with journal.hold(entry.folder) as held:
-                if not held:  # a runner (or another console's recover) took it meanwhile
-                    continue
-                if on_start is not None:
-                    on_start(entry)
-                try:
-                    fleet = override or open_where(where)
-                except FleetError as exc:
-                    results.append(Reconciled(entry.id, entry.vm, entry.source, entry.target, "needs-operator",
-                                              str(entry.step), f"its hosts cannot be opened: {exc}; give "
-                                              "--inventory or --lab"))
-                    continue
-                results.append(asyncio.run(reconcile(journal.entry(entry.id), fleet)))
-    return results

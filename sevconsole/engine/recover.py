@@ -294,3 +294,31 @@ def _audit(out: Reconciled, facts: Facts, path: Path | None) -> None:
               "message": out.sentence, "runnable": list(out.runnable), "actions": list(out.actions)}
     with contextlib.suppress(OSError, ValueError):
         audit.append(path or paths.audit_log_file(), record)
+
+
+def recover_all(override: Any = None, *, on_wait: Any = None, on_start: Any = None) -> list[Any]:
+    """Reconcile every pending migration (under the recover lock); blocking."""
+    from sevconsole.hosts.fleet import FleetError, open_where
+
+    results: list[Reconciled] = []
+    with recover_lock(on_wait):
+        for entry in pending():
+            where = entry.job.get("where") or {}
+            if override is not None and where != override.where():
+                results.append(Reconciled(entry.id, entry.vm, entry.source, entry.target, "skipped",
+                                          str(entry.step), f"started on another fleet ({where})"))
+                continue
+            with journal.hold(entry.folder) as held:
+                if not held:  # a runner (or another console's recover) took it meanwhile
+                    continue
+                if on_start is not None:
+                    on_start(entry)
+                try:
+                    fleet = override or open_where(where)
+                except FleetError as exc:
+                    results.append(Reconciled(entry.id, entry.vm, entry.source, entry.target, "needs-operator",
+                                              str(entry.step), f"its hosts cannot be opened: {exc}; give "
+                                              "--inventory or --lab"))
+                    continue
+                results.append(asyncio.run(reconcile(journal.entry(entry.id), fleet)))
+    return results

@@ -70,24 +70,33 @@ def terminal_step(outcome: Outcome, plan_source: str) -> Step:
 
 # -- the client's side: start a runner
 
-def spawn(job: dict[str, Any], *, lease_fd: int | None = None) -> str:
+def spawn(job: dict[str, Any]) -> str:
     """Start a runner for `job` (vm, source, target, where, options); returns the migration id
-    once the runner listens. `lease_fd` (an embedded lab's lease) is handed to the runner, which
-    keeps it for its life."""
+    once the runner listens. On an embedded lab (kept by a keeper while leases are held) the
+    runner gets a lease of its own, handed over before this process lets go of it, so the lab
+    stays up for the whole migration even if this client dies the next instant."""
+    from sevconsole import leases
+
     migration_id, where = journal.create({**job, "created": time.time()})
     cmd = [sys.executable, "-m", "sevconsole.engine.runner", str(where)]
-    pass_fds: tuple[int, ...] = ()
-    if lease_fd is not None:
-        cmd += ["--lease-fd", str(lease_fd)]
-        pass_fds = (lease_fd,)
-    with open(where / "runner.log", "ab") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True, pass_fds=pass_fds, close_fds=True)
+    lab = (job.get("where") or {}).get("lab")
+    lease = leases.take_if_kept(Path(lab), "runner") if lab else None
     try:
-        proc.wait(timeout=START_TIMEOUT_S)  # the intermediate exits once the runner is forked
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise RunnerError(f"the runner for {job.get('vm')} did not start (see {where / 'runner.log'})") from None
+        if lease is not None:
+            cmd += ["--lease-fd", str(lease.fd)]
+        with open(where / "runner.log", "ab") as log:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True, close_fds=True,
+                                    pass_fds=(lease.fd,) if lease is not None else ())
+        try:
+            proc.wait(timeout=START_TIMEOUT_S)  # the intermediate exits once the runner is forked
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise RunnerError(f"the runner for {job.get('vm')} did not start (see {where / 'runner.log'})") \
+                from None
+    finally:
+        if lease is not None:
+            lease.detach()  # the runner holds it now
     sock = socket_path(migration_id)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -118,11 +127,10 @@ def _log_tail(where: Path) -> str:
 # -- the runner process
 
 class Runner:
-    def __init__(self, where: Path, lease_fd: int | None) -> None:
+    def __init__(self, where: Path) -> None:
         self.where = where
         self.job = journal.load_job(where)
         self.id = str(self.job["id"])
-        self.lease_fd = lease_fd  # kept open for our whole life: the embedded lab stays up
         self.journal = journal.Journal(where / "journal.jsonl")
         self.clients: set[asyncio.StreamWriter] = set()
         self.latest: bytes | None = None
@@ -323,6 +331,13 @@ def main(argv: list[str]) -> int:
         return 2
     where = Path(argv[0])
     lease_fd = int(argv[2]) if len(argv) >= 3 and argv[1] == "--lease-fd" else None
+    if lease_fd is not None:
+        from sevconsole import leases
+
+        try:
+            leases.adopt(lease_fd)  # held for the runner's life: the fd is simply never closed
+        except (OSError, ValueError) as exc:
+            print(f"lab lease not adopted: {exc}", file=sys.stderr)
     if os.fork() > 0:  # the spawner reaps this intermediate at once; the runner is nobody's child
         os._exit(0)
     os.umask(0o077)  # journals, logs and snapshots name hosts and guests: the user's alone
@@ -333,16 +348,13 @@ def main(argv: list[str]) -> int:
             if not held:
                 print(f"{where}: another runner owns this migration", file=sys.stderr)
                 return 2
-            return asyncio.run(Runner(where, lease_fd).serve())
+            return asyncio.run(Runner(where).serve())
     except Exception:  # the log is the only place a runner's own bug can be read
         traceback.print_exc()
         return 70
     finally:
         with contextlib.suppress(OSError):
             (where / "runner.done").touch()
-        if lease_fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(lease_fd)
 
 
 if __name__ == "__main__":
