@@ -66,7 +66,7 @@ def take(folder: Path, name: str) -> Lease:
     name, then renamed into place, so no watcher ever sees a fresh lease unlocked."""
     if not name or "/" in name or name.startswith(TEMP_PREFIX):
         raise ValueError(f"a lease name must be a plain file name, not {name!r}")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     final = folder / f"{name}-{os.getpid()}-{secrets.token_hex(4)}"
     temp = folder / f"{TEMP_PREFIX}{final.name}.tmp"
     fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

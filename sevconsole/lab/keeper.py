@@ -38,7 +38,8 @@ from typing import Any
 
 from sevconsole import leases
 
-LOCK, MARKER, LOG, LEASES = "keeper.lock", "keeper.json", "keeper.log", "leases"
+LOCK, READY, LOG, LEASES = "keeper.lock", "keeper.json", "keeper.log", "leases"
+OWN_FILES = {LOCK, READY, f".{READY}.tmp", LOG, LEASES}
 POLL_S = 0.2
 GRACE_S = 30.0  # no lease at all this long after the lab is ready: the client that wanted it died
 READY_TIMEOUT_S = 120.0  # as Lab.start's own; the first start of a folder also makes its keys
@@ -56,7 +57,7 @@ class KeeperError(Exception):
 def attach(folder: Path, name: str = "console", timeout: float = READY_TIMEOUT_S) -> leases.Lease:
     """A lease on the keeper's lab in `folder`, once the lab is ready; starts a keeper when none
     runs. The lease is taken before anything is looked at (see the module docstring)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    _make_private(folder)
     lease = leases.take(folder / LEASES, name)
     try:
         _wait_ready(folder, timeout)
@@ -66,10 +67,16 @@ def attach(folder: Path, name: str = "console", timeout: float = READY_TIMEOUT_S
     return lease
 
 
+def _make_private(folder: Path) -> None:
+    """The lab keeps private keys here: a folder made for it is the user's alone."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, exist_ok=True)
+
+
 def _wait_ready(folder: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     ours = False  # the keeper holding the lock is the one we started
-    while not leases.held_exclusive(folder / MARKER):
+    while not leases.held_exclusive(folder / READY):
         if not leases.held_exclusive(folder / LOCK):
             if ours:
                 raise KeeperError(f"the lab keeper stopped before its lab was ready; {_log_tail(folder)}")
@@ -152,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m sevconsole.lab.keeper STATE_DIR", file=sys.stderr)
         return 2
     folder = Path(args[0]).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
+    _make_private(folder)
     lock = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -191,6 +198,7 @@ class Keeper:
             signal.signal(sig, lambda *_: self.stop.set())
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.log(f"keeper {os.getpid()} starting the lab in {self.folder}")
+        self._claim()
         self._forget_old_lab()
         layout = embedded_layout()
         try:
@@ -198,7 +206,7 @@ class Keeper:
         except Exception as exc:  # the lab's errors carry the sentence; the client quotes this log
             self.log(f"the lab did not start: {exc}")
             return 1
-        marker = Marker(self.folder / MARKER)
+        marker = Marker(self.folder / READY)
         with lab:
             describe = {"pid": os.getpid(), "state_dir": str(self.folder),
                         "hosts": [{"name": h.name, "pid": h.pid, "port": h.port} for h in lab.hosts]}
@@ -233,6 +241,14 @@ class Keeper:
                 if not h.alive and h.name not in dead:
                     dead.add(h.name)
                     self.log(f"lab host {h.name} exited (code {h.process.returncode}); see {h.log}")
+
+    def _claim(self) -> None:
+        """attach() made this folder for the lab, so its first files are ours: mark it as a lab's,
+        which Lab.start wants of a folder that is not empty. Anything else in it: Lab.start refuses."""
+        from . import state
+
+        if not state.is_lab_dir(self.folder) and {e.name for e in os.scandir(self.folder)} <= OWN_FILES:
+            (self.folder / state.MARKER).write_text("The built-in lab's state folder (sevconsole.lab.keeper).\n")
 
     def _forget_old_lab(self) -> None:
         """A killed keeper leaves lab.json; its hosts stop on their own (their stdin closed).

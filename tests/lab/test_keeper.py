@@ -10,6 +10,7 @@ import json
 import os
 import select
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -70,7 +71,7 @@ def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 def _info_or_none(folder: Path) -> dict | None:
     try:
-        return json.loads((folder / keeper.MARKER).read_text())
+        return json.loads((folder / keeper.READY).read_text())
     except (OSError, ValueError):
         return None
 
@@ -100,7 +101,7 @@ def assert_stops(folder: Path, pids: list[int]) -> float:
                       lambda: f"still running: {[p for p in pids if keeper._running(p)]}; "
                               f"{keeper._log_tail(folder)}")
     assert not leases.held_exclusive(folder / keeper.LOCK)
-    assert not (folder / keeper.MARKER).exists() and not (folder / "lab.json").exists()
+    assert not (folder / keeper.READY).exists() and not (folder / "lab.json").exists()
     assert leases.live(folder / keeper.LEASES) == []
     return took
 
@@ -127,7 +128,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 def test_a_console_starts_the_lab_and_its_release_stops_it(state: Path) -> None:
     with _embedded_lab() as folder:
-        assert folder == state
+        assert folder == state and stat.S_IMODE(folder.stat().st_mode) == 0o700  # holds private keys
         assert info(folder)["leases"] == ["console"]
         pids = lab_pids(folder)
         found = subprocess.run([sys.executable, "-m", "sevconsole", "discover", "--lab", str(folder),
@@ -212,8 +213,8 @@ def test_a_reopened_console_shares_the_running_lab(state: Path) -> None:
 
 
 def test_a_lab_that_cannot_start_is_a_sentence_with_the_log(state: Path) -> None:
-    state.mkdir(parents=True)
-    (state / "hosts").write_text("not a folder")  # Lab.start cannot make hosts/<name>/
+    state.mkdir(parents=True, mode=0o700)
+    (state / "notes.txt").write_text("not the lab's")  # Lab.start refuses a folder that is not a lab's
     with pytest.raises(keeper.KeeperError) as failed, _embedded_lab():
         pass
     message = str(failed.value)
@@ -234,24 +235,24 @@ def test_a_lease_taken_while_the_keeper_withdraws_keeps_the_lab(tmp_path: Path) 
             if not late:
                 late.append(leases.take(tmp_path / keeper.LEASES, "console"))
 
-    marker = LateMarker(tmp_path / keeper.MARKER)
+    marker = LateMarker(tmp_path / keeper.READY)
     watch = threading.Thread(target=keeper.Keeper(tmp_path, grace=0.0)._watch,
                              args=(marker, {"pid": os.getpid()}, SimpleNamespace(hosts=[])))
     watch.start()
     try:
         wait_until(lambda: (_info_or_none(tmp_path) or {}).get("leases") == ["console"], 10,
                    "the keeper did not publish keeper.json again for the late lease")
-        assert late and leases.held_exclusive(tmp_path / keeper.MARKER) and watch.is_alive()
+        assert late and leases.held_exclusive(tmp_path / keeper.READY) and watch.is_alive()
     finally:
         for lease in late:
             lease.close()
     watch.join(timeout=5)
-    assert not watch.is_alive() and not (tmp_path / keeper.MARKER).exists()
+    assert not watch.is_alive() and not (tmp_path / keeper.READY).exists()
 
 
 def test_with_no_lease_at_all_the_keeper_stops_after_its_grace(tmp_path: Path) -> None:
     k = keeper.Keeper(tmp_path, grace=0.3)
     start = time.monotonic()
-    k._watch(keeper.Marker(tmp_path / keeper.MARKER), {"pid": os.getpid()}, SimpleNamespace(hosts=[]))
+    k._watch(keeper.Marker(tmp_path / keeper.READY), {"pid": os.getpid()}, SimpleNamespace(hosts=[]))
     assert 0.3 <= time.monotonic() - start < 3
-    assert not (tmp_path / keeper.MARKER).exists()
+    assert not (tmp_path / keeper.READY).exists()
