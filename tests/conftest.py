@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,3 +26,13 @@ def require_binary(name: str) -> str:
     if path is None:
         pytest.skip(f"{name} is not installed (tests/run.sh installs it with apt-get when run as root)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def isolated_migration_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Journals and runner sockets of a test's migrations in its own folders (subprocesses
+    inherit them). The runtime folder is short: UNIX socket paths are limited to 108 bytes."""
+    monkeypatch.setenv("SEVCONSOLE_STATE_DIR", str(tmp_path / "state"))
+    with tempfile.TemporaryDirectory(prefix="sc-", dir="/tmp") as runtime:
+        monkeypatch.setenv("SEVCONSOLE_RUNTIME_DIR", runtime)
+        yield

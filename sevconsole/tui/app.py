@@ -6,6 +6,7 @@ import gc
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from textual import work
 from textual.app import App, SystemCommand
@@ -17,7 +18,7 @@ from sevconsole.hosts.report import HostReport
 from sevconsole.textsafe import escape_controls, escape_lines
 from sevconsole.tui.backend import ConsoleBackend, HostKeyPending
 from sevconsole.tui.config import ConsoleConfig
-from sevconsole.tui.messages import HostKeyAsked, HostProbed, HostProbeFailed
+from sevconsole.tui.messages import HostKeyAsked, HostProbed, HostProbeFailed, RecoverDone
 from sevconsole.tui.themes import DEFAULT, NamedTheme, load_themes
 
 
@@ -34,6 +35,7 @@ class SevConsoleApp(App[int]):
         Binding("ctrl+t", "next_theme", "Theme", id="theme", show=False),
         Binding("ctrl+g", "guide", "Guide", id="guide", show=False),
         Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
+        Binding("M", "migrations", "Migrations", id="migrations"),
     ]
 
     def __init__(self, backend: ConsoleBackend, *, config: ConsoleConfig | None = None,
@@ -50,6 +52,7 @@ class SevConsoleApp(App[int]):
         self.probe_on_start = probe_on_start
         self.screenshot_dir = screenshot_dir or Path.cwd()
         self._heap_frozen = False
+        self.quit_when_ended = False  # set when the operator cancels running migrations to quit
 
     # -- start
     def on_mount(self) -> None:
@@ -67,6 +70,7 @@ class SevConsoleApp(App[int]):
         self.push_screen(HostsScreen())
         if self.probe_on_start:
             self.probe_all()
+            self._recover()
         if self.start_guide:
             self.action_guide()
 
@@ -176,6 +180,64 @@ class SevConsoleApp(App[int]):
             return
         self.call_from_thread(self.probe, question.host)
 
+    # -- durable migrations: recover at start, list, re-attach, quit without stopping them
+    @work(thread=True, group="recover", exit_on_error=False)
+    def _recover(self) -> None:
+        """What `sevconsole recover` does, for this console's fleet, and say so."""
+        recover = getattr(self.backend, "recover", None)
+        lister = getattr(self.backend, "migrations", None)
+        if recover is None or lister is None:
+            return
+        try:
+            results = recover()
+            in_flight = [e for e in lister() if e.in_flight]
+        except Exception as exc:  # a journal or lock problem must not stop the console
+            self.post_message(RecoverDone((), ()))
+            self.call_from_thread(self.notify, f"Recover at start failed: {exc}", severity="error")
+            return
+        self.post_message(RecoverDone(tuple(results), tuple(in_flight)))
+
+    def on_recover_done(self, message: RecoverDone) -> None:
+        for r in message.results:
+            if r.result == "reconciled":  # type: ignore[attr-defined]
+                self.notify(f"{r.vm} ({r.source} → {r.target}): {r.sentence}",  # type: ignore[attr-defined]
+                            title=f"Recovered migration {r.id}", timeout=15)  # type: ignore[attr-defined]
+            elif r.result == "needs-operator":  # type: ignore[attr-defined]
+                self.notify(f"{r.vm} ({r.source} → {r.target}): {r.sentence}",  # type: ignore[attr-defined]
+                            title=f"Migration {r.id} needs you", severity="error",  # type: ignore[attr-defined]
+                            timeout=30)
+        if message.in_flight:
+            names = ", ".join(f"{e.vm} ({e.source} → {e.target})" for e in message.in_flight)  # type: ignore[attr-defined]
+            self.notify(f"In flight: {names}. Press M to watch.", title="Migrations running", timeout=15)
+
+    def running_migrations(self) -> list[Any]:
+        return [s for s in self.screen_stack if getattr(s, "running", False)]
+
+    def action_migrations(self) -> None:
+        from sevconsole.tui.screens.migrations import MigrationsScreen
+
+        if not isinstance(self.screen, MigrationsScreen):
+            self.push_screen(MigrationsScreen())
+
+    async def action_quit(self) -> None:
+        """Quitting never stops a migration by itself: ask whether to leave it running or cancel."""
+        running = self.running_migrations()
+        if not running:
+            self.exit()
+            return
+        from sevconsole.tui.screens.migrations import QuitScreen
+
+        def answer(choice: str | None) -> None:
+            if choice == "detach":
+                self.exit()
+            elif choice == "cancel":
+                self.quit_when_ended = True
+                for screen in running:
+                    screen.handle.cancel("cancelled by the operator (quitting the console)")
+                self.notify("Cancelling: the console quits once each guest is back on its source.")
+
+        self.push_screen(QuitScreen([s.vm.name for s in running]), answer)
+
     def _fan_out(self, method: str, *args: object) -> None:
         for screen in self.screen_stack:
             handler = getattr(screen, method, None)
@@ -222,6 +284,8 @@ class SevConsoleApp(App[int]):
         yield SystemCommand("Re-probe all hosts", "Run discovery again on every host", self.probe_all)
         yield SystemCommand("Save SVG screenshot", "Save this screen as an SVG file (F8)", self.action_screenshot)
         yield SystemCommand("Guided tour", "Walk through a lab migration step by step", self.action_guide)
+        yield SystemCommand("Migrations", "In flight, unfinished and recent migrations; re-attach (M)",
+                            self.action_migrations)
         for label in sorted(self.themes):
             yield SystemCommand(f"Theme: {label}", f"Switch to the {label} theme and remember it",
                                 lambda label=label: self.action_set_theme(label))

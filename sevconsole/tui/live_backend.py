@@ -9,8 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sevconsole import paths
-from sevconsole.engine.progress import Progress
 from sevconsole.hosts.report import HostReport, VmInfo
 from sevconsole.tui.backend import (
     CheckLine,
@@ -28,25 +26,19 @@ class BackendError(Exception):
 
 
 def open_backend(*, inventory: Path | None, lab_dir: Path | None) -> LiveBackend:
-    from sevconsole.hosts.errors import InventoryError
-    from sevconsole.hosts.inventory import load_inventory
-    from sevconsole.hosts.labdir import load_lab
+    from sevconsole.hosts.fleet import FleetError, open_fleet
 
     try:
-        if lab_dir is not None:
-            lab = load_lab(lab_dir)
-            return LiveBackend(list(lab.inventory.hosts), known_hosts=lab.known_hosts,
-                               lab_root=lab.lab_root, lab=True)
-        inv = load_inventory(inventory)
-        return LiveBackend(list(inv.hosts), known_hosts=inv.known_hosts, lab_root=inv.lab_root,
-                           lab=any(h.lab for h in inv.hosts))
-    except InventoryError as exc:
+        fleet = open_fleet(inventory=inventory, lab=lab_dir)
+    except FleetError as exc:
         raise BackendError(str(exc)) from exc
+    return LiveBackend(list(fleet.hosts), known_hosts=fleet.options.known_hosts, lab_root=fleet.lab_root,
+                       lab=lab_dir is not None or any(h.lab for h in fleet.hosts), fleet=fleet)
 
 
 class LiveBackend:
     def __init__(self, hosts: Sequence[Any], *, known_hosts: Path | None, lab_root: Path | None,
-                 lab: bool) -> None:
+                 lab: bool, fleet: Any = None) -> None:
         from sevconsole.hosts.chains import trust_with_lab_root
         from sevconsole.hosts.discovery import DiscoveryOptions
 
@@ -56,6 +48,7 @@ class LiveBackend:
         self._lock = threading.Lock()
         self._pool = self.options.pool()
         self._trust = trust_with_lab_root(lab_root)
+        self.fleet = fleet  # hosts.fleet.Fleet: how runners and recover reach the same hosts
 
     def host_names(self) -> list[str]:
         return list(self.specs)
@@ -132,58 +125,79 @@ class LiveBackend:
         self._pool.close()
 
 
+    # -- durable migrations (runners, journal, recover)
+    def spawn(self, plan: Any) -> str:
+        """Blocking: start a runner for `plan`; returns the migration id."""
+        from sevconsole.engine.runner import spawn
+
+        if self.fleet is None:
+            raise BackendError("this console was opened without a fleet a runner could reach")
+        return spawn({"vm": plan.vm.name, "source": plan.source.name, "target": plan.target.name,
+                      "where": self.fleet.where(), "downtime_ms": plan.downtime_limit_ms,
+                      "bandwidth_bps": plan.bandwidth_bps, "stall_warn_s": plan.stall_warn_s,
+                      "stall_timeout_s": plan.stall_timeout_s})
+
+    def attach(self, migration_id: str, on_progress: ProgressSink) -> LiveMigration:
+        """A handle on a migration another console (or `migrate`) started: re-attach to its runner."""
+        return LiveMigration(self, None, (), on_progress, migration_id=migration_id)
+
+    def migrations(self) -> list[Any]:
+        """Blocking: every migration from the journal, newest first (engine.journal.Entry)."""
+        from sevconsole.engine import journal
+
+        return journal.entries()
+
+    def recover(self) -> list[Any]:
+        """Blocking: reconcile every unfinished migration of this fleet whose runner is gone."""
+        from sevconsole.engine.recover import recover_all
+
+        return recover_all(self.fleet) if self.fleet is not None else []
+
+
 class LiveMigration:
-    """One engine run: SSH links are opened in a thread, the run loop in the app's event loop."""
+    """One migration, owned by a runner process: this console only attaches to it. Closing the
+    console (or losing its terminal) detaches; only `cancel` stops the migration."""
 
     def __init__(self, backend: LiveBackend, plan: Any, checks: Sequence[CheckLine],
-                 on_progress: ProgressSink) -> None:
+                 on_progress: ProgressSink, *, migration_id: str | None = None) -> None:
         self.backend, self.plan, self.on_progress = backend, plan, on_progress
         self.checks = checks
-        self._migration: Any = None
+        self.migration_id = migration_id
+        self._client: Any = None
         self._cancel: str | None = None
+        self.running = False
 
     async def run(self) -> Result:
         import asyncio
 
-        from sevconsole.engine.checks import Check, CheckStatus
-        from sevconsole.engine.run import Migration
-        from sevconsole.engine.ssh import SshHost
+        from sevconsole.engine.attach import Ended, RunnerClient, RunnerGone, Snapshot
 
-        src_conn = await asyncio.to_thread(self.backend.connection, self.plan.source.name)
-        dst_conn = await asyncio.to_thread(self.backend.connection, self.plan.target.name)
-        # reconnect: a dropped SSH transport is replaced, so a rollback can still reach the host
-        source = SshHost(self.plan.source.name, self.plan.source.address, src_conn,
-                         reconnect=lambda: self.backend.connection(self.plan.source.name))
-        target = SshHost(self.plan.target.name, self.plan.target.address, dst_conn,
-                         reconnect=lambda: self.backend.connection(self.plan.target.name))
-        checks = [Check(c.key, c.title, CheckStatus(c.status), c.sentence) for c in self.checks]
-        self._migration = Migration(self.plan, source, target, checks=checks, on_progress=self._post)
-        if self._cancel is not None:
-            self._migration.cancel(self._cancel)
+        self.running = True
         try:
-            outcome = await self._migration.run()
+            if self.migration_id is None:
+                self.migration_id = await asyncio.to_thread(self.backend.spawn, self.plan)
+            self._client = await RunnerClient.connect(self.migration_id)
+            if self._cancel is not None:
+                await self._client.cancel(self._cancel)
+            async for message in self._client.messages():
+                if isinstance(message, Snapshot):
+                    self.on_progress(message.progress)
+                elif isinstance(message, Ended):
+                    return result_from_outcome(message.outcome, audit=message.outcome.audit)
+                elif isinstance(message, RunnerGone):
+                    return Result(result="failed", message=message.sentence)
+            return Result(result="failed", message=f"migration {self.migration_id}: no outcome")
         finally:
-            await source.close()
-            await target.close()
-        return result_from_outcome(outcome, audit=_last_audit_line())
-
-    def _post(self, progress: Progress) -> None:
-        self.on_progress(progress)
+            self.running = False
+            if self._client is not None:
+                await self._client.close()
 
     def cancel(self, reason: str = "cancelled by the operator") -> None:
+        import asyncio
+
         self._cancel = reason
-        if self._migration is not None:
-            self._migration.cancel(reason)
-
-
-def _last_audit_line() -> str | None:
-    path = paths.audit_log_file()
-    try:
-        with open(path, "rb") as handle:
-            lines = handle.read().splitlines()
-    except OSError:
-        return None
-    return lines[-1].decode("utf-8", "replace") if lines else None
+        if self._client is not None:
+            asyncio.get_running_loop().create_task(self._client.cancel(reason))
 
 
 __all__ = ["BackendError", "LiveBackend", "open_backend"]

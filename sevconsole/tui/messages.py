@@ -41,3 +41,14 @@ class ProgressPosted(Message):
 @dataclass
 class MigrationEnded(Message):
     result: Result
+
+
+@dataclass
+class MigrationsListed(Message):
+    entries: tuple[object, ...]  # engine.journal.Entry, newest first
+
+
+@dataclass
+class RecoverDone(Message):
+    results: tuple[object, ...]  # engine.recover.Reconciled
+    in_flight: tuple[object, ...]  # engine.journal.Entry of migrations other runners own

@@ -26,11 +26,13 @@ class LiveScreen(Screen[None]):
     ]
 
     def __init__(self, vm: VmInfo, source: HostReport, target: HostReport,
-                 checks: Sequence[CheckLine], downtime_ms: int, *, start: bool = True) -> None:
+                 checks: Sequence[CheckLine], downtime_ms: int, *, start: bool = True,
+                 attach_id: str | None = None) -> None:
         super().__init__()
         self.vm, self.source, self.target = vm, source, target
         self.checks, self.downtime_ms = tuple(checks), downtime_ms
         self.start = start
+        self.attach_id = attach_id  # re-attach to this migration's runner instead of starting one
         self.handle: MigrationHandle | None = None
         self.snapshots = 0  # how many snapshots were drawn (stale ones are skipped)
         self._pending: Progress | None = None
@@ -41,6 +43,11 @@ class LiveScreen(Screen[None]):
         yield MigrationView()
         yield Footer()
 
+    @property
+    def running(self) -> bool:
+        """A migration is attached and has not ended (quitting asks first)."""
+        return self.handle is not None and self.result is None
+
     def on_mount(self) -> None:
         self.sub_title = escape_controls(f"migrating {self.vm.name}")
         if self.start:
@@ -50,8 +57,11 @@ class LiveScreen(Screen[None]):
     async def run_migration(self) -> None:
         backend = self.app.backend  # type: ignore[attr-defined]
         try:
-            self.handle = backend.migration(self.vm, self.source, self.target, self.downtime_ms,
-                                            self.checks, self.post_progress)
+            if self.attach_id is not None:
+                self.handle = backend.attach(self.attach_id, self.post_progress)
+            else:
+                self.handle = backend.migration(self.vm, self.source, self.target, self.downtime_ms,
+                                                self.checks, self.post_progress)
             result = await self.handle.run()
         except Exception as exc:  # the engine's own errors carry sentences
             result = Result(result="failed", message=str(exc) or type(exc).__name__)
@@ -77,6 +87,9 @@ class LiveScreen(Screen[None]):
             self.apply(self._pending)
         from sevconsole.tui.screens.result import ResultScreen
 
+        if getattr(self.app, "quit_when_ended", False):  # the operator chose to cancel, then quit
+            self.app.exit()
+            return
         self.app.switch_screen(ResultScreen(message.result, self.query_one(MigrationView).latest))
 
     def action_tab(self, tab: str) -> None:
