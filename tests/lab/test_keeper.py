@@ -256,3 +256,19 @@ def test_with_no_lease_at_all_the_keeper_stops_after_its_grace(tmp_path: Path) -
     k._watch(keeper.Marker(tmp_path / keeper.READY), {"pid": os.getpid()}, SimpleNamespace(hosts=[]))
     assert 0.3 <= time.monotonic() - start < 3
     assert not (tmp_path / keeper.READY).exists()
+
+
+def test_after_a_killed_keeper_a_console_starts_a_new_lab(state: Path) -> None:
+    """A SIGKILLed keeper leaves keeper.json and lab.json behind, unlocked: never trusted."""
+    with _embedded_lab() as folder:
+        old = lab_pids(folder)
+        os.kill(old[0], signal.SIGKILL)
+        wait_until(lambda: not leases.held_exclusive(folder / keeper.LOCK), 10, "the keeper lives on")
+        assert (folder / keeper.READY).exists() and (folder / "lab.json").exists()
+        with _embedded_lab() as again:
+            new = lab_pids(again)
+            assert set(new).isdisjoint(old) and all(keeper._running(p) for p in new)
+            assert not any(keeper._running(p) for p in old[1:])  # its hosts saw their stdin close
+            wait_until(lambda: (_info_or_none(folder) or {}).get("leases") == ["console", "console"], 10,
+                       lambda: f"keeper.json: {_info_or_none(folder)}")  # the first lease counts too
+    assert_stops(folder, new)
