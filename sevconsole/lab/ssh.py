@@ -5,6 +5,10 @@ must be `python3 -c SCRIPT BLOB COMMAND ARGS...`; the BLOB is ignored and COMMAN
 with the same outputs as hosts/helper.py would give (JSON with sorted keys, one line; failures
 `{"error": ...}` with exit 1; an unknown command exits 127 with a message on stderr). Anything
 else exits 127. No shell, no port forwarding, no subsystems.
+
+Like sshd's LoginGraceTime and MaxStartups: a connection must be authenticated within
+`login_grace_s` of its accept (banner, key exchange and authentication together) or it is closed,
+and beyond `max_unauthenticated` connections still authenticating, new ones are closed at once.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import shlex
 import socket
 import sys
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,27 @@ from paramiko.common import MSG_CHANNEL_REQUEST
 
 PYTHONS = ("python3", "python", "/usr/bin/python3", "/usr/local/bin/python3")
 COMMANDS = ("launch-incoming", "probe", "qmp", "stop")
+LOGIN_GRACE_S = 15.0  # accept -> authenticated; the console's own client allows 5+10+10 s in all
+MAX_UNAUTHENTICATED = 16  # connections still authenticating; more are closed at once
+REAP_INTERVAL_S = 0.25
+
+
+class _Transport(paramiko.Transport):
+    """Tells the server the moment authentication succeeds (it stops counting as pending)."""
+
+    on_authenticated: Any = None
+
+    def _auth_trigger(self) -> None:
+        super()._auth_trigger()
+        if self.on_authenticated is not None:
+            self.on_authenticated()
+
+
+@dataclass
+class _Pending:
+    deadline: float
+    sock: socket.socket
+    transport: paramiko.Transport | None = None
 
 
 class _Failure(Exception):
@@ -77,8 +104,11 @@ class _Server(paramiko.ServerInterface):
 
 
 class LabSshServer:
-    def __init__(self, host: Any, *, host_key: str, client_pub: str, user: str = "lab") -> None:
+    def __init__(self, host: Any, *, host_key: str, client_pub: str, user: str = "lab",
+                 login_grace_s: float = LOGIN_GRACE_S, max_unauthenticated: int = MAX_UNAUTHENTICATED) -> None:
         self.host = host
+        self.login_grace_s = login_grace_s
+        self.max_unauthenticated = max_unauthenticated
         self.host_key = paramiko.Ed25519Key.from_private_key_file(host_key)
         kind, data = Path(client_pub).read_text().split()[:2]
         self.client_key = paramiko.PKey.from_type_string(kind, base64.b64decode(data))
@@ -89,9 +119,18 @@ class LabSshServer:
         self._held: set[paramiko.Channel] = set()
         self._stopped = threading.Event()
         self._lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}  # connections not yet authenticated, by a serial
+        self._serial = 0
+        self._has_pending = threading.Event()
+
+    @property
+    def unauthenticated(self) -> int:
+        with self._lock:
+            return len(self._pending)
 
     def start(self) -> None:
         threading.Thread(target=self._accept, name="ssh-accept", daemon=True).start()
+        threading.Thread(target=self._reap, name="ssh-reaper", daemon=True).start()
 
     def stop(self) -> None:
         self._stopped.set()
@@ -104,6 +143,7 @@ class LabSshServer:
         for t in transports:
             with contextlib.suppress(Exception):
                 t.close()
+        self._has_pending.set()  # let the reaper see the stop
 
     def _accept(self) -> None:
         while not self._stopped.is_set():
@@ -111,10 +151,64 @@ class LabSshServer:
                 sock, _ = self.listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._session, args=(sock,), name="ssh-session", daemon=True).start()
+            with self._lock:
+                full = len(self._pending) >= self.max_unauthenticated
+                if not full:
+                    self._serial += 1
+                    serial = self._serial
+                    self._pending[serial] = _Pending(time.monotonic() + self.login_grace_s, sock)
+                    self._has_pending.set()
+            if full:  # no thread, no banner: a flood of idle connections costs nothing
+                with contextlib.suppress(OSError):
+                    sock.close()
+                continue
+            threading.Thread(target=self._session, args=(sock, serial), name="ssh-session", daemon=True).start()
 
-    def _session(self, sock: socket.socket) -> None:
-        t = paramiko.Transport(sock)
+    def _authenticated(self, serial: int) -> None:
+        with self._lock:
+            self._pending.pop(serial, None)
+
+    def _reap(self) -> None:
+        """Close connections that did not authenticate within the grace time."""
+        while not self._stopped.is_set():
+            self._has_pending.wait()
+            if self._stopped.wait(REAP_INTERVAL_S):
+                return
+            now = time.monotonic()
+            with self._lock:
+                late = [(k, p) for k, p in self._pending.items() if p.deadline <= now]
+                for serial, _ in late:
+                    del self._pending[serial]
+                if not self._pending:
+                    self._has_pending.clear()
+            for _, pending in late:
+                with contextlib.suppress(Exception):
+                    if pending.transport is not None:
+                        pending.transport.close()
+                    else:
+                        pending.sock.close()
+
+    def _session(self, sock: socket.socket, serial: int) -> None:
+        try:
+            self._serve(sock, serial)
+        finally:
+            with self._lock:
+                self._pending.pop(serial, None)
+
+    def _serve(self, sock: socket.socket, serial: int) -> None:
+        try:
+            t = _Transport(sock)
+        except OSError:  # reaped (its socket closed) before it started
+            return
+        t.banner_timeout = self.login_grace_s + 5  # the reaper is the one clock (it uncounts, then closes)
+        t.on_authenticated = lambda: self._authenticated(serial)
+        with self._lock:
+            pending = self._pending.get(serial)
+            if pending is not None:
+                pending.transport = t
+        if pending is None:  # reaped before it started
+            t.close()
+            return
         t.add_server_key(self.host_key)
         # Channel requests are answered in the transport thread after the ServerInterface hook
         # returns; this per-transport handler starts the command after that answer is out.

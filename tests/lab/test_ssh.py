@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import time
+from pathlib import Path
 
 import paramiko
 import pytest
@@ -155,3 +157,88 @@ def test_many_channels_opened_at_once_on_one_connection_all_run(lab3: Lab) -> No
         client.close()
     assert [code for code, _, _ in answers] == [0] * 16
     assert {json.loads(out)["hostname"] for _, out, _ in answers} == {"lab-2"}
+
+
+def _banner(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(256)
+        assert chunk, f"closed before its banner ({data!r})"
+        data += chunk
+    return data
+
+
+def _closed(sock: socket.socket) -> bool:
+    """True once the server closes (EOF); socket.timeout escapes when it does not in time."""
+    while sock.recv(4096):
+        pass
+    return True
+
+
+def test_idle_connections_are_closed_and_capped_while_clients_still_work(tmp_path: Path) -> None:
+    from sevconsole.lab.ssh import REAP_INTERVAL_S, LabSshServer
+    from sevconsole.lab.state import _ed25519_files
+
+    _ed25519_files(tmp_path / "host_key", "host")
+    _ed25519_files(tmp_path / "client_key", "client")
+    grace = 2.0
+    server = LabSshServer(None, host_key=str(tmp_path / "host_key"), client_pub=str(tmp_path / "client_key.pub"),
+                          login_grace_s=grace, max_unauthenticated=4)
+    server.start()
+    silent: list[socket.socket] = []
+    try:
+        for _ in range(3):  # connections that never speak
+            silent.append(socket.create_connection(("127.0.0.1", server.port), timeout=grace + 5))
+            assert _banner(silent[-1]).startswith(b"SSH-2.0-")
+        # meanwhile an operator's client authenticates and runs a command
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        client.connect("127.0.0.1", port=server.port, username="lab", key_filename=str(tmp_path / "client_key"),
+                       look_for_keys=False, allow_agent=False, timeout=10)
+        try:
+            code, _, err = run(client, "nosuch")
+            assert code == 127 and b"unknown command 'nosuch'" in err
+            assert server.unauthenticated == 3  # an authenticated client no longer counts
+        finally:
+            client.close()
+        silent.append(socket.create_connection(("127.0.0.1", server.port), timeout=grace + 5))
+        _banner(silent[-1])  # the fourth fills the cap
+        extra = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        assert extra.recv(256) == b""  # beyond the cap: closed at once, no banner
+        extra.close()
+        for sock in silent:  # each is closed within the grace time (recv would time out otherwise)
+            sock.settimeout(grace + REAP_INTERVAL_S + 3)
+            assert _closed(sock)
+        assert server.unauthenticated == 0
+        fresh = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        assert _banner(fresh).startswith(b"SSH-2.0-")  # served again
+        fresh.close()
+    finally:
+        for sock in silent:
+            sock.close()
+        server.stop()
+
+
+def test_a_lab_host_closes_connections_beyond_its_cap_at_once(lab3: Lab) -> None:
+    from sevconsole.lab.ssh import MAX_UNAUTHENTICATED
+
+    port = lab3.host("lab-3").port
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(MAX_UNAUTHENTICATED)]
+    try:
+        for sock in silent:
+            _banner(sock)
+        extra = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert extra.recv(256) == b""
+        extra.close()
+    finally:
+        for sock in silent:
+            sock.close()
+    # the host notices the closed ones and serves clients again
+    deadline = time.monotonic() + 10
+    while True:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as again:
+            if again.recv(256).startswith(b"SSH-2.0-"):
+                break
+        assert time.monotonic() < deadline, "the lab host still refuses connections"
+        time.sleep(0.05)  # polling interval while the host sees the closed sockets, not a race
+    assert helper(lab3, "lab-3", "probe")["hostname"] == "lab-3"
