@@ -4,6 +4,7 @@ guide's demos, and the installed command driven through tmux. Slow: a lab takes 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -100,7 +101,11 @@ def test_sevconsole_in_tmux(tmp_path: Path) -> None:
     session = f"sevconsole-test-{os.getpid()}"
     env = {**os.environ, "SEVCONSOLE_CONFIG_DIR": str(tmp_path / "config"),
            "SEVCONSOLE_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(ROOT)}
-    command = f"{sys.executable} -m sevconsole"
+    # a tmux server that already runs gives new sessions its own environment: name ours explicitly
+    names = ("PYTHONPATH", "SEVCONSOLE_STATE_DIR", "SEVCONSOLE_RUNTIME_DIR", "SEVCONSOLE_DATA_DIR",
+             "SEVCONSOLE_CONFIG_DIR")
+    assigned = " ".join(f"{k}={shlex.quote(env[k])}" for k in names if k in env)
+    command = f"env {assigned} {sys.executable} -m sevconsole"
     subprocess.run([tmux, "new-session", "-d", "-s", session, "-x", "100", "-y", "30", command],
                    check=True, env=env, cwd=tmp_path)
 

@@ -96,6 +96,10 @@ class MigrationsScreen(Screen[None]):
         if not self.entries:
             table.add_row(safe.plain("no migrations yet"), Content(), Content(), Content(), Content())
 
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        event.stop()
+        self.action_open()
+
     def action_open(self) -> None:
         table = self.query_one(DataTable)
         if not self.entries or table.cursor_row >= len(self.entries):
