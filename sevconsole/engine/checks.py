@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from sevconsole.engine.argv_policy import Refusal, target_argv
 from sevconsole.engine.plan import MigrationPlan
 from sevconsole.hosts.report import HostReport, VmInfo
 
@@ -28,7 +29,7 @@ class CheckStatus(StrEnum):
 
 @dataclass(frozen=True)
 class Check:
-    key: str  # stable id: nosend, domain, chain, api, es, cbitpos, memory, qemu-source, ...
+    key: str  # stable id: argv, nosend, domain, chain, api, es, cbitpos, memory, qemu-source, ...
     title: str
     status: CheckStatus
     sentence: str
@@ -57,6 +58,9 @@ def preflight(plan: MigrationPlan, trust: Any = None) -> list[Check]:
         checks.append(_c("hosts", "Distinct hosts", CheckStatus.FAIL,
                          f"{vm.name} already runs on {src.name}; pick another target host."))
     checks.append(_vm_state(vm, src))
+    argv = _argv(vm, src, dst)
+    if argv is not None:
+        checks.append(argv)
     checks += _qemu_support(vm, src, dst)
     checks.append(_memory(vm, dst))
     if not vm.sev_enabled:
@@ -97,6 +101,23 @@ def _vm_state(vm: VmInfo, src: HostReport) -> Check:
         return _c("vm", "Guest state", status, f"{vm.name} on {src.name}: {detail}.")
     return _c("vm", "Guest state", CheckStatus.FAIL,
               f"{vm.name} on {src.name} is '{vm.status}'; only a running or paused guest can be sent.")
+
+
+def _argv(vm: VmInfo, src: HostReport, dst: HostReport) -> Check | None:
+    """The target's command line is the allow-list's (engine/argv_policy.py), as the links build
+    it; a refusal names the option. None when it passes unchanged: a line that says nothing the
+    operator acts on is left out."""
+    title = "Target command line"
+    if not vm.argv:
+        return _c("argv", title, CheckStatus.FAIL,
+                  f"the command line of {vm.name} on {src.name} is unknown (no QEMU process owns its "
+                  f"QMP socket), so {dst.name} cannot start its twin; probe again.")
+    verdict = target_argv(vm.argv)
+    if isinstance(verdict, Refusal):
+        return _c("argv", title, CheckStatus.FAIL, verdict.sentence(dst.name) + ".")
+    if verdict.rewritten:
+        return _c("argv", title, CheckStatus.WARN, f"{dst.name}: " + "; ".join(verdict.rewritten) + ".")
+    return None
 
 
 def _qemu_support(vm: VmInfo, src: HostReport, dst: HostReport) -> list[Check]:

@@ -9,6 +9,9 @@ from typing import Protocol, runtime_checkable
 
 from qemu.qmp import QMPClient
 
+from sevconsole.engine.argv_policy import ArgvRefused, require_target_argv
+from sevconsole.engine.errors import LinkError
+
 
 @dataclass(frozen=True)
 class IncomingVm:
@@ -29,7 +32,9 @@ class HostLink(Protocol):
         ...
 
     async def launch_incoming(self, argv: Sequence[str]) -> IncomingVm:
-        """Start a QEMU with the source's configuration, `-incoming defer` and a new QMP socket."""
+        """Start a QEMU with the source's configuration, `-incoming defer` and a new QMP socket.
+        `argv` is the source's command line: implementations build the target's through the
+        allow-list (engine/argv_policy.py) and raise LinkError, starting nothing, when it refuses."""
         ...
 
     async def stop(self, pid: int) -> bool:
@@ -40,25 +45,11 @@ class HostLink(Protocol):
         ...
 
 
-def incoming_argv(argv: Sequence[str], qmp_path: str) -> list[str]:
-    """The source command line made into a target one: its own QMP socket, `-incoming defer`,
-    and nothing that would collide with the source on one host (pidfile, daemonize)."""
-    drop_with_value = {"-qmp", "-incoming", "-pidfile", "-monitor", "-chardev", "-mon", "-serial"}
-    drop_alone = {"-daemonize", "-S"}
-    out: list[str] = []
-    skip = False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if i == 0:
-            out.append(arg)
-            continue
-        flag = arg[1:] if arg.startswith("--") else arg  # QEMU takes -opt and --opt
-        if flag in drop_with_value:
-            skip = True
-            continue
-        if flag in drop_alone:
-            continue
-        out.append(arg)
-    return out + ["-qmp", f"unix:{qmp_path},server=on,wait=off", "-incoming", "defer"]
+def incoming_argv(argv: Sequence[str], qmp_path: str, target: str = "the target") -> list[str]:
+    """The target's command line for a source VM: the allow-list's (engine/argv_policy.py), then
+    its own QMP socket and `-incoming defer`. Raises LinkError naming the refused option."""
+    try:
+        allowed = require_target_argv(argv, target)
+    except ArgvRefused as exc:
+        raise LinkError(target, str(exc)) from None
+    return [*allowed.argv, "-qmp", f"unix:{qmp_path},server=on,wait=off", "-incoming", "defer"]

@@ -47,13 +47,15 @@ class LocalHost:
         if not argv:
             raise LinkError(self.name, "the source VM's command line is unknown; cannot start its twin")
         self._count += 1
+        # generated names: nothing of the source (its VM name) becomes a path here
         sock = self._run_dir / f"incoming-{os.getpid()}-{self._count}.qmp"
         log = self._run_dir / f"incoming-{self._count}.log"
-        cmd = incoming_argv(argv, str(sock))
+        cmd = incoming_argv(argv, str(sock), self.name)  # the allow-list; raises LinkError
         with open(log, "wb") as err:
             try:
+                # cwd "/": a firmware file name is never looked up in the console's folder
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                        start_new_session=True)
+                                        start_new_session=True, cwd="/")
             except OSError as exc:
                 raise LinkError(self.name, f"cannot start {cmd[0]}: {exc}") from exc
         self._children[proc.pid] = proc

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 from qemu.qmp import QMPClient
 
+from sevconsole.engine.argv_policy import ArgvRefused, require_target_argv
 from sevconsole.engine.errors import LinkError
 from sevconsole.engine.links import IncomingVm
 from sevconsole.hosts import remote
@@ -46,8 +47,14 @@ class SshHost:
         return link.client
 
     async def launch_incoming(self, argv: Sequence[str]) -> IncomingVm:
+        # The helper gets the allow-list's command line, never the source's; it adds its own
+        # -qmp and -incoming defer.
         try:
-            vm = await asyncio.to_thread(remote.launch_incoming, await self._conn(), list(argv))
+            allowed = require_target_argv(argv, self.name)
+        except ArgvRefused as exc:
+            raise LinkError(self.name, str(exc)) from None
+        try:
+            vm = await asyncio.to_thread(remote.launch_incoming, await self._conn(), list(allowed.argv))
         except HostError as exc:
             raise LinkError(self.name, str(exc)) from exc
         return IncomingVm(pid=vm.pid, qmp=vm.qmp)

@@ -11,6 +11,7 @@ unknown command exits 127 with a message on stderr.
 """
 
 import base64
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -20,6 +21,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -36,10 +38,20 @@ SEV_PDH_CERT_EXPORT = 5
 SEV_CERT_LEN = 2084
 PLATFORM_CHAIN_LEN = 3 * SEV_CERT_LEN
 
-# Options whose socket or file would clash with the source VM's if copied to the target.
-# Devices (-serial too) stay: the target must have the same ones for the migration to load.
-DROP_WITH_VALUE = ("-qmp", "-qmp-pretty", "-monitor", "-pidfile", "-incoming", "-loadvm", "-D")
-DROP_ALONE = ("-daemonize", "-S")
+# launch-incoming receives the command line the console built through its allow-list
+# (engine/argv_policy.py), never the source's. This re-check is the cheap second line: options
+# and keys that make QEMU run, load or open what the source named, and the plumbing this
+# helper adds itself. lab/argv.py holds the same two NEVER lists (a test keeps them equal).
+PLUMBING = ("-qmp", "-qmp-pretty", "-monitor", "-mon", "-incoming", "-daemonize", "-pidfile")
+NEVER_OPTIONS = ("-readconfig", "-writeconfig", "-plugin", "-add-fd", "-fw_cfg", "-kernel", "-initrd",
+                 "-dtb", "-L", "-mem-path", "-run-with", "-runas", "-chroot", "-drive", "-blockdev",
+                 "-hda", "-hdb", "-hdc", "-hdd", "-cdrom", "-fda", "-fdb", "-pflash", "-mtdblock", "-sd",
+                 "-loadvm", "-D", "-trace")
+NEVER_KEYS = ("helper", "script", "downscript", "mem-path", "smb", "guestfwd", "hostfwd", "tftp",
+              "bootfile", "file", "filename", "path", "logfile", "sysfsdev", "evdev", "dh-cert-file",
+              "session-file", "firmware", "kernel", "initrd", "dtb", "dumpdtb", "splash", "romfile")
+QEMU_PROGRAMS = ("qemu-system-x86_64", "qemu-kvm")
+PROGRAM_DIRS = ("/usr/local/bin", "/usr/bin", "/bin", "/usr/libexec")
 
 
 class HelperFailure(Exception):
@@ -367,48 +379,87 @@ def bridge(sock, infd, outfd):
 # ---------------------------------------------------------------- launch-incoming / stop
 
 
-def incoming_argv(argv, qmp_path):
-    """The source QEMU's argv, minus what would clash, plus a new QMP socket and -incoming defer."""
-    out = [argv[0]]
-    control_chardevs = set()
-    for value in option_values(argv, "-mon"):
-        bare, opts = split_opts(value)
-        control_chardevs.add(opts.get("chardev") or bare)
-    i = 1
-    while i < len(argv):
-        arg = argv[i]
+def option_keys(value):
+    """The keys of one option value, in QEMU's key=value form or its JSON form."""
+    if value.startswith("{"):
+        try:
+            data = json.loads(value)
+        except ValueError:
+            return {}
+        return data if isinstance(data, dict) else {}
+    return split_opts(value)[1]
+
+
+def check_target_argv(argv):
+    """Refuse what the console's allow-list never lets through; raise HelperFailure naming it."""
+    if not argv or argv[0] not in QEMU_PROGRAMS:
+        raise HelperFailure("launch-incoming: the program must be one of {}, named without a folder; "
+                            "got {!r}".format(", ".join(QEMU_PROGRAMS), argv[0] if argv else None))
+    for arg in argv[1:]:
         name = arg[1:] if arg.startswith("--") else arg
-        key = name.split("=", 1)[0]
-        if key in DROP_WITH_VALUE:
-            i += 1 if "=" in name else 2
-            continue
-        if key in DROP_ALONE:
-            i += 1
-            continue
-        if key in ("-mon", "-chardev") and i + 1 < len(argv):
-            bare, opts = split_opts(argv[i + 1])
-            ident = opts.get("chardev") or bare if key == "-mon" else opts.get("id")
-            if key == "-mon" or ident in control_chardevs:
-                i += 2
-                continue
-        out.append(arg)
-        i += 1
-    if not os.path.exists(out[0]):
-        # The source's binary path may not exist here; use the same program from PATH.
-        for directory in os.environ.get("PATH", "/usr/bin").split(os.pathsep):
-            candidate = os.path.join(directory, os.path.basename(out[0]))
-            if os.access(candidate, os.X_OK):
-                out[0] = candidate
-                break
-    out += ["-qmp", f"unix:{qmp_path},server=on,wait=off", "-incoming", "defer"]
-    return out
+        if name in PLUMBING:
+            raise HelperFailure(f"launch-incoming: the command line still has {name}; this helper adds its own "
+                                "QMP socket and -incoming, and takes the console's filtered command "
+                                "line only")
+        if name in NEVER_OPTIONS:
+            raise HelperFailure(f"launch-incoming: refused {name}, which would make this host open or run "
+                                "what the source named")
+        for key, val in option_keys(arg).items():
+            if key in NEVER_KEYS and val != "":
+                raise HelperFailure(f"launch-incoming: refused {key}= in {arg[:80]!r}, which would make this host "
+                                    "open or run what the source named")
+
+
+def find_program(name):
+    """The QEMU of that name in this host's own program folders (never the caller's folder)."""
+    folders = [d for d in os.environ.get("PATH", "").split(os.pathsep) if os.path.isabs(d)]
+    for directory in folders + list(PROGRAM_DIRS):
+        candidate = os.path.join(directory, name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise HelperFailure("launch-incoming: no {} on this host (looked in PATH and {})".format(
+        name, ", ".join(PROGRAM_DIRS)))
+
+
+def incoming_command(argv, qmp_path):
+    """The console's target command line, checked, with this host's QEMU, a new QMP socket and
+    -incoming defer."""
+    check_target_argv(argv)
+    return [find_program(argv[0])] + list(argv[1:]) + [
+        "-qmp", f"unix:{qmp_path},server=on,wait=off", "-incoming", "defer"]
+
+
+def safe_stem(name):
+    """A VM name as a file name: no folder separators, no dot-files, bounded length."""
+    text = "".join(ch if (ch.isalnum() and ord(ch) < 128) or ch in "-_." else "_" for ch in name or "")
+    text = text.lstrip(".")[:48]
+    return text or "vm"
+
+
+def private_dir():
+    """This user's own folder for incoming sockets and logs (0700, checked, never a symlink)."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    if not os.path.isabs(base) or not os.path.isdir(base):
+        base = tempfile.gettempdir()
+    path = os.path.join(base, f"sevconsole-{os.getuid()}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = os.lstat(path)
+    if not stat_is_private_dir(st):
+        raise HelperFailure(f"{path} is not a private folder of this user (owner, mode or a symlink); "
+                            "remove it or set XDG_RUNTIME_DIR")
+    return path
+
+
+def stat_is_private_dir(st):
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
 
 
 def alive(pid):
-    stat = read_text(f"/proc/{pid}/stat")
-    if stat is None:
+    text = read_text(f"/proc/{pid}/stat")
+    if text is None:
         return False
-    state = stat.rpartition(")")[2].split()[0]
+    state = text.rpartition(")")[2].split()[0]
     return state not in ("Z", "X")
 
 
@@ -449,16 +500,16 @@ def cmd_launch_incoming(args):
         source = [str(a) for a in request["argv"]]
     except (ValueError, KeyError, TypeError):
         raise HelperFailure('launch-incoming expects {"argv": [...]} on stdin') from None
-    if not source or not is_qemu(source):
-        raise HelperFailure("launch-incoming: the argv given is not a QEMU command line")
-    directory = request.get("dir") or os.path.dirname(qmp_path_from_argv(source) or "") \
-        or tempfile.gettempdir()
+    check_target_argv(source)
+    # The folder is the console's choice or this user's own, never one the source named; the
+    # VM name is made a plain file name.
+    directory = request.get("dir") or private_dir()
     if not os.path.isdir(directory):
-        directory = tempfile.gettempdir()
-    stem = "{}-incoming-{}".format(vm_name(source) or "vm", int(time.time() * 1000) % 10 ** 9)
+        raise HelperFailure(f"launch-incoming: the folder {directory} does not exist on this host")
+    stem = f"{safe_stem(vm_name(source))}-incoming-{os.getpid()}-{int(time.time() * 1000) % 10 ** 9}"
     qmp_path = os.path.join(directory, stem + ".qmp")
     log_path = os.path.join(directory, stem + ".log")
-    argv = incoming_argv(source, qmp_path)
+    argv = incoming_command(source, qmp_path)
     pid = detach(argv, log_path)
     deadline = time.monotonic() + float(request.get("timeout", 20))
     while not os.path.exists(qmp_path):

@@ -10,11 +10,23 @@ console's code that reads real QEMU command lines works on them unchanged:
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
 CBITPOS = 51
 REDUCED_PHYS_BITS = 1
+
+# A lab host serves the helper protocol natively, so its launch-incoming refuses what the helper's
+# re-check refuses (hosts/helper.py holds the same two lists; a test keeps them equal). The lab
+# reads only the options it models and ignores the source's plumbing (-qmp, -pidfile, ...).
+NEVER_OPTIONS = ("-readconfig", "-writeconfig", "-plugin", "-add-fd", "-fw_cfg", "-kernel", "-initrd",
+                 "-dtb", "-L", "-mem-path", "-run-with", "-runas", "-chroot", "-drive", "-blockdev",
+                 "-hda", "-hdb", "-hdc", "-hdd", "-cdrom", "-fda", "-fdb", "-pflash", "-mtdblock", "-sd",
+                 "-loadvm", "-D", "-trace")
+NEVER_KEYS = ("helper", "script", "downscript", "mem-path", "smb", "guestfwd", "hostfwd", "tftp",
+              "bootfile", "file", "filename", "path", "logfile", "sysfsdev", "evdev", "dh-cert-file",
+              "session-file", "firmware", "kernel", "initrd", "dtb", "dumpdtb", "splash", "romfile")
 
 
 class ArgvError(ValueError):
@@ -34,7 +46,7 @@ class VmConfig:
 
 def build_argv(name: str, mem_mib: int, sev: bool, policy: int, qmp_path: str, *,
                incoming: bool = False, autostart: bool = True) -> list[str]:
-    argv = ["qemu-system-x86_64", "-name", name]
+    argv = ["qemu-system-x86_64", "-name", name.replace(",", ",,")]  # QEMU's escape for a comma
     if sev:
         argv += ["-machine", "q35,confidential-guest-support=sev0", "-m", str(mem_mib),
                  "-object", f"sev-guest,id=sev0,policy=0x{policy:x},cbitpos={CBITPOS},"
@@ -66,17 +78,58 @@ def _mem_mib(value: str) -> int:
     return int(mib)
 
 
+def _split(value: str) -> list[str]:
+    """QEMU's option string split at single commas; ',,' is a literal comma."""
+    parts, cur, i = [], [], 0
+    while i < len(value):
+        if value[i] == ",":
+            if value[i + 1:i + 2] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(value[i])
+        i += 1
+    parts.append("".join(cur))
+    return parts
+
+
 def _props(value: str) -> dict[str, str]:
     out = {}
-    for part in value.split(","):
+    for part in _split(value):
         key, _, val = part.partition("=")
         out[key] = val
     return out
 
 
+def _keys(value: str) -> dict[str, str]:
+    if value.startswith("{"):
+        try:
+            data = json.loads(value)
+        except ValueError:
+            return {}
+        return {str(k): "" if v == "" else str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    return {k: v for k, v in _props(value).items() if v}
+
+
+def refuse_never(argv: list[str]) -> None:
+    """What the helper's re-check refuses (see NEVER_OPTIONS), as an ArgvError naming it."""
+    for arg in argv[1:]:
+        name = arg[1:] if arg.startswith("--") else arg
+        if name in NEVER_OPTIONS:
+            raise ArgvError(f"refused {name}, which would make this host open or run what the source named")
+        for key, val in _keys(arg).items():
+            if key in NEVER_KEYS and val != "":
+                raise ArgvError(f"refused {key}= in {arg[:80]!r}, which would make this host open or run "
+                                "what the source named")
+
+
 def parse_argv(argv: list[str]) -> VmConfig:
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
         raise ArgvError("argv must be a list of strings")
+    refuse_never(argv)
     name: str | None = None
     mem = 128  # QEMU's default
     sev = False
@@ -90,7 +143,8 @@ def parse_argv(argv: list[str]) -> VmConfig:
         if opt in ("-name", "-m", "-object") and val is None:
             raise ArgvError(f"{opt} has no value")
         if opt == "-name":
-            name = _props(val)["guest"] if val.startswith("guest=") else val.split(",")[0]
+            first = _split(val)[0]
+            name = _props(val).get("guest") if "=" in first else first
             i += 2
         elif opt == "-m":
             mem = _mem_mib(val)

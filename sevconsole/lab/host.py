@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -32,6 +33,11 @@ from .monitor import Monitor
 from .psp import Psp
 from .qmp import QmpServer
 from .vm import LabVm
+
+
+def file_stem(name: str) -> str:
+    """A VM name as a file name: ASCII letters, digits, '-', '_' and '.', no leading dot, short."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")[:48] or "vm"
 
 
 class LabHostError(Exception):
@@ -78,7 +84,9 @@ class LabHost:
         return pid, asid
 
     def _qmp_path(self, name: str, pid: int) -> str:
-        return str(self.run_dir / f"{name}-{pid}.qmp")
+        # The name came from a source's -name: only its plain characters reach the file name, and
+        # the pid keeps it unique, so a socket never lands outside run_dir.
+        return str(self.run_dir / f"{file_stem(name)}-{pid}.qmp")
 
     async def add_vm(self, spec: VmSpec, *, incoming: bool = False, autostart: bool = True) -> LabVm:
         pid, asid = self._alloc()

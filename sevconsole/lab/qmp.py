@@ -18,6 +18,7 @@ import contextlib
 import inspect
 import json
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -198,7 +199,8 @@ class QmpServer:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):  # a stale socket of ours; never another file
+                os.unlink(self.path)
         self._server = await asyncio.start_unix_server(self._serve, path=self.path)
         os.chmod(self.path, 0o600)
 

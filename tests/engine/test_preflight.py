@@ -16,6 +16,9 @@ from sevconsole.sev.policy import GuestPolicy, PolicyFlag
 from sevconsole.sev.trust import TrustStore
 
 RECOMMENDED = PolicyFlag.NODBG | PolicyFlag.NOKS | PolicyFlag.DOMAIN | PolicyFlag.SEV
+DB_ARGV = ("/usr/bin/qemu-system-x86_64", "-name", "db", "-machine", "q35,confidential-guest-support=sev0",
+           "-m", "2048", "-object", "sev-guest,id=sev0,policy=0x33,cbitpos=47,reduced-phys-bits=1",
+           "-qmp", "unix:/run/db.qmp,server=on,wait=off", "-display", "none")
 
 
 def _caps(certs: Path, platform: str, generation: str, *, cbitpos: int = 47,
@@ -37,7 +40,7 @@ def _host(name: str, caps: Capabilities, api: tuple[int, int], *, es: bool = Tru
 
 
 def _vm(policy: GuestPolicy) -> VmInfo:
-    return VmInfo(name="db", pid=10, qmp_path="/run/db.qmp", argv=("qemu",), status="running",
+    return VmInfo(name="db", pid=10, qmp_path="/run/db.qmp", argv=DB_ARGV, status="running",
                   memory_mib=2048, sev_enabled=True, policy=policy.to_u32(), migration_support=True)
 
 
@@ -169,6 +172,33 @@ def test_bad_input_never_crashes(sev_certs: Path) -> None:
     checks = preflight(MigrationPlan(plan.vm, plan.source, _host("beta", junk, (0, 22))))
     chain = _by_key(checks)["chain"]
     assert chain.status is CheckStatus.FAIL and "beta" in chain.sentence
+
+
+def _plain(argv: tuple[str, ...]) -> list[Check]:
+    vm = VmInfo(name="web", pid=7, qmp_path="/run/web.qmp", argv=argv, status="running", memory_mib=64)
+    src = HostReport(name="alpha", address="10.0.0.1", port=22, reachable=True, vms=(vm,))
+    dst = HostReport(name="beta", address="10.0.0.2", port=22, reachable=True, extra={"mem_available_mib": 4096})
+    return preflight(MigrationPlan(vm, src, dst))
+
+
+def test_target_command_line_refusal_names_the_option_and_the_target() -> None:
+    checks = _plain(("qemu-system-x86_64", "-name", "web", "-m", "64", "-qmp", "unix:/run/web.qmp,server=on",
+                     "-netdev", "bridge,id=x,br=br0,helper=touch /tmp/PWNED;"))
+    argv = _by_key(checks)["argv"]
+    assert refused(checks) and argv.status is CheckStatus.FAIL
+    assert argv.sentence == ("the source's command line has -netdev bridge with helper=, which would make beta "
+                             "run a program the source named; refused.")
+
+
+def test_target_command_line_unknown_or_rewritten() -> None:
+    unknown = _by_key(_plain(()))["argv"]
+    assert unknown.status is CheckStatus.FAIL and "unknown" in unknown.sentence and "beta" in unknown.sentence
+    rewritten = _by_key(_plain(("qemu-system-x86_64", "-name", "web", "-m", "64", "-object",
+                                "memory-backend-file,id=r,size=64M,mem-path=/srv/web.ram")))["argv"]
+    assert rewritten.status is CheckStatus.WARN and "mem-path is not opened" in rewritten.sentence
+    # an argv that passes unchanged adds no line: the operator has nothing to act on
+    clean = _plain(("qemu-system-x86_64", "-name", "web", "-m", "64", "-qmp", "unix:/run/web.qmp,server=on"))
+    assert "argv" not in _by_key(clean) and not refused(clean)
 
 
 @pytest.mark.parametrize("status", ["shutdown", "inmigrate"])

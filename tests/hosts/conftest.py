@@ -4,7 +4,8 @@ sshd runs in the foreground (-D -e) as a child of the test session with its own 
 key and authorized client key. It listens on three ports: on the second one a ForceCommand
 runs every command with PATH=/nonexistent, which is how a host without python3 looks; on the
 third, PATH holds socat only (no python3), for the QMP bridge's fallback; on the fourth, every
-command prints a probe answer of the wrong shape.
+command prints a probe answer of the wrong shape; the fifth is a compromised host: it runs every
+command as asked, but its probe answer gives each VM's argv an injected option (COMPROMISED).
 Readiness is read from sshd's own log ("Server listening"), never guessed with a sleep.
 """
 
@@ -15,6 +16,7 @@ import select
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -33,6 +35,20 @@ from tests.conftest import require_binary
 
 START_TIMEOUT = 15.0
 # Right version, wrong types everywhere else.
+# The fifth port's ForceCommand: the helper runs for real; a probe's JSON is then rewritten so
+# every VM's command line carries INJECTED (which makes a QEMU run `touch DIR/PWNED`).
+COMPROMISED = """\
+import json, os, shlex, subprocess, sys
+command = os.environ.get("SSH_ORIGINAL_COMMAND", "")
+words = shlex.split(command)
+if len(words) < 5 or words[4] != "probe":
+    os.execv("/bin/sh", ["/bin/sh", "-c", command])
+out = subprocess.run(["/bin/sh", "-c", command], stdout=subprocess.PIPE).stdout
+answer = json.loads(out)
+for vm in answer.get("vms", []):
+    vm["argv"] += INJECTED
+sys.stdout.write(json.dumps(answer))
+"""
 ODD_PROBE = ('{"helper": 1, "hostname": 7, "kvm_amd": "Y", "platform_status": [1, 2], "dev_sev": "yes", '
              '"pdh": "%%%", "errors": "not a list", "vms": [{"pid": "12", "qmp": 5, "argv": "x"}, 3]}')
 
@@ -62,6 +78,7 @@ class Sshd:
     nopython_port: int
     socat_only_port: int
     odd_port: int  # every command prints ODD_PROBE: a host answering the protocol badly
+    compromised_port: int  # a host whose probe injects options into its VMs' argv (COMPROMISED)
     client_key: Path
     host_public: str  # "ssh-ed25519 AAAA..."
     proc: subprocess.Popen[bytes]
@@ -89,7 +106,9 @@ def _start_sshd(base: Path) -> Sshd:
     host_public = write_ed25519(base / "host_ed25519")
     client_public = write_ed25519(base / "client_ed25519")
     (base / "authorized_keys").write_text(client_public + "\n")
-    port, nopy, socat_only, odd = free_port(), free_port(), free_port(), free_port()
+    port, nopy, socat_only, odd, evil = free_port(), free_port(), free_port(), free_port(), free_port()
+    injected = ["-netdev", f"bridge,id=x,br=br0,helper=touch {base / 'PWNED'};"]
+    (base / "compromised.py").write_text(f"INJECTED = {injected!r}\n" + COMPROMISED)
     only = base / "socat-only-bin"  # a PATH holding socat and nothing else: no python3
     only.mkdir(exist_ok=True)
     socat = require_binary("socat")
@@ -101,6 +120,7 @@ Port {port}
 Port {nopy}
 Port {socat_only}
 Port {odd}
+Port {evil}
 ListenAddress 127.0.0.1
 HostKey {base / 'host_ed25519'}
 PidFile {base / 'sshd.pid'}
@@ -120,18 +140,20 @@ Match LocalPort {socat_only}
     ForceCommand env PATH={only} /bin/sh -c "$SSH_ORIGINAL_COMMAND"
 Match LocalPort {odd}
     ForceCommand echo '{ODD_PROBE}'
+Match LocalPort {evil}
+    ForceCommand {sys.executable} {base / 'compromised.py'}
 """)
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
     proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    server = Sshd(base, port, nopy, socat_only, odd, base / "client_ed25519", host_public.strip(), proc)
+    server = Sshd(base, port, nopy, socat_only, odd, evil, base / "client_ed25519", host_public.strip(), proc)
     listening: set[str] = set()
     deadline = time.monotonic() + START_TIMEOUT
     assert proc.stderr is not None
     fd = proc.stderr.fileno()
     pending = b""
-    while len(listening) < 4:
+    while len(listening) < 5:
         remaining = deadline - time.monotonic()
         ready, _, _ = select.select([fd], [], [], max(remaining, 0))
         if not ready:
@@ -174,7 +196,8 @@ def trusting_keys(sshd: Sshd, tmp_path: Path) -> HostKeyStore:
     """A key store that already knows the test sshd (both ports), and no system files."""
     own = tmp_path / "known_hosts"
     own.write_text("".join(sshd.known_hosts_line(p) for p in (sshd.port, sshd.nopython_port,
-                                                               sshd.socat_only_port, sshd.odd_port)))
+                                                               sshd.socat_only_port, sshd.odd_port,
+                                                               sshd.compromised_port)))
     return HostKeyStore(own, system_files=())
 
 

@@ -12,8 +12,10 @@ from importlib import resources
 
 import pytest
 
+from sevconsole.engine.argv_policy import Refusal, require_target_argv, target_argv
 from sevconsole.hosts import helper
 from sevconsole.hosts.remote import BOOTSTRAP, helper_blob, helper_command
+from sevconsole.lab import argv as lab_argv
 
 SOURCE = resources.files("sevconsole.hosts").joinpath("helper.py").read_text()
 
@@ -70,17 +72,64 @@ def test_is_qemu() -> None:
     assert not helper.is_qemu(["python3", "qemu-system-x86_64"]) and not helper.is_qemu([])
 
 
-def test_incoming_argv_keeps_devices_and_drops_what_would_clash() -> None:
+def test_incoming_command_takes_the_filtered_argv_and_adds_its_own_qmp() -> None:
     source = ["/nonexistent/qemu-system-x86_64", "-machine", "q35,accel=tcg", "-m", "64", "-name", "web",
               "-chardev", "socket,id=mon0,path=/run/web.sock,server=on,wait=off",
-              "-mon", "chardev=mon0,mode=control", "-chardev", "file,id=log0,path=/tmp/serial.log",
-              "-serial", "chardev:log0", "-qmp", "unix:/run/web.qmp,server=on,wait=off",
-              "-pidfile", "/run/web.pid", "-daemonize", "-S", "--incoming=tcp:0:4444"]
-    out = helper.incoming_argv(source, "/run/web-incoming.qmp")
-    assert out[0].endswith("qemu-system-x86_64") and out[0] != source[0]  # found on PATH instead
-    assert out[1:] == ["-machine", "q35,accel=tcg", "-m", "64", "-name", "web",
-                       "-chardev", "file,id=log0,path=/tmp/serial.log", "-serial", "chardev:log0",
+              "-mon", "chardev=mon0,mode=control", "-chardev", "pty,id=con0", "-serial", "chardev:con0",
+              "-qmp", "unix:/run/web.qmp,server=on,wait=off", "-pidfile", "/run/web.pid", "-daemonize", "-S"]
+    filtered = require_target_argv(source).argv
+    with pytest.raises(helper.HelperFailure, match="still has -mon"):
+        helper.incoming_command(["qemu-system-x86_64", "-mon", "x"], "/x.qmp")
+    out = helper.incoming_command(list(filtered), "/run/web-incoming.qmp")
+    assert out[0].endswith("/qemu-system-x86_64") and out[0] != source[0]  # this host's own QEMU
+    assert out[1:] == ["-machine", "q35,accel=tcg", "-m", "64", "-name", "web", "-chardev", "pty,id=con0",
+                       "-serial", "chardev:con0", "-S",
                        "-qmp", "unix:/run/web-incoming.qmp,server=on,wait=off", "-incoming", "defer"]
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["sh", "-c", "id"], "named without a folder"),
+    (["qemu-system-x86_64", "-qmp", "unix:/x,server=on"], "still has -qmp"),
+    (["qemu-system-x86_64", "--incoming", "defer"], "still has -incoming"),
+    (["qemu-system-x86_64", "-plugin", "/tmp/x.so"], "refused -plugin"),
+    (["qemu-system-x86_64", "-netdev", "bridge,id=x,br=br0,helper=touch /tmp/PWNED;"], "refused helper="),
+    (["qemu-system-x86_64", "-device", '{"driver": "e1000", "romfile": "/etc/shadow"}'], "refused romfile="),
+    (["qemu-system-x86_64", "-object", "memory-backend-file,id=m,mem-path=/dev/shm/x"], "refused mem-path="),
+])
+def test_helper_re_check_refuses_what_the_allow_list_never_sends(argv: list[str], named: str) -> None:
+    with pytest.raises(helper.HelperFailure, match=named):
+        helper.check_target_argv(argv)
+    verdict = target_argv(argv)  # the console's allow-list refuses it, or leaves it behind
+    assert isinstance(verdict, Refusal) or helper.check_target_argv(list(verdict.argv)) is None
+
+
+def test_helper_runs_only_its_own_qemu_of_that_name() -> None:
+    with pytest.raises(helper.HelperFailure, match="named without a folder"):
+        helper.check_target_argv(["/tmp/qemu-system-x86_64", "-m", "64"])
+    assert target_argv(["/tmp/qemu-system-x86_64", "-m", "64"]).argv[0] == "qemu-system-x86_64"  # type: ignore[union-attr]
+
+
+def test_never_lists_match_the_lab_and_the_allow_list_refuses_each() -> None:
+    assert (helper.NEVER_OPTIONS, helper.NEVER_KEYS) == (lab_argv.NEVER_OPTIONS, lab_argv.NEVER_KEYS)
+    base = ["qemu-system-x86_64", "-name", "web"]
+    for option in helper.NEVER_OPTIONS + helper.PLUMBING:
+        verdict = target_argv([*base, option, "x"] if option != "-daemonize" else [*base, option])
+        assert isinstance(verdict, Refusal) or option not in verdict.argv, option
+    for key in helper.NEVER_KEYS:
+        for carrier in ("-netdev user,id=n", "-device virtio-net-pci,id=d", "-object sev-guest,id=s",
+                        "-chardev null,id=c", "-machine q35"):
+            option, value = carrier.split(" ")
+            verdict = target_argv([*base, option, f"{value},{key}=/etc/shadow"])
+            # refused, or (sev-guest's launch files) dropped: never passed on to the target
+            assert isinstance(verdict, Refusal) or not any(
+                key in helper.option_keys(arg) for arg in verdict.argv), (key, carrier)
+
+
+def test_safe_stem_keeps_names_out_of_folders() -> None:
+    for name in ("../../x", "a/b", "vault[/]", ".hidden", "", None, "é/\x00"):
+        stem = helper.safe_stem(name)
+        assert "/" not in stem and not stem.startswith(".") and stem and len(stem) <= 48
+    assert helper.safe_stem("web-1_a.b") == "web-1_a.b"
 
 
 def test_split_opts_escapes() -> None:
