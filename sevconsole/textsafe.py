@@ -29,16 +29,23 @@ def escape_lines(text: object) -> str:
     return "\n".join(escape_controls(line) for line in str(text).split("\n"))
 
 
-# option keys whose values are secrets (QEMU's secret object, passwords, keys)
-SECRET_KEYS = ("data", "password", "passwd", "key-secret", "secret", "token")
-_SECRET = re.compile(r"(?i)(^|,)(" + "|".join(re.escape(k) for k in SECRET_KEYS) + r")=((?:[^,]|,,)*)")
+# option keys whose values are secrets (QEMU's secret object, passwords, keys such as rbd's `key=`)
+SECRET_KEYS = ("data", "password", "passwd", "passphrase", "key-secret", "secret", "token", "key")
+_KEYS = "|".join(re.escape(k) for k in SECRET_KEYS)
+# `key=value` in QEMU's option syntax (`,,` is an escaped comma), after a comma, or a colon as in
+# `rbd:pool/img:key=...`, with an optional dotted prefix (`file.password=`)
+_SECRET = re.compile(rf"(?i)(^|[,:])((?:[\w-]+\.)*(?:{_KEYS}))=((?:[^,]|,,)*)")
+# the same keys in QEMU's JSON option syntax: `-object {"qom-type":"secret","data":"..."}`
+_SECRET_JSON = re.compile(rf'(?i)("(?:[\w-]+\.)*(?:{_KEYS})"\s*:\s*)"(?:[^"\\]|\\.)*"')
 REDACTED = "<redacted>"
 
 
 def redact_arg(arg: str) -> str:
     """One argv word with secret values replaced: `secret,id=s0,data=hunter2` -> `...data=<redacted>`."""
+    arg = _SECRET_JSON.sub(lambda m: f'{m.group(1)}"{REDACTED}"', arg)
     return _SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}={REDACTED}", arg)
 
 
 def redact_argv(argv: Iterable[str]) -> tuple[str, ...]:
+    """What may be shown or written of a command line; the real one stays with whoever launches it."""
     return tuple(redact_arg(a) for a in argv)

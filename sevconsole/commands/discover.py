@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sevconsole.textsafe import escape_controls
+
 FINGERPRINT = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
 
 DESCRIPTION = """\
@@ -84,14 +86,14 @@ def run(args: argparse.Namespace) -> int:
                       if h.name not in taken]
     except InventoryError as exc:
         for problem in exc.problems:
-            print(problem, file=sys.stderr)
+            print(escape_controls(problem), file=sys.stderr)
         return 2
     t = args.timeout
     options = DiscoveryOptions(known_hosts=known_hosts, accept_fingerprints=frozenset(args.accept_host_key),
                                lab_root=lab_root, max_workers=args.jobs, query_vms=not args.no_vms,
                                timeouts=Timeouts(connect=t, banner=t, handshake=2 * t, auth=2 * t,
                                                  channel=2 * t))
-    progress = (lambda r: print(f"  {r.name}: {'ok' if r.reachable and not r.host_key else 'failed'}",
+    progress = (lambda r: print(escape_controls(f"  {r.name}: {'ok' if r.reachable and not r.host_key else 'failed'}"),
                                 file=sys.stderr)) if sys.stderr.isatty() and not args.json else None
     reports = discover(hosts, options, on_report=progress)
     if args.json:
@@ -131,6 +133,8 @@ def _chain_words(report: Any) -> str:
 
 
 def _table(rows: list[list[str]], indent: str = "") -> list[str]:
+    """Aligned columns; every cell is host data, so each shows its control characters escaped."""
+    rows = [[escape_controls(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
@@ -147,7 +151,7 @@ def render_table(reports: list[Any]) -> str:
     for r in reports:
         if not r.vms:
             continue
-        lines += ["", f"{r.name}:"]
+        lines += ["", f"{escape_controls(r.name)}:"]
         vm_rows = [["VM", "PID", "STATUS", "MEM", "SEV", "POLICY", "STATE", "MIGRATION", "QMP"]]
         for vm in r.vms:
             migration = ("blocked: " + vm.migration_blocker if vm.migration_blocker
@@ -164,5 +168,5 @@ def render_table(reports: list[Any]) -> str:
     problems += [r.capabilities.chain_error for r in reports
                  if r.capabilities is not None and r.capabilities.chain_error]
     if problems:
-        lines += ["", "problems:"] + [f"  - {p}" for p in problems]
+        lines += ["", "problems:"] + [f"  - {escape_controls(p)}" for p in problems]
     return "\n".join(lines)

@@ -1,4 +1,7 @@
-"""HostReport as JSON-safe dicts (for `discover --json` and anything that logs reports)."""
+"""HostReport as JSON-safe dicts (for `discover --json` and anything that logs reports).
+
+Secret values in a VM's argv (`-object secret,data=...`) are redacted here: the HostReport keeps
+the real argv (the engine launches the target from it), nothing shown or written does."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import base64
 from typing import Any
 
 from sevconsole.hosts.report import HostReport, VmInfo
+from sevconsole.textsafe import redact_argv
 
 
 def _b64(data: bytes | None) -> str | None:
@@ -18,7 +22,7 @@ def vm_to_dict(vm: VmInfo) -> dict[str, Any]:
             "policy": None if vm.policy is None else f"0x{vm.policy:08x}", "sev_state": vm.sev_state,
             "firmware_guest_state": vm.firmware_guest_state, "handle": vm.handle,
             "migration_support": vm.migration_support, "migration_blocker": vm.migration_blocker,
-            "argv": list(vm.argv), "errors": list(vm.errors)}
+            "argv": list(redact_argv(vm.argv)), "errors": list(vm.errors)}
 
 
 def report_to_dict(report: HostReport) -> dict[str, Any]:
