@@ -19,6 +19,7 @@ from pathlib import Path
 import paramiko
 
 from sevconsole.hosts.errors import (
+    HelperError,
     HostUnreachable,
     SshAuthError,
     SshError,
@@ -29,6 +30,9 @@ from sevconsole.hosts.inventory import HostSpec
 
 DEFAULT_IDENTITIES = ("id_ed25519", "id_ecdsa", "id_rsa")
 MAX_JUMPS = 8
+# What one command may print (stdout and stderr together). A probe answer is some KiB, a few
+# hundred with many VMs; a host sending more is broken or hostile and must not fill our memory.
+MAX_OUTPUT = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -224,15 +228,19 @@ class SshConnection:
             guard.cancel()
         return channel
 
-    def run(self, command: str, stdin: bytes | None = None, timeout: float | None = None) -> CommandResult:
-        """Run a command to completion; output is read concurrently so neither pipe can stall."""
+    def run(self, command: str, stdin: bytes | None = None, timeout: float | None = None,
+            max_output: int = MAX_OUTPUT) -> CommandResult:
+        """Run a command to completion; output is read concurrently so neither pipe can stall.
+
+        More than `max_output` bytes of output close the channel and raise HelperError."""
         timeout = self.timeouts.command if timeout is None else timeout
         started = time.monotonic()
         channel = self.open_exec(command)
         out: list[bytes] = []
         err: list[bytes] = []
-        readers = [threading.Thread(target=_drain, args=(channel.recv, out), daemon=True),
-                   threading.Thread(target=_drain, args=(channel.recv_stderr, err), daemon=True)]
+        budget = _Budget(max_output, channel)
+        readers = [threading.Thread(target=_drain, args=(channel.recv, out, budget), daemon=True),
+                   threading.Thread(target=_drain, args=(channel.recv_stderr, err, budget), daemon=True)]
         for reader in readers:
             reader.start()
         try:
@@ -241,29 +249,60 @@ class SshConnection:
             channel.shutdown_write()
         except (OSError, paramiko.SSHException):
             pass  # the command may exit without reading its input; its status says what happened
-        if not channel.status_event.wait(timeout):
+        finished = channel.status_event.wait(timeout)
+        if budget.exceeded:
+            channel.close()
+            raise self._too_much(max_output)
+        if not finished:
             channel.close()
             raise SshTimeout(self.name, f"{self.endpoint.where()}: a remote command did not finish "
                              f"within {timeout:g} s")
         for reader in readers:
             reader.join(self.timeouts.channel)
+        if budget.exceeded:  # the last bytes came with the exit status
+            channel.close()
+            raise self._too_much(max_output)
         rc = channel.recv_exit_status()
         channel.close()
         if rc == -1 and not self.transport.is_active():
             raise SshError(self.name, f"{self.endpoint.where()}: the SSH connection dropped during a command")
         return CommandResult(rc, b"".join(out), b"".join(err), time.monotonic() - started)
 
+    def _too_much(self, limit: int) -> HelperError:
+        return HelperError(self.name, f"{self.endpoint.where()}: a remote command printed more than "
+                           f"{limit / (1024 * 1024):g} MiB, far more than the helper ever does; stopped "
+                           "reading. Check what runs as python3 for that user on the host.")
+
     def close(self) -> None:
         self.transport.close()
 
 
-def _drain(recv: object, into: list[bytes]) -> None:
+class _Budget:
+    """Bytes one command may still send; overdrawn, it closes the channel (which wakes `run`)."""
+
+    def __init__(self, limit: int, channel: paramiko.Channel) -> None:
+        self.left = limit
+        self.channel = channel
+        self.exceeded = False
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            self.left -= n
+            if self.left >= 0:
+                return True
+            self.exceeded = True
+        self.channel.close()
+        return False
+
+
+def _drain(recv: object, into: list[bytes], budget: _Budget) -> None:
     while True:
         try:
             data = recv(65536)  # type: ignore[operator]
         except (OSError, EOFError, paramiko.SSHException):
             return
-        if not data:
+        if not data or not budget.take(len(data)):
             return
         into.append(data)
 
