@@ -317,6 +317,7 @@ class Attempt:
     note: str = ""
     source: str = ""
     target: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # what a kind measures besides the promises
 
     @property
     def ends_on(self) -> str:
@@ -332,7 +333,7 @@ class Attempt:
                 "message": self.outcome.message if self.outcome else None,
                 "runnable": [c.host for c in self.census.runnable], "violations": self.violations,
                 "digest_mismatches": self.mismatches, "safe_after_s": self.safe_after_s, "note": self.note,
-                "ends_on": self.ends_on}
+                "ends_on": self.ends_on, **self.extra}
 
 
 async def run_with_fault(rig: Rig, vm: str, src: str, dst: str, faults: list[Fault], *, kind: str,
@@ -400,14 +401,19 @@ def check_promises(att: Attempt, src: str, dst: str, killed: str | None) -> None
 async def cleanup_vm(rig: Rig, vm: str) -> str | None:
     """Quits every non-runnable leftover copy of `vm` (a SENT source, like QEMU exiting after a
     migration) and returns the host holding the runnable one."""
-    c = await census(rig.lab, vm, digests=False)
+    return await tidy(rig.lab, vm)
+
+
+async def tidy(lab: Lab, vm: str) -> str | None:
+    """`cleanup_vm` for a bare lab."""
+    c = await census(lab, vm, digests=False)
     home = None
     for copy in c.copies:
         if copy.runnable:
             home = copy.host
             continue
         with contextlib.suppress(Exception):
-            await asyncio.to_thread(helper, rig.lab, copy.host, f"stop {copy.pid}")
+            await asyncio.to_thread(helper, lab, copy.host, f"stop {copy.pid}")
     return home
 
 
@@ -458,3 +464,217 @@ def plain_proxy(port: int) -> StreamProxy:
 
 def rebind(plan: MigrationPlan, **vm_changes: Any) -> MigrationPlan:
     return replace(plan, vm=replace(plan.vm, **vm_changes))
+
+
+# ------------------------------------------------------------------ durable migrations, as processes
+
+ROOT = Path(__file__).resolve().parents[2]
+PHASES = ("connecting", "send-start", "pre-copy", "stop-and-copy", "finishing")  # the order they come in
+RUNNER_POINTS = ("target-launched", "pre-copy", "stop-and-copy", "finishing")  # where a runner can be killed
+
+
+@dataclass
+class Console:
+    """An operator's console folders for commands run as processes (`migrate`, `recover`,
+    `migrations`): state (the journals), a short runtime folder (runner sockets: a UNIX socket
+    path has at most 108 bytes), data (audit log) and config."""
+
+    base: Path
+    runtime: Path
+    home: Path  # HOME: no operator's ~/.ssh is read
+
+    @classmethod
+    def make(cls, base: Path) -> Console:
+        import tempfile
+
+        base.mkdir(parents=True, exist_ok=True)
+        (base / "home").mkdir(exist_ok=True)
+        return cls(base, Path(tempfile.mkdtemp(prefix="sc-", dir="/tmp")), base / "home")
+
+    @property
+    def state(self) -> Path:
+        return self.base / "state"
+
+    @property
+    def migrations(self) -> Path:
+        return self.state / "migrations"
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "SEVCONSOLE_STATE_DIR": str(self.state), "SEVCONSOLE_RUNTIME_DIR": str(self.runtime),
+                "SEVCONSOLE_DATA_DIR": str(self.base / "data"), "SEVCONSOLE_CONFIG_DIR": str(self.base / "config"),
+                "SEVCONSOLE_OPERATOR": "tester", "HOME": str(self.home)}
+
+    def argv(self, *args: str) -> list[str]:
+        import sys
+
+        return [sys.executable, "-m", "sevconsole", *args]
+
+    def run(self, *args: str, timeout: float = 120.0) -> Any:
+        import subprocess
+
+        return subprocess.run(self.argv(*args), capture_output=True, text=True, cwd=ROOT, env=self.env(),
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def start(self, *args: str, name: str = "client") -> Client:
+        """A command in its own session (as from its own terminal), stdout read line by line."""
+        import subprocess
+
+        err = self.base / f"{name}-{time.monotonic_ns()}.stderr"
+        with open(err, "wb") as stderr:
+            proc = subprocess.Popen(self.argv(*args), cwd=ROOT, env=self.env(), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=stderr, bufsize=0, start_new_session=True)
+        return Client(proc, err)
+
+    def folders(self) -> list[Path]:
+        try:
+            return sorted(p for p in self.migrations.iterdir() if p.is_dir())
+        except FileNotFoundError:
+            return []
+
+    def migration(self, timeout: float = 30.0) -> Path:
+        """The folder of the one migration started under this console, once its runner runs."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.folders()
+            if found and (found[-1] / "runner.json").exists():
+                return found[-1]
+            time.sleep(0.02)
+        raise AssertionError(f"no runner started under {self.migrations} in {timeout} s")
+
+    @staticmethod
+    def runner_pid(folder: Path) -> int:
+        return int(json.loads((folder / "runner.json").read_text())["pid"])
+
+    @staticmethod
+    def wait_runner_gone(folder: Path, timeout: float = 60.0) -> Any:
+        """Waits until no runner holds the migration's lock; returns its journal as read then."""
+        from sevconsole.engine import journal
+
+        deadline = time.monotonic() + timeout
+        while journal.runner_alive(folder):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the runner of {folder.name} still runs after {timeout} s: "
+                                     f"{journal.read(folder / 'journal.jsonl').step}")
+            time.sleep(0.05)
+        return journal.read(folder / "journal.jsonl")
+
+    def close(self) -> None:
+        """Kills any runner still alive under this console (a failed test leaves none behind)."""
+        import shutil
+
+        from sevconsole.engine import journal
+
+        for folder in self.folders():
+            if journal.runner_alive(folder):
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    os.kill(self.runner_pid(folder), signal.SIGKILL)
+        shutil.rmtree(self.runtime, ignore_errors=True)
+
+
+class Client:
+    """A `migrate` or `migrations watch` process: its JSON lines on stdout, its stderr in a file."""
+
+    def __init__(self, proc: Any, stderr: Path) -> None:
+        self.proc = proc
+        self.stderr_path = stderr
+        self.lines: list[dict[str, Any]] = []
+        self._pending = b""
+        self.eof = False
+
+    def _read(self, wait: float) -> None:
+        import select
+
+        fd = self.proc.stdout.fileno()
+        ready, _, _ = select.select([fd], [], [], max(0.0, wait))
+        if not ready:
+            return
+        chunk = os.read(fd, 1 << 16)  # raw reads: a buffered readline would hide lines from select
+        if not chunk:
+            self.eof = True
+            return
+        self._pending += chunk
+        *complete, self._pending = self._pending.split(b"\n")
+        for raw in complete:
+            if raw.strip():
+                self.lines.append(json.loads(raw))
+
+    def until(self, wanted: Callable[[dict[str, Any]], bool], timeout: float = 60.0,
+              also: Callable[[], bool] = lambda: False) -> dict[str, Any] | None:
+        """Reads lines until one is `wanted` (returned) or `also()` holds (the last line); None at
+        the end of the output."""
+        deadline = time.monotonic() + timeout
+        seen = len(self.lines)
+        while True:
+            while seen < len(self.lines):
+                seen += 1
+                if wanted(self.lines[seen - 1]):
+                    return self.lines[seen - 1]
+            if also():
+                return self.lines[-1] if self.lines else {}
+            if self.eof:
+                return None
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nothing wanted on stdout in {timeout} s; last: "
+                                     f"{self.lines[-1:]}; stderr: {self.stderr()[-500:]}")
+            self._read(min(0.05, deadline - time.monotonic()))
+
+    def rest(self, timeout: float = 60.0) -> list[dict[str, Any]]:
+        """Every line up to the end of the output, then the exit."""
+        self.until(lambda _: False, timeout)
+        self.proc.wait(timeout)
+        return self.lines
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def kill(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.proc.stdout.close()
+
+
+def phase_at(line: dict[str, Any], point: str, fraction: float = 0.0) -> bool:
+    """A Progress line at or past `point` (a phase); in pre-copy, once `fraction` of the guest
+    has been sent. A line past every point (the end, the outcome) also counts: the migration
+    may have moved faster than the lines were read."""
+    phase = line.get("phase")
+    if "outcome" in line or phase in ("done", "failed", "cancelled"):
+        return True
+    if phase not in PHASES:
+        return False
+    if PHASES.index(phase) > PHASES.index(point):
+        return True
+    if phase != point:
+        return False
+    total = int(line.get("bytes_total") or 0)
+    return point != "pre-copy" or (total > 0 and line.get("bytes_transferred", 0) >= fraction * total)
+
+
+def journal_step(folder: Path) -> str | None:
+    from sevconsole.engine import journal
+
+    step = journal.read(folder / "journal.jsonl").step
+    return None if step is None else step.value
+
+
+def reach(client: Client, folder: Path, point: str, fraction: float = 0.0, timeout: float = 60.0) -> str:
+    """Waits until the migration reaches `point`: a phase as its client prints it, or
+    "target-launched" as its journal records it. Returns where it was: "phase/journal step"."""
+    if point == "target-launched":
+        line = client.until(lambda _: False, timeout,
+                            also=lambda: journal_step(folder) not in (None, "planned"))
+    else:
+        line = client.until(lambda x: phase_at(x, point, fraction), timeout)
+    return f"{(line or {}).get('phase', 'end')}/{journal_step(folder)}"
+
+
+def outcome_of(folder: Path) -> dict[str, Any] | None:
+    """The runner's outcome as its journal recorded it (None when the runner did not end it)."""
+    from sevconsole.engine import journal
+
+    out = journal.read(folder / "journal.jsonl").data().get("outcome")
+    return out if isinstance(out, dict) else None
