@@ -322,3 +322,38 @@ def recover_all(override: Any = None, *, on_wait: Any = None, on_start: Any = No
                     continue
                 results.append(asyncio.run(reconcile(journal.entry(entry.id), fleet)))
     return results
+
+
+async def apply_fix(action: Any, fleet: Any) -> str:
+    """Carry out an attention item's safe action (engine.attention.SafeAction), confirmed by the
+    operator before this is called; returns a sentence of what happened."""
+    from sevconsole.engine.attention import Fix
+    from sevconsole.engine.ssh import SshHost
+
+    if action.fix == Fix.RECOVER:
+        results = await asyncio.to_thread(recover_all, fleet)
+        mine = [r for r in results if r.id == action.migration_id]
+        return mine[0].sentence if mine else f"migration {action.migration_id} had nothing left to reconcile"
+    pool = fleet.options.pool()
+    try:
+        conn = await asyncio.to_thread(fleet.connection, pool, action.host)
+        spec = fleet.spec(action.host)
+        link = SshHost(action.host, spec.address if spec and spec.address else action.host, conn)
+        try:
+            if action.fix == Fix.CONT:
+                end = _End(action.host, link, action.qmp)
+                if not await end.connect():
+                    raise LinkError(action.host, f"cannot reach the QMP socket {action.qmp}")
+                try:
+                    await end.execute("cont")
+                finally:
+                    await end.drop()
+                return f"{action.host}: resumed (cont)"
+            if action.fix == Fix.STOP and action.pid is not None:
+                stopped = await link.stop(action.pid)
+                return f"{action.host}: pid {action.pid} {'stopped' if stopped else 'was already gone'}"
+            return "nothing to do"
+        finally:
+            await link.close()
+    finally:
+        await asyncio.to_thread(pool.close)

@@ -18,7 +18,13 @@ from sevconsole.hosts.report import HostReport
 from sevconsole.textsafe import escape_controls, escape_lines
 from sevconsole.tui.backend import ConsoleBackend, HostKeyPending
 from sevconsole.tui.config import ConsoleConfig
-from sevconsole.tui.messages import HostKeyAsked, HostProbed, HostProbeFailed, RecoverDone
+from sevconsole.tui.messages import (
+    AttentionFound,
+    HostKeyAsked,
+    HostProbed,
+    HostProbeFailed,
+    RecoverDone,
+)
 from sevconsole.tui.themes import DEFAULT, NamedTheme, load_themes
 
 
@@ -36,6 +42,7 @@ class SevConsoleApp(App[int]):
         Binding("ctrl+g", "guide", "Guide", id="guide", show=False),
         Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
         Binding("M", "migrations", "Migrations", id="migrations"),
+        Binding("A", "attention", "Attention", id="attention"),
     ]
 
     def __init__(self, backend: ConsoleBackend, *, config: ConsoleConfig | None = None,
@@ -53,6 +60,7 @@ class SevConsoleApp(App[int]):
         self.screenshot_dir = screenshot_dir or Path.cwd()
         self._heap_frozen = False
         self.quit_when_ended = False  # set when the operator cancels running migrations to quit
+        self.attention: tuple[Any, ...] = ()  # engine.attention.Attention items, after each full probe
 
     # -- start
     def on_mount(self) -> None:
@@ -142,6 +150,7 @@ class SevConsoleApp(App[int]):
                         title="Host key changed: refused", severity="error", timeout=20)
         self._fan_out("report_updated", report)
         self._freeze_startup_heap()
+        self._check_attention()
 
     def on_host_probe_failed(self, message: HostProbeFailed) -> None:
         self.probe_log.append(f"{message.host}: failed: {message.sentence}")
@@ -154,6 +163,7 @@ class SevConsoleApp(App[int]):
         self.reports[message.host] = report
         self._fan_out("report_updated", report)
         self._freeze_startup_heap()
+        self._check_attention()
 
     def on_host_key_asked(self, message: HostKeyAsked) -> None:
         from sevconsole.tui.screens.modals import HostKeyScreen
@@ -209,6 +219,30 @@ class SevConsoleApp(App[int]):
         if message.in_flight:
             names = ", ".join(f"{e.vm} ({e.source} → {e.target})" for e in message.in_flight)  # type: ignore[attr-defined]
             self.notify(f"In flight: {names}. Press M to watch.", title="Migrations running", timeout=15)
+
+    def _check_attention(self) -> None:
+        if set(self.backend.host_names()) <= set(self.reports) and hasattr(self.backend, "attention"):
+            self._find_attention(tuple(self.reports.values()))
+
+    @work(thread=True, exclusive=True, group="attention", exit_on_error=False)
+    def _find_attention(self, reports: tuple[HostReport, ...]) -> None:
+        items = self.backend.attention(reports)  # type: ignore[attr-defined]
+        self.post_message(AttentionFound(tuple(items)))
+
+    def on_attention_found(self, message: AttentionFound) -> None:
+        new = [i for i in message.items if i not in self.attention]
+        self.attention = message.items
+        self._fan_out("attention_updated")
+        if new:
+            self.notify("; ".join(f"{i.vm}: {i.problem}" for i in new[:3]),  # type: ignore[attr-defined]
+                        title=f"{len(message.items)} guest(s) need attention: press A", severity="warning",
+                        timeout=20)
+
+    def action_attention(self) -> None:
+        from sevconsole.tui.screens.attention import AttentionScreen
+
+        if not isinstance(self.screen, AttentionScreen):
+            self.push_screen(AttentionScreen())
 
     def running_migrations(self) -> list[Any]:
         return [s for s in self.screen_stack if getattr(s, "running", False)]
@@ -286,6 +320,8 @@ class SevConsoleApp(App[int]):
         yield SystemCommand("Guided tour", "Walk through a lab migration step by step", self.action_guide)
         yield SystemCommand("Migrations", "In flight, unfinished and recent migrations; re-attach (M)",
                             self.action_migrations)
+        yield SystemCommand("Attention", "Guests with no runnable copy or a stranded copy, and the fix (A)",
+                            self.action_attention)
         for label in sorted(self.themes):
             yield SystemCommand(f"Theme: {label}", f"Switch to the {label} theme and remember it",
                                 lambda label=label: self.action_set_theme(label))

@@ -147,6 +147,20 @@ class LiveBackend:
 
         return journal.entries()
 
+    def attention(self, reports: Sequence[HostReport]) -> list[Any]:
+        """Blocking (reads the journal): guests needing attention across these reports."""
+        from sevconsole.engine import attention, journal
+
+        entries = journal.entries()
+        return attention.find(reports, [e for e in entries if e.in_flight], [e for e in entries if e.unfinished])
+
+    async def apply_fix(self, action: Any) -> str:
+        from sevconsole.engine.recover import apply_fix
+
+        if self.fleet is None:
+            raise BackendError("this console was opened without a fleet to act on")
+        return await apply_fix(action, self.fleet)
+
     def recover(self) -> list[Any]:
         """Blocking: reconcile every unfinished migration of this fleet whose runner is gone."""
         from sevconsole.engine.recover import recover_all

@@ -52,3 +52,8 @@ class MigrationsListed(Message):
 class RecoverDone(Message):
     results: tuple[object, ...]  # engine.recover.Reconciled
     in_flight: tuple[object, ...]  # engine.journal.Entry of migrations other runners own
+
+
+@dataclass
+class AttentionFound(Message):
+    items: tuple[object, ...]  # engine.attention.Attention
