@@ -24,12 +24,15 @@ KNOWN_HOSTS_LIMIT = 16 * MIB  # ~100k keys
 
 
 class BoundedReadError(OSError):
-    """A file that cannot be read as asked: missing, not a regular file, too large, unreadable."""
+    """A file that cannot be read as asked: missing, not a regular file, too large, unreadable.
 
-    def __init__(self, path: str | os.PathLike[str], sentence: str, *, missing: bool = False) -> None:
-        super().__init__(sentence)
+    `str()` is "<what> <path>: <reason>"; `.reason` alone suits messages that name the file already."""
+
+    def __init__(self, path: str | os.PathLike[str], what: str, reason: str, *, missing: bool = False) -> None:
         self.path = Path(path)
-        self.sentence = sentence
+        self.reason = reason
+        self.sentence = f"{what} {path}: {reason}"
+        super().__init__(self.sentence)
         self.missing = missing  # no such file (callers may treat that as "nothing yet")
 
     def __str__(self) -> str:
@@ -61,15 +64,15 @@ def open_regular(path: str | os.PathLike[str], what: str) -> BinaryIO:
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
-        raise BoundedReadError(path, f"{what} {path}: no such file", missing=True) from None
+        raise BoundedReadError(path, what, "no such file", missing=True) from None
     except IsADirectoryError:
-        raise BoundedReadError(path, f"{what} {path} is a folder, not a file") from None
+        raise BoundedReadError(path, what, "is a folder, not a regular file; give a file") from None
     except OSError as exc:
-        raise BoundedReadError(path, f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+        raise BoundedReadError(path, what, f"cannot be read ({exc.strerror or exc})") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise BoundedReadError(path, f"{what} {path} is {_kind(mode)}, not a regular file; give a file")
+            raise BoundedReadError(path, what, f"is {_kind(mode)}, not a regular file; give a file")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
@@ -84,16 +87,16 @@ def read_bounded(path: str | os.PathLike[str], limit: int, what: str) -> bytes:
         try:
             size = os.fstat(handle.fileno()).st_size
             if size > limit:
-                raise BoundedReadError(path, f"{what} {path} is {_size(size)}, more than the "
-                                       f"{_size(limit)} such a file can be; is it the right file?")
+                raise BoundedReadError(path, what, f"{_size(size)}, more than the {_size(limit)} such a "
+                                       "file can be; is it the right file?")
             data = handle.read(limit + 1)  # /proc-like files say size 0: the read is the bound
+        except BoundedReadError:
+            raise
         except OSError as exc:
-            if isinstance(exc, BoundedReadError):
-                raise
-            raise BoundedReadError(path, f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+            raise BoundedReadError(path, what, f"cannot be read ({exc.strerror or exc})") from None
     if len(data) > limit:
-        raise BoundedReadError(path, f"{what} {path} is more than the {_size(limit)} such a file "
-                               "can be; is it the right file?")
+        raise BoundedReadError(path, what, f"more than the {_size(limit)} such a file can be; is it "
+                               "the right file?")
     return data
 
 
@@ -104,5 +107,5 @@ def read_text_bounded(path: str | os.PathLike[str], limit: int, what: str) -> st
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise BoundedReadError(path, f"{what} {path} is not UTF-8 text (line {line}, byte "
-                               f"{exc.start}); save it as UTF-8") from None
+        raise BoundedReadError(path, what, f"not UTF-8 text (line {line}, byte {exc.start}); save it "
+                               "as UTF-8") from None

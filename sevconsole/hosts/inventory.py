@@ -16,6 +16,7 @@ from typing import Any
 import paramiko
 
 from sevconsole import paths
+from sevconsole.boundedio import CONFIG_LIMIT, INVENTORY_LIMIT, BoundedReadError, read_text_bounded
 from sevconsole.hosts.errors import InventoryError, InventoryProblem
 
 HOST_KEYS = ("name", "address", "port", "user", "identity", "jump", "qmp_sockets", "labels", "lab")
@@ -85,11 +86,9 @@ def load_inventory(path: Path | str | None = None) -> Inventory:
     """Read an inventory file (default: paths.default_inventory())."""
     path = Path(path) if path is not None else paths.default_inventory()
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InventoryError([InventoryProblem(str(path), None, None, "no such file")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InventoryError([InventoryProblem(str(path), None, None, f"cannot read: {exc}")]) from None
+        text = read_text_bounded(path, INVENTORY_LIMIT, "inventory")
+    except BoundedReadError as exc:
+        raise InventoryError([InventoryProblem(str(path), None, None, exc.reason)]) from None
     return parse_inventory(text, path)
 
 
@@ -102,6 +101,9 @@ def parse_inventory(text: str, path: Path) -> Inventory:
         line = int(match.group(1)) if match else None
         reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
         raise InventoryError([InventoryProblem(fname, line, None, f"not valid TOML: {reason}")]) from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise InventoryError([InventoryProblem(fname, None, None, "nested too deeply to be an inventory "
+                                               "(arrays or tables inside each other thousands deep)")]) from None
     loc = _Locator(text)
     problems: list[InventoryProblem] = []
 
@@ -239,10 +241,18 @@ def ssh_config_path() -> Path:
 
 
 def load_ssh_config(path: Path | None = None) -> paramiko.SSHConfig | None:
+    """~/.ssh/config (or `path`); None when there is none. A bad one raises InventoryError."""
     path = path or ssh_config_path()
-    if not path.is_file():
-        return None
-    return paramiko.SSHConfig.from_path(str(path))
+    try:
+        text = read_text_bounded(path, CONFIG_LIMIT, "ssh config")
+    except BoundedReadError as exc:
+        if exc.missing:
+            return None
+        raise InventoryError([InventoryProblem(str(path), None, None, exc.reason)]) from None
+    try:
+        return paramiko.SSHConfig.from_text(text)
+    except paramiko.ssh_exception.ConfigParseError as exc:
+        raise InventoryError([InventoryProblem(str(path), None, None, f"not a valid ssh config: {exc}")]) from None
 
 
 def hosts_from_ssh_config(pattern: str | None = None, path: Path | None = None) -> tuple[HostSpec, ...]:

@@ -126,6 +126,56 @@ def test_missing_file(tmp_path: Path) -> None:
     assert str(info.value) == f"{tmp_path / 'nope.toml'}: no such file"
 
 
+@pytest.mark.parametrize("content, words", [
+    ("x = " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+    ("[[host]]\nname = \"caf\xe9\"\n".encode("latin-1"), "not UTF-8 text (line 2"),
+    (b"a" * (5 * 1024 * 1024), "more than the 4 MiB"),
+])
+def test_hostile_inventory_files_are_one_problem(tmp_path: Path, content: str | bytes, words: str) -> None:
+    path = tmp_path / "inv.toml"
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    with pytest.raises(InventoryError) as info:
+        load_inventory(path)
+    assert str(info.value).startswith(f"{path}: ") and words in str(info.value)
+
+
+def test_devices_fifos_and_folders_are_refused_without_reading(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)  # opening it the usual way would wait for a writer forever
+    for path, kind in ((Path("/dev/zero"), "a device"), (fifo, "a FIFO"), (tmp_path, "a folder")):
+        with pytest.raises(InventoryError) as info:
+            load_inventory(path)
+        assert kind in str(info.value) and "not a regular file" in str(info.value)
+
+
+def test_discover_with_an_unusable_inventory_says_one_line(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    deep = tmp_path / "deep.toml"
+    deep.write_text("[[host]]\nname = " + "[" * 5000 + "]" * 5000 + "\n")
+    env = {**os.environ, "HOME": str(tmp_path), "SEVCONSOLE_DATA_DIR": str(tmp_path / "data"),
+           "SEVCONSOLE_CONFIG_DIR": str(tmp_path / "config")}
+    for inventory in ("/dev/zero", str(deep)):
+        result = subprocess.run([sys.executable, "-m", "sevconsole", "discover", "--inventory", inventory],
+                                capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert inventory in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_bad_ssh_config_is_an_inventory_problem(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text("Host web1\n  BadLineWithoutValue\n")
+    with pytest.raises(InventoryError) as info:
+        hosts_from_ssh_config(path=config)
+    assert str(info.value).startswith(f"{config}: not a valid ssh config")
+
+
 SSH_CONFIG = """\
 Host web1
     HostName 10.1.0.5
