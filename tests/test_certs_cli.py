@@ -246,3 +246,21 @@ def test_verify_end_to_end_in_a_subprocess(sev_certs: Path, data_dir: Path) -> N
         env={"SEVCONSOLE_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin", "LANG": "C"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "verified: every link holds" in result.stdout
+
+
+def test_devices_fifos_and_huge_files_are_refused_at_once(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "fifo.cert"
+    os.mkfifo(fifo)  # nobody writes to it: a plain open would wait forever
+    huge = tmp_path / "huge.cert"
+    huge.write_bytes(b"\0" * (1024 * 1024))
+    expected = {"/dev/zero": "a device, not a regular file", str(fifo): "a FIFO (named pipe), not a regular file",
+                str(huge): "1 MiB, more than the 64 KiB", str(tmp_path): "a folder, not a regular file"}
+    for path, words in expected.items():
+        result = subprocess.run([sys.executable, "-m", "sevconsole", "certs", "show", path], capture_output=True,
+                                text=True, cwd=ROOT, timeout=30, env={"PATH": "/usr/bin:/bin", "LANG": "C",
+                                                                      "SEVCONSOLE_DATA_DIR": str(tmp_path / "d")})
+        assert result.returncode == 2 and result.stdout == "", (path, result.stderr)
+        assert result.stderr.startswith(f"sevconsole certs: {path}: ") and words in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1

@@ -77,7 +77,9 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def _fail(message: str, as_json: bool = False) -> int:
-    print(f"sevconsole certs: {message}", file=sys.stderr)
+    from sevconsole.textsafe import escape_controls
+
+    print(f"sevconsole certs: {escape_controls(message)}", file=sys.stderr)
     if as_json:
         print(json.dumps({"ok": False, "error": message}))
     return 2
@@ -88,14 +90,13 @@ def _fail(message: str, as_json: bool = False) -> int:
 
 
 def _read(path: Path) -> bytes:
+    """A certificate file: regular files only (a FIFO must not hang us), 64 KiB at most."""
+    from sevconsole.boundedio import CERT_LIMIT, BoundedReadError, read_bounded
+
     try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a folder, not a certificate file") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+        return read_bounded(path, CERT_LIMIT, "certificate")
+    except BoundedReadError as exc:
+        raise InputError(f"{path}: {exc.reason}") from None
 
 
 def _parse(kind: Any, data: bytes, path: Path) -> Any:
