@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sevconsole import paths
+from sevconsole.boundedio import CONFIG_LIMIT, BoundedReadError, read_text_bounded
 
 FILE_NAME = "console.toml"
 
@@ -30,12 +31,14 @@ class ConsoleConfig:
     @classmethod
     def load(cls, path: Path | None = None) -> ConsoleConfig:
         path = path or cls.path()
-        if not path.exists():
-            return cls()
         try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+            data = tomllib.loads(read_text_bounded(path, CONFIG_LIMIT, "console settings"))
+        except BoundedReadError as exc:
+            return cls() if exc.missing else cls(problems=(f"{exc}; ignored",))
+        except tomllib.TOMLDecodeError as exc:
             return cls(problems=(f"{path} was ignored: {exc}",))
+        except RecursionError:
+            return cls(problems=(f"{path} was ignored: nested too deeply",))
         problems = []
         theme = data.get("theme")
         if theme is not None and not isinstance(theme, str):

@@ -10,6 +10,7 @@ from pathlib import Path
 from textual.theme import Theme
 
 from sevconsole import paths
+from sevconsole.boundedio import CONFIG_LIMIT, BoundedReadError, read_text_bounded
 
 # A link to the project's themes/ folder in a checkout; a real folder in an installed copy.
 PROJECT_THEMES = Path(__file__).resolve().parent / "builtin_themes"
@@ -35,9 +36,13 @@ def theme_dirs() -> list[Path]:
 
 def load_theme(path: Path) -> NamedTheme:
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ThemeError(f"theme file {path} cannot be read: {exc}") from exc
+        data = tomllib.loads(read_text_bounded(path, CONFIG_LIMIT, "theme file"))
+    except BoundedReadError as exc:
+        raise ThemeError(str(exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ThemeError(f"theme file {path} cannot be read: {exc}") from None
+    except RecursionError:
+        raise ThemeError(f"theme file {path}: nested too deeply") from None
     if "primary" not in data:
         raise ThemeError(f"theme file {path} has no 'primary' colour")
     label = str(data.get("label") or path.stem)
