@@ -137,6 +137,9 @@ class _Refuse(Exception):
 # ---------------------------------------------------------------------------- QEMU option strings
 
 
+_JSON_OPTIONS = ("-object", "-device", "-netdev")
+
+
 @dataclass(frozen=True)
 class _Opts:
     """One option's value as QEMU reads it: key=value pairs (QemuOpts/keyval) or a JSON object."""
@@ -146,38 +149,46 @@ class _Opts:
 
 
 def _parse(option: str, value: str, implied: str | None) -> _Opts:
-    """'kind,a=b,flag' -> {implied: kind, a: b, flag: on}; ',,' is a literal comma. A key given
-    twice is refused: QEMU's parsers differ on which one wins, so we never guess."""
-    if value.startswith("{"):
+    """'kind,a=b,flag' -> {implied: kind, a: b, flag: on}, read the way QEMU's option parser
+    reads it: a parameter is key=value when '=' comes before any ',', else the implied key's
+    value (first parameter only) or a flag; in values ',,' is a literal comma. A key given twice
+    is refused: QEMU's parsers differ on which one wins, so we never guess. Only the options
+    QEMU reads as JSON when they start with '{' are read as JSON here (_JSON_OPTIONS)."""
+    if option in _JSON_OPTIONS and value.startswith("{"):
         return _Opts(_parse_json(option, value), True)
-    parts, cur, i = [], [], 0
-    while i < len(value):
-        ch = value[i]
-        if ch == ",":
-            if value[i + 1:i + 2] == ",":
-                cur.append(",")
-                i += 2
-                continue
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-        i += 1
-    parts.append("".join(cur))
     out: dict[str, str] = {}
-    for index, part in enumerate(parts):
-        if not part:
-            continue
-        if "=" in part:
-            key, _, val = part.partition("=")
-        elif index == 0 and implied is not None:
-            key, val = implied, part
+    pos, first = 0, True
+    while pos < len(value):
+        stop = pos
+        while stop < len(value) and value[stop] not in "=,":
+            stop += 1
+        if stop < len(value) and value[stop] == "=":
+            key = value[pos:stop]
+            val, pos = _opt_value(value, stop + 1)
+        elif first and implied is not None:
+            key = implied
+            val, pos = _opt_value(value, pos)
         else:
-            key, val = part, "on"
+            key, val, pos = value[pos:stop], "on", stop
         if key in out:
             raise _Refuse(f"{option} {value}", f"which gives {key}= twice (QEMU's parsers disagree on which one counts)")
         out[key] = val
+        first = False
+        pos += 1  # the comma that ended this parameter
     return _Opts(out, False)
+
+
+def _opt_value(text: str, pos: int) -> tuple[str, int]:
+    """A value from `pos` up to a single comma; ',,' is a comma. Returns it and where it ended."""
+    chars = []
+    while pos < len(text):
+        if text[pos] == ",":
+            if text[pos + 1:pos + 2] != ",":
+                break
+            pos += 1
+        chars.append(text[pos])
+        pos += 1
+    return "".join(chars), pos
 
 
 def _parse_json(option: str, value: str) -> dict[str, str]:

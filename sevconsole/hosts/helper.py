@@ -393,20 +393,20 @@ def option_keys(value):
 def check_target_argv(argv):
     """Refuse what the console's allow-list never lets through; raise HelperFailure naming it."""
     if not argv or argv[0] not in QEMU_PROGRAMS:
-        raise HelperFailure("launch-incoming: the program must be one of {}, named without a folder; "
+        raise HelperFailure("the program must be one of {}, named without a folder; "
                             "got {!r}".format(", ".join(QEMU_PROGRAMS), argv[0] if argv else None))
     for arg in argv[1:]:
         name = arg[1:] if arg.startswith("--") else arg
         if name in PLUMBING:
-            raise HelperFailure(f"launch-incoming: the command line still has {name}; this helper adds its own "
+            raise HelperFailure(f"the command line still has {name}; this helper adds its own "
                                 "QMP socket and -incoming, and takes the console's filtered command "
                                 "line only")
         if name in NEVER_OPTIONS:
-            raise HelperFailure(f"launch-incoming: refused {name}, which would make this host open or run "
+            raise HelperFailure(f"refused {name}, which would make this host open or run "
                                 "what the source named")
         for key, val in option_keys(arg).items():
             if key in NEVER_KEYS and val != "":
-                raise HelperFailure(f"launch-incoming: refused {key}= in {arg[:80]!r}, which would make this host "
+                raise HelperFailure(f"refused {key}= in {arg[:80]!r}, which would make this host "
                                     "open or run what the source named")
 
 
@@ -417,7 +417,7 @@ def find_program(name):
         candidate = os.path.join(directory, name)
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
-    raise HelperFailure("launch-incoming: no {} on this host (looked in PATH and {})".format(
+    raise HelperFailure("no {} on this host (looked in PATH and {})".format(
         name, ", ".join(PROGRAM_DIRS)))
 
 
@@ -505,7 +505,7 @@ def cmd_launch_incoming(args):
     # VM name is made a plain file name.
     directory = request.get("dir") or private_dir()
     if not os.path.isdir(directory):
-        raise HelperFailure(f"launch-incoming: the folder {directory} does not exist on this host")
+        raise HelperFailure(f"the folder {directory} does not exist on this host")
     stem = f"{safe_stem(vm_name(source))}-incoming-{os.getpid()}-{int(time.time() * 1000) % 10 ** 9}"
     qmp_path = os.path.join(directory, stem + ".qmp")
     log_path = os.path.join(directory, stem + ".log")

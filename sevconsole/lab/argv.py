@@ -46,7 +46,9 @@ class VmConfig:
 
 def build_argv(name: str, mem_mib: int, sev: bool, policy: int, qmp_path: str, *,
                incoming: bool = False, autostart: bool = True) -> list[str]:
-    argv = ["qemu-system-x86_64", "-name", name.replace(",", ",,")]  # QEMU's escape for a comma
+    # QEMU's escape for a comma; guest= keeps a name with '=' from reading as key=value
+    shown = name.replace(",", ",,")
+    argv = ["qemu-system-x86_64", "-name", f"guest={shown}" if "=" in name else shown]
     if sev:
         argv += ["-machine", "q35,confidential-guest-support=sev0", "-m", str(mem_mib),
                  "-object", f"sev-guest,id=sev0,policy=0x{policy:x},cbitpos={CBITPOS},"
@@ -78,40 +80,44 @@ def _mem_mib(value: str) -> int:
     return int(mib)
 
 
-def _split(value: str) -> list[str]:
-    """QEMU's option string split at single commas; ',,' is a literal comma."""
-    parts, cur, i = [], [], 0
-    while i < len(value):
-        if value[i] == ",":
-            if value[i + 1:i + 2] == ",":
-                cur.append(",")
-                i += 2
-                continue
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(value[i])
-        i += 1
-    parts.append("".join(cur))
-    return parts
-
-
-def _props(value: str) -> dict[str, str]:
-    out = {}
-    for part in _split(value):
-        key, _, val = part.partition("=")
-        out[key] = val
-    return out
-
-
-def _keys(value: str) -> dict[str, str]:
-    if value.startswith("{"):
+def _opts(value: str, implied: str | None = None, *, json_form: bool = True) -> dict[str, str]:
+    """An option string read as QEMU reads it: a parameter is key=value when '=' comes before any
+    ',', else the implied key's value (first parameter only) or a flag; ',,' in a value is a comma.
+    With `json_form`, a value starting with '{' is JSON (as -object and -device take it)."""
+    if json_form and value.startswith("{"):
         try:
             data = json.loads(value)
         except ValueError:
             return {}
-        return {str(k): "" if v == "" else str(v) for k, v in data.items()} if isinstance(data, dict) else {}
-    return {k: v for k, v in _props(value).items() if v}
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    out: dict[str, str] = {}
+    pos, first = 0, True
+    while pos < len(value):
+        stop = pos
+        while stop < len(value) and value[stop] not in "=,":
+            stop += 1
+        if stop < len(value) and value[stop] == "=":
+            key, (val, pos) = value[pos:stop], _value(value, stop + 1)
+        elif first and implied is not None:
+            key, (val, pos) = implied, _value(value, pos)
+        else:
+            key, val, pos = value[pos:stop], "on", stop
+        out[key] = val
+        first = False
+        pos += 1
+    return out
+
+
+def _value(text: str, pos: int) -> tuple[str, int]:
+    chars = []
+    while pos < len(text):
+        if text[pos] == ",":
+            if text[pos + 1:pos + 2] != ",":
+                break
+            pos += 1
+        chars.append(text[pos])
+        pos += 1
+    return "".join(chars), pos
 
 
 def refuse_never(argv: list[str]) -> None:
@@ -120,7 +126,7 @@ def refuse_never(argv: list[str]) -> None:
         name = arg[1:] if arg.startswith("--") else arg
         if name in NEVER_OPTIONS:
             raise ArgvError(f"refused {name}, which would make this host open or run what the source named")
-        for key, val in _keys(arg).items():
+        for key, val in _opts(arg).items():
             if key in NEVER_KEYS and val != "":
                 raise ArgvError(f"refused {key}= in {arg[:80]!r}, which would make this host open or run "
                                 "what the source named")
@@ -143,15 +149,14 @@ def parse_argv(argv: list[str]) -> VmConfig:
         if opt in ("-name", "-m", "-object") and val is None:
             raise ArgvError(f"{opt} has no value")
         if opt == "-name":
-            first = _split(val)[0]
-            name = _props(val).get("guest") if "=" in first else first
+            name = _opts(val, "guest", json_form=False).get("guest")
             i += 2
         elif opt == "-m":
             mem = _mem_mib(val)
             i += 2
         elif opt == "-object":
-            if val.startswith("sev-guest,") or val == "sev-guest":
-                props = _props(val)
+            props = _opts(val, "qom-type")
+            if props.get("qom-type") == "sev-guest":
                 sev = True
                 try:
                     policy = int(props.get("policy", "0x1"), 0)
