@@ -5,7 +5,8 @@
     DIR/lab-root/*.cert     the lab's own AMD-format root, ARK and ASK (trusted only for
                             lab = true hosts); the inventory's `lab_root` may point elsewhere
 
-Only files are read: the lab itself (sevconsole.lab) is another machine to this layer.
+Only files are read: the lab itself (sevconsole.lab) is another machine to this layer. They are
+read like any inventory and known_hosts: bounded, regular files only.
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ def load_lab(folder: Path | str) -> LabState:
         raise InventoryError([InventoryProblem(str(folder), None, None,
                                                "not a folder; give the state folder `sevconsole lab` printed")])
     for name in (INVENTORY, KNOWN_HOSTS):
-        if not (folder / name).is_file():
-            problems.append(InventoryProblem(str(folder / name), None, None,
-                                             "missing; is this a lab state folder, and is the lab running?"))
+        if (folder / name).is_file():
+            continue
+        # is_file() follows links; anything else there (a FIFO, a folder) is refused, never opened
+        what = "not a regular file" if (folder / name).exists() else \
+            "missing; is this a lab state folder, and is the lab running?"
+        problems.append(InventoryProblem(str(folder / name), None, None, what))
     if problems:
         raise InventoryError(problems)
     inventory = load_inventory(folder / INVENTORY)

@@ -288,3 +288,15 @@ jump = "bastion"
         inner = pool.get(resolve(load_inventory(inv).by_name()["inner"], inventory=load_inventory(inv).by_name()))
         assert inner.via is not None and inner.via.endpoint.name == "bastion"
         assert inner.via is pool.get(resolve(load_inventory(inv).by_name()["bastion"]))  # one transport each
+
+
+def test_a_lab_folder_with_a_fifo_for_its_inventory_is_refused(tmp_path: Path) -> None:
+    import os
+
+    from sevconsole.hosts.labdir import load_lab
+
+    os.mkfifo(tmp_path / "inventory.toml")
+    (tmp_path / "known_hosts").write_text("")
+    with pytest.raises(InventoryError) as info:
+        load_lab(tmp_path)
+    assert str(info.value) == f"{tmp_path / 'inventory.toml'}: not a regular file"
