@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
 
+from sevconsole.engine.argv_policy import require_target_argv
 from sevconsole.hosts.errors import QmpCommandError, QmpLinkError
 from sevconsole.hosts.qmp import open_qmp
 from sevconsole.hosts.remote import launch_incoming, probe, stop
@@ -115,9 +117,13 @@ async def test_launch_incoming_then_stop(sshd: Sshd, pool: SshPool, qemu_vm) -> 
     conn = pool.get(resolve(sshd.spec()))
     found = {v["name"]: v for v in probe(conn)["vms"]}
     assert found[source.name]["qmp"] == str(source.qmp)
-    incoming = await asyncio.to_thread(launch_incoming, conn, found[source.name]["argv"])
+    argv = require_target_argv(found[source.name]["argv"], "h1").argv  # as SshHost hands it over
+    incoming = await asyncio.to_thread(launch_incoming, conn, argv)
     try:
-        assert incoming.qmp != str(source.qmp) and Path(incoming.qmp).parent == source.qmp.parent
+        # the helper's own private folder, never the one the source's socket is in
+        folder = Path(incoming.qmp).parent
+        assert folder.name == f"sevconsole-{os.getuid()}" and folder.stat().st_mode & 0o777 == 0o700
+        assert Path(incoming.qmp).name.startswith(f"{source.name}-incoming-")
         async with open_qmp(conn, incoming.qmp) as qmp:
             assert (await qmp.execute("query-status"))["status"] == "inmigrate"
             assert (await qmp.execute("query-name"))["name"] == source.name
