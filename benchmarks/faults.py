@@ -5,12 +5,22 @@ Fault kinds: the stream cut at a random byte, a reply (READY/DONE) cut, one bit 
 session, a packet header or the ciphertext, the target or the source host process killed at a
 random byte, the source's QMP link or its whole SSH transport dropped mid-stream, a guest whose
 policy turned NOSEND after the preflight, a recorded stream replayed to a second incoming VM, a
-plan carrying another generation's chain (a real AMD Rome machine's) for the target. Prints
-JSON: faults by kind, outcomes, invariant violations (must be 0), digest mismatches (must be 0),
-the longest time from a fault to the engine's verified end, and every violation with its fault
-so it can be replayed (same seed, same K).
+plan carrying another generation's chain (a real AMD Rome machine's) for the target.
+
+Durable kinds run `sevconsole migrate` as a real process on a second lab with a realistic PSP
+(every phase lasts): client-killed kills the migrate client with a seeded signal (SIGHUP, SIGTERM,
+SIGKILL) at a seeded point, and sets the migration's own duration beside an unkilled baseline run
+just before it (the ratio should be about 1: a client is not the migration); runner-killed
+SIGKILLs the runner at a seeded point (target launched, pre-copy at a seeded fraction,
+stop-and-copy, finishing), then times `sevconsole recover` from its start to one runnable copy
+(the goal: a median under 5 s).
+
+Prints JSON: faults by kind, outcomes, invariant violations (must be 0), digest mismatches (must be
+0), the same per kind, the longest time from a fault to the engine's verified end, and every
+violation with its fault so it can be replayed (same seed, same K).
 
     python benchmarks/faults.py [--k 40] [--seed 1] [--mem 16] [--kinds cut-stream,flip-header]
+                                [--durable-mem 8]
 """
 
 from __future__ import annotations
@@ -19,12 +29,15 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import socket
 import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +48,9 @@ from sevconsole.lab.stream import Frame  # noqa: E402
 from sevconsole.sev.policy import PolicyFlag  # noqa: E402
 from tests.reliability.proxy import Fault, StreamProxy  # noqa: E402
 from tests.reliability.rig import (  # noqa: E402
+    RUNNER_POINTS,
     Attempt,
+    Console,
     KeepSource,
     ProxiedTarget,
     Rig,
@@ -44,8 +59,10 @@ from tests.reliability.rig import (  # noqa: E402
     cleanup_vm,
     fault_plan,
     helper,
+    outcome_of,
     plain_proxy,
     qmp_once,
+    reach,
     rebind,
     replay_to,
     run_with_fault,
@@ -53,7 +70,12 @@ from tests.reliability.rig import (  # noqa: E402
 )
 
 KINDS = ("cut-stream", "cut-reply", "flip-session", "flip-header", "flip-ciphertext", "kill-target",
-         "kill-source", "drop-qmp", "drop-ssh", "nosend", "replay", "other-chain")
+         "kill-source", "drop-qmp", "drop-ssh", "nosend", "replay", "other-chain", "client-killed",
+         "runner-killed")
+DURABLE = ("client-killed", "runner-killed")  # migrate as a process, on the realistic-PSP lab
+CLIENT_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGKILL)
+CLIENT_POINTS = ("send-start", "pre-copy", "stop-and-copy", "finishing")
+RECOVER_GOAL_S = 5.0  # the median from `recover` start to one runnable copy
 CERTS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "sev-certs"  # real AMD certificates
 
 
@@ -188,21 +210,178 @@ async def one(rig: Rig, kind: str, rng: np.random.Generator, total: int) -> tupl
     return att, bool(killed)
 
 
-async def campaign(k: int, seed: int, mem: int, kinds: tuple[str, ...], workdir: Path) -> dict:
+# ------------------------------------------------------------------ durable migrations: processes
+
+def _run_migrate(drig: Rig, console: Console, other: str) -> tuple[Any, Path]:
+    client = console.start("migrate", "web", "--to", other, "--lab", str(drig.lab.paths.root), "--yes", "--json")
+    return client, console.migration()
+
+
+def _baseline(drig: Rig, console: Console, home: str, other: str) -> dict:
+    """One unkilled migration; its own duration as the runner measured it."""
+    client, folder = _run_migrate(drig, console, other)
+    try:
+        client.rest(120)
+    finally:
+        client.close()
+    console.wait_runner_gone(folder)
+    return outcome_of(folder) or {}
+
+
+def _client_killed(drig: Rig, console: Console, home: str, other: str, sig: int, point: str,
+                   fraction: float) -> tuple[dict, str, float]:
+    client, folder = _run_migrate(drig, console, other)
+    try:
+        where = reach(client, folder, point, fraction)
+        client.kill(sig)
+        client.proc.wait(30)
+        killed = time.monotonic()
+    finally:
+        client.close()
+    console.wait_runner_gone(folder, timeout=120)
+    return outcome_of(folder) or {}, where, time.monotonic() - killed
+
+
+def _runner_killed(drig: Rig, console: Console, home: str, other: str, point: str,
+                   fraction: float) -> tuple[str, str | None, Any, float]:
+    from tests.reliability.rig import journal_step
+
+    client, folder = _run_migrate(drig, console, other)
+    try:
+        where = reach(client, folder, point, fraction)
+        os.kill(console.runner_pid(folder), signal.SIGKILL)
+        client.rest(60)
+    finally:
+        client.close()
+    console.wait_runner_gone(folder, timeout=10)
+    step = journal_step(folder)
+    t0 = time.monotonic()
+    out = console.run("recover", "--lab", str(drig.lab.paths.root), "--json")
+    return where, step, out, time.monotonic() - t0
+
+
+async def durable_attempt(drig: Rig, kind: str, rng: np.random.Generator, workdir: Path) -> Attempt:
+    from sevconsole.engine.run import Outcome
+
+    home = await cleanup_vm(drig, "web")
+    assert home is not None, "web has no runnable copy left"
+    other = "lab-2" if home == "lab-1" else "lab-1"
+    fraction = float(rng.uniform(0.05, 0.9))
+    extra: dict[str, Any] = {}
+    if kind == "client-killed":
+        sig = CLIENT_SIGNALS[int(rng.integers(0, len(CLIENT_SIGNALS)))]
+        point = CLIENT_POINTS[int(rng.integers(0, len(CLIENT_POINTS)))]
+        base = Console.make(workdir / "baseline")
+        try:
+            baseline = await asyncio.to_thread(_baseline, drig, base, home, other)
+        finally:
+            base.close()
+        if baseline.get("result") != "done":
+            raise RuntimeError(f"the unkilled baseline did not end done: {baseline.get('message')}")
+        home, other = other, home  # the killed run takes the guest back
+        await cleanup_vm(drig, "web")
+    else:
+        sig, point = signal.SIGKILL, RUNNER_POINTS[int(rng.integers(0, len(RUNNER_POINTS)))]
+    before = (await census(drig.lab, "web", (home,))).runnable[0].digest or ""
+    fault = f"{signal.Signals(sig).name} to the {kind.split('-')[0]} at {point}" + (
+        f" {fraction:.0%}" if point == "pre-copy" else "")
+    console = Console.make(workdir / "killed")
+    try:
+        if kind == "client-killed":
+            wire, where, ended_after = await asyncio.to_thread(_client_killed, drig, console, home, other, sig,
+                                                               point, fraction)
+            outcome = Outcome.from_wire(wire) if wire else None
+            duration = float(wire.get("duration_s") or 0.0)
+            base_s = float(baseline.get("duration_s") or 0.0)
+            extra = {"signal": signal.Signals(sig).name, "at": where, "baseline_s": round(base_s, 3),
+                     "duration_s": round(duration, 3), "ratio": round(duration / base_s, 3) if base_s else None}
+            safe = round(ended_after, 3)
+        else:
+            where, step, out, recover_s = await asyncio.to_thread(_runner_killed, drig, console, home, other,
+                                                                  point, fraction)
+            lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+            results = [r for r in lines if "id" in r]
+            outcome = Outcome(f"recover: {results[0]['step']}" if results else "recover: nothing",
+                              results[0]["sentence"] if results else out.stderr[-300:],
+                              runnable=tuple(results[0]["runnable"]) if results else ())
+            extra = {"at": where, "journal_step": step, "recover_exit": out.returncode,
+                     "recover_s": round(recover_s, 3)}
+            safe = round(recover_s, 3)
+    finally:
+        console.close()
+    c = await settle(drig.lab, "web", (home, other))
+    att = Attempt(kind, fault, outcome, c, before, True, safe if len(c.runnable) == 1 else None,
+                  source=home, target=other, extra=extra)
+    check_promises(att, home, other, None)
+    if kind == "runner-killed" and extra["recover_exit"] != 0:
+        att.violations.append(f"recover exited {extra['recover_exit']}: {outcome.message if outcome else ''}")
+    if kind == "client-killed" and (outcome is None or outcome.result != "done"):
+        att.violations.append(f"the migration did not go on to done without its client: {extra}")
+    return att
+
+
+def durable_figures(attempts: list[Attempt]) -> dict:
+    """The durable kinds' own figures: the killed client's migration time beside its baseline,
+    and the time from recover start to one runnable copy after a killed runner."""
+    out: dict[str, Any] = {}
+    clients = [a for a in attempts if a.kind == "client-killed"]
+    if clients:
+        ratios = [a.extra["ratio"] for a in clients if a.extra.get("ratio")]
+        out["client_killed"] = {
+            "runs": [{k: a.extra.get(k) for k in ("signal", "at", "baseline_s", "duration_s", "ratio")}
+                     for a in clients],
+            "median_ratio_to_baseline": float(np.median(ratios)) if ratios else None,
+        }
+    runners = [a for a in attempts if a.kind == "runner-killed"]
+    if runners:
+        times = [a.safe_after_s for a in runners if a.safe_after_s is not None]
+        median = float(np.median(times)) if times else None
+        out["runner_killed"] = {
+            "killed_at": dict(Counter(str(a.extra.get("journal_step")) for a in runners)),
+            "median_recover_to_one_copy_s": median,
+            "longest_recover_to_one_copy_s": max(times) if times else None,
+            "goal_s": RECOVER_GOAL_S,
+            "goal_met": median is not None and median < RECOVER_GOAL_S and len(times) == len(runners),
+        }
+    return out
+
+
+def by_kind(attempts: list[Attempt]) -> dict:
+    out = {}
+    for kind in sorted({a.kind for a in attempts}):
+        mine = [a for a in attempts if a.kind == kind]
+        safe = [a.safe_after_s for a in mine if a.safe_after_s is not None]
+        out[kind] = {"attempts": len(mine), "invariant_violations": sum(len(a.violations) for a in mine),
+                     "digest_mismatches": sum(len(a.mismatches) for a in mine),
+                     "median_time_to_safe_state_s": float(np.median(safe)) if safe else None}
+    return out
+
+
+async def campaign(k: int, seed: int, mem: int, kinds: tuple[str, ...], workdir: Path,
+                   durable_mem: int = 8) -> dict:
     rng = np.random.default_rng(seed)
     plan = [kinds[int(i)] for i in rng.integers(0, len(kinds), k)]
     attempts: list[Attempt] = []
     errors: list[str] = []
     restarts = 0
-    rig = Rig.start(workdir / "rig0", hosts=2, mem_mib=mem)
+    total = None
+    rig = drig = None
     try:
-        clean, target = await run_with_fault(rig, "web", "lab-1", "lab-2", [], kind="none")
-        assert clean.outcome is not None and clean.outcome.result == "done", clean.to_json()
-        assert target.proxy is not None
-        total = target.proxy.forwarded["out"]
+        if any(kind not in DURABLE for kind in plan):
+            rig = Rig.start(workdir / "rig0", hosts=2, mem_mib=mem)
+            clean, target = await run_with_fault(rig, "web", "lab-1", "lab-2", [], kind="none")
+            assert clean.outcome is not None and clean.outcome.result == "done", clean.to_json()
+            assert target.proxy is not None
+            total = target.proxy.forwarded["out"]
+        if any(kind in DURABLE for kind in plan):
+            drig = Rig.start(workdir / "durable0", hosts=2, mem_mib=durable_mem, realistic_psp=True)
         for i, kind in enumerate(plan):
+            durable = kind in DURABLE
             try:
-                att, killed = await one(rig, kind, rng, total)
+                if durable:
+                    att, killed = await durable_attempt(drig, kind, rng, workdir / f"attempt{i}"), False
+                else:
+                    att, killed = await one(rig, kind, rng, total)
                 attempts.append(att)
                 line = {"attempt": i, **att.to_json()}
             except Exception as exc:  # the campaign goes on; the error is part of the figures
@@ -210,18 +389,25 @@ async def campaign(k: int, seed: int, mem: int, kinds: tuple[str, ...], workdir:
                 killed = True
                 line = {"attempt": i, "kind": kind, "error": errors[-1]}
             print(json.dumps(line), file=sys.stderr)
-            lost = not killed and not (await census(rig.lab, "web", digests=False)).runnable
+            used = drig if durable else rig
+            lost = not killed and not (await census(used.lab, "web", digests=False)).runnable
             if killed or lost:
-                rig.close()
+                used.close()
                 restarts += 1
-                rig = Rig.start(workdir / f"rig{restarts}", hosts=2, mem_mib=mem)
+                if durable:
+                    drig = Rig.start(workdir / f"durable{restarts}", hosts=2, mem_mib=durable_mem,
+                                     realistic_psp=True)
+                else:
+                    rig = Rig.start(workdir / f"rig{restarts}", hosts=2, mem_mib=mem)
     finally:
-        rig.close()
+        for running in (rig, drig):
+            if running is not None:
+                running.close()
     safe = [a.safe_after_s for a in attempts if a.safe_after_s is not None]
     violations = [{"kind": a.kind, "fault": a.fault, "violations": a.violations} for a in attempts if a.violations]
     mismatches = [{"kind": a.kind, "fault": a.fault, "mismatches": a.mismatches} for a in attempts if a.mismatches]
     return {
-        "k": k, "seed": seed, "guest_mib": mem, "stream_bytes": total,
+        "k": k, "seed": seed, "guest_mib": mem if total is not None else None, "stream_bytes": total,
         "faults_by_kind": dict(Counter(a.kind for a in attempts)),
         "faults_fired": sum(a.fired for a in attempts),
         "outcomes": dict(Counter(a.outcome.result if a.outcome else "none" for a in attempts)),
@@ -230,6 +416,9 @@ async def campaign(k: int, seed: int, mem: int, kinds: tuple[str, ...], workdir:
         "digest_mismatches": sum(len(a.mismatches) for a in attempts),
         "longest_time_to_safe_state_s": max(safe) if safe else None,
         "median_time_to_safe_state_s": float(np.median(safe)) if safe else None,
+        "by_kind": by_kind(attempts),
+        **durable_figures(attempts),
+        **({"durable_guest_mib": durable_mem} if drig is not None else {}),
         "lab_restarts": restarts,
         "harness_errors": errors,
         "violation_details": violations,
@@ -243,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--mem", type=int, default=16, help="guest MiB")
     ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--durable-mem", type=int, default=8, help="guest MiB on the realistic-PSP lab (durable kinds)")
     args = ap.parse_args(argv)
     kinds = tuple(k for k in args.kinds.split(",") if k)
     if "other-chain" in kinds and not CERTS.is_dir():
@@ -253,11 +443,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"faults.py: unknown kinds {sorted(unknown)} (known: {', '.join(KINDS)}) or k < 1", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="sev-faults-") as tmp:
-        import os
-
         os.environ.setdefault("SEVCONSOLE_DATA_DIR", str(Path(tmp) / "data"))
         started = time.monotonic()
-        report = asyncio.run(campaign(args.k, args.seed, args.mem, kinds, Path(tmp)))
+        report = asyncio.run(campaign(args.k, args.seed, args.mem, kinds, Path(tmp), args.durable_mem))
         report["wall_s"] = round(time.monotonic() - started, 1)
     print(json.dumps(report, indent=2))
     with contextlib.suppress(Exception):
