@@ -24,7 +24,8 @@ Live-migrate one VM to another host. Hosts come from --lab DIR, --inventory FILE
 default inventory. The preflight is printed first (policy NOSEND/DOMAIN/SEV, certificate
 chain, firmware API, ES, cbitpos, memory, QEMU support); any failed check refuses the
 migration. Then, unless --yes, it asks for confirmation, and shows one updating progress line
-(or, with --json, one Progress snapshot per line on stdout, then one {"outcome": ...} line).
+(or, with --json, JSON lines on stdout: {"checks": [...]}, one Progress snapshot per line, then
+{"outcome": {...}, "migration": ID}).
 
 The migration itself runs in a runner process of its own: closing the terminal, a dropped SSH
 session or killing this command never stops it (`sevconsole migrations watch ID` re-attaches,
@@ -170,6 +171,10 @@ def _migrate(args: argparse.Namespace, fleet: Any, plan: Any) -> int:
     _say(args, f"preflight: {escape_controls(plan.describe())}")
     for c in checks:
         _say(args, f"  {MARK[c.status.value]}  {c.title}: {escape_controls(c.sentence)}")
+    if args.json:  # the checks as data too (stdout: checks, then Progress lines, then the outcome)
+        print(json.dumps({"checks": [{"key": c.key, "title": c.title, "status": c.status.value,
+                                      "sentence": c.sentence} for c in checks],
+                          "plan": plan.describe()}), flush=True)
     if refused(checks):
         _say(args, "refused by preflight: nothing was started.")
         try:

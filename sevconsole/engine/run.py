@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import EventListener, QMPClient
+from qemu.qmp import EventListener
 from qemu.qmp.error import QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
 from sevconsole.engine import audit
 from sevconsole.engine.checks import Check, refused
+from sevconsole.engine.endpoint import QMP_TIMEOUT_S, Endpoint
 from sevconsole.engine.errors import EngineError, LinkError
 from sevconsole.engine.fold import ProgressFolder
 from sevconsole.engine.invariant import GuestCopies
@@ -42,7 +43,6 @@ HELD_FINISH = "x-sev-receive-finish"  # lab: finish an incoming guest held after
 LAB_DIGEST = "x-query-guest-digest"
 TERMINAL = ("completed", "failed", "cancelled")
 SETTLED = ("postmigrate", "paused", "running", "shutdown", "guest-panicked", "internal-error")
-QMP_TIMEOUT_S = 10.0
 RECONNECT_S = 3.0
 TARGET_LOAD_S = 30.0  # how long a target may take to load the end of the stream
 
@@ -139,10 +139,8 @@ class Migration:
         self._cancel = asyncio.Event()
         self._cancel_reason = "cancelled by the operator"
         self._wake = asyncio.Event()
-        self._src: QMPClient | None = None
-        self._dst: QMPClient | None = None
-        self._src_cmds: set[str] = set()
-        self._dst_cmds: set[str] = set()
+        self.src = Endpoint(plan.source.name, source, clock=clock)
+        self.dst = Endpoint(plan.target.name, target, clock=clock)
         self._incoming: IncomingVm | None = None
         self._mig_status = "none"  # the source's last query-migrate status
         self._cancel_sent = False
@@ -180,13 +178,10 @@ class Migration:
         finally:
             for task in self._tasks:
                 task.cancel()
-            for task in self._tasks:
-                with contextlib.suppress(BaseException):
-                    await task
-            for client in (self._src, self._dst):
-                if client is not None:
-                    with contextlib.suppress(Exception):
-                        await client.disconnect()
+            # the pumps' own ends (their CancelledError) are results here; ours would still raise
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.src.drop()
+            await self.dst.drop()
         if self._incoming is not None:
             outcome = _with(outcome, target_pid=self._incoming.pid, target_qmp=self._incoming.qmp)
         outcome = _with(outcome, duration_s=self._clock() - t0,
@@ -242,7 +237,7 @@ class Migration:
         self._post()
         self._record(Step.STREAMING)
         try:
-            await self._qmp(self._src, "source", "migrate", {"uri": f"tcp:{_host(self.target.address)}:{port}"})
+            await self.src.execute("migrate", {"uri": f"tcp:{_host(self.target.address)}:{port}"})
         except (EngineError, QMPError, OSError) as exc:
             f.error(_sentence(exc))
             return await self._rollback("failed", f"migrate refused: {_sentence(exc)}")
@@ -264,23 +259,22 @@ class Migration:
         vm = self.plan.vm
         if not vm.qmp_path:
             raise LinkError(self.source.name, f"{vm.name} has no QMP socket")
-        self._src = await self.source.open_qmp(vm.qmp_path)
-        self._src_cmds = await self._commands(self._src, "source")
-        status = await self._qmp(self._src, "source", "query-status")
+        await self.src.open(vm.qmp_path)
+        status = await self.src.execute("query-status")
         self._source_initial = self._src_status = str(status.get("status"))
         if self._source_initial not in ("running", "paused"):
             raise LinkError(self.source.name, f"{vm.name} is '{self._source_initial}', not running or paused")
-        if not vm.sev_enabled and "query-sev" in self._src_cmds:
+        if not vm.sev_enabled and "query-sev" in self.src.commands:
             answer: dict[str, Any] = {}
             with contextlib.suppress(LinkError):  # QEMU without SEV support answers with an error
-                answer = await self._qmp(self._src, "source", "query-sev")
+                answer = await self.src.execute("query-sev")
             if answer.get("enabled"):
                 raise _Refuse(self.source.name, f"{vm.name} is an SEV guest but the plan was made for "
                               "a plain one; an SEV guest is never migrated in plain. Probe again.")
-        if vm.sev_enabled and not await self._sev_migration_method(self._src, self._src_cmds):
+        if vm.sev_enabled and not await self._sev_migration_method(self.src):
             raise LinkError(self.source.name, "QEMU offers neither the sev-pdh migration parameters nor "
                             "migrate-set-sev-info: SEV: Migration is not implemented")
-        self._listen(self._src, "source", ("MIGRATION", "MIGRATION_PASS", "STOP", "RESUME"))
+        self._listen(self.src, ("MIGRATION", "MIGRATION_PASS", "STOP", "RESUME"))
 
     async def _prepare_target(self) -> int:
         f = self.folder
@@ -288,23 +282,22 @@ class Migration:
         # -S: the target stays paused after the last page until its digest is compared (a host
         # helper that drops -S just lets it run, and then the digest may drift). A source that
         # itself arrived by migration may carry -S already; _finish resumes a paused target either way.
-        if LAB_DIGEST in self._src_cmds and "-S" not in argv:
+        if LAB_DIGEST in self.src.commands and "-S" not in argv:
             argv += ("-S",)
         self._incoming = await self.target.launch_incoming(argv)
         self._record(Step.TARGET_LAUNCHED, target_pid=self._incoming.pid, target_qmp=self._incoming.qmp)
         f.event(f"{self.target.name}: incoming VM started (pid {self._incoming.pid})")
         self._post()
-        self._dst = await self.target.open_qmp(self._incoming.qmp)
-        self._dst_cmds = await self._commands(self._dst, "target")
+        await self.dst.open(self._incoming.qmp)
         if self.plan.sev:
-            if not await self._sev_migration_method(self._dst, self._dst_cmds, "target"):
+            if not await self._sev_migration_method(self.dst):
                 raise LinkError(self.target.name, "its QEMU lacks the SEV migration commands: "
                                 "SEV: Migration is not implemented")
             await self._check_target_pdh()
-        self._listen(self._dst, "target", ("MIGRATION", "RESUME", "STOP"))
-        await self._enable_events(self._dst, self._dst_cmds, "target")
-        await self._qmp(self._dst, "target", "migrate-incoming", {"uri": f"tcp:{_host(self.target.address)}:0"})
-        info = await self._qmp(self._dst, "target", "query-migrate")
+        self._listen(self.dst, ("MIGRATION", "RESUME", "STOP"))
+        await self._enable_events(self.dst)
+        await self.dst.execute("migrate-incoming", {"uri": f"tcp:{_host(self.target.address)}:0"})
+        info = await self.dst.execute("query-migrate")
         for addr in info.get("socket-address") or []:
             if addr.get("type") == "inet" and addr.get("port"):
                 return int(addr["port"])
@@ -313,10 +306,10 @@ class Migration:
     async def _check_target_pdh(self) -> None:
         """The PDH the source will encrypt to must be the one preflight verified."""
         caps = self.plan.target.capabilities
-        if caps is None or "query-sev-capabilities" not in self._dst_cmds:
+        if caps is None or "query-sev-capabilities" not in self.dst.commands:
             return
         try:
-            live = await self._qmp(self._dst, "target", "query-sev-capabilities")
+            live = await self.dst.execute("query-sev-capabilities")
         except LinkError:
             return
         pdh = live.get("pdh")
@@ -329,51 +322,49 @@ class Migration:
         params: dict[str, Any] = {"downtime-limit": int(plan.downtime_limit_ms)}
         if plan.bandwidth_bps is not None:
             params["max-bandwidth"] = max(1, int(plan.bandwidth_bps))
-        await self._qmp(self._src, "source", "migrate-set-parameters", params)
+        await self.src.execute("migrate-set-parameters", params)
         with contextlib.suppress(LinkError):  # QEMU keeps parameters per VM: show the cap in effect
-            effective = await self._qmp(self._src, "source", "query-migrate-parameters")
+            effective = await self.src.execute("query-migrate-parameters")
             self.folder.set(extra={**self.folder.current.extra,
                                    "max_bandwidth_bps": effective.get("max-bandwidth")})
-        await self._enable_events(self._src, self._src_cmds, "source")
-        if LAB_SET in self._src_cmds:
+        await self._enable_events(self.src)
+        if LAB_SET in self.src.commands:
             # a lab source records the guest digest while stopped for the last copy, so the
             # result can compare both ends (a real QEMU offers no digest at all)
             with contextlib.suppress(LinkError):
-                await self._qmp(self._src, "source", LAB_SET, {"digest-on-send": True})
+                await self.src.execute(LAB_SET, {"digest-on-send": True})
         if not plan.sev:
             return
         caps = plan.target.capabilities
         if caps is None:
             raise LinkError(plan.target.name, "no PDH and certificate chain to give the source")
         b64 = lambda b: base64.b64encode(b or b"").decode("ascii")  # noqa: E731
-        method = await self._sev_migration_method(self._src, self._src_cmds)
+        method = await self._sev_migration_method(self.src)
         if method == "parameters":
-            await self._qmp(self._src, "source", "migrate-set-parameters", {
+            await self.src.execute("migrate-set-parameters", {
                 "sev-pdh": b64(caps.pdh), "sev-plat-cert": b64(caps.cert_chain),
                 "sev-amd-cert": b64(caps.amd_chain)})
         else:
-            await self._qmp(self._src, "source", method, {
+            await self.src.execute(method, {
                 "pdh": b64(caps.pdh), "plat-cert": b64(caps.cert_chain), "amd-cert": b64(caps.amd_chain)})
         self.folder.event(f"{plan.source.name}: given {plan.target.name}'s PDH and chains ({method})")
 
-    async def _enable_events(self, client: QMPClient | None, cmds: set[str], role: str) -> None:
+    async def _enable_events(self, end: Endpoint) -> None:
         """QEMU sends MIGRATION/MIGRATION_PASS events only with the `events` capability on."""
-        if "migrate-set-capabilities" not in cmds:
+        if not end.offers("migrate-set-capabilities"):
             return
         with contextlib.suppress(LinkError):  # an old or partial QEMU: the polls still see everything
-            await self._qmp(client, role, "migrate-set-capabilities",
-                            {"capabilities": [{"capability": "events", "state": True}]})
+            await end.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
 
-    async def _sev_migration_method(self, client: QMPClient | None, cmds: set[str],
-                                    role: str = "source") -> str | None:
+    async def _sev_migration_method(self, end: Endpoint) -> str | None:
         """"parameters" (sev-pdh & co. in query-migrate-parameters), the older command's name, or None."""
         try:
-            params = await self._qmp(client, role, "query-migrate-parameters")
+            params = await end.execute("query-migrate-parameters")
         except LinkError:
             params = {}
         if SEV_PARAMS[0] in params:
             return "parameters"
-        return next((c for c in SEV_INFO_COMMANDS if c in cmds), None)
+        return next((c for c in SEV_INFO_COMMANDS if end.offers(c)), None)
 
     # -- watching
     async def _watch(self) -> _End:
@@ -443,31 +434,30 @@ class Migration:
 
     async def _lab_extras(self, baseline: bool = False) -> None:
         f = self.folder
-        if LAB_PAGE_STATE in self._src_cmds:
+        if LAB_PAGE_STATE in self.src.commands:
             with contextlib.suppress(LinkError, KeyError, ValueError):
-                f.fold_page_state(await self._qmp(self._src, "source", LAB_PAGE_STATE))
-        for role, client, cmds, name in (("source", self._src, self._src_cmds, self.plan.source.name),
-                                         ("target", self._dst, self._dst_cmds, self.plan.target.name)):
-            if LAB_FIRMWARE in cmds and client is not None:
+                f.fold_page_state(await self.src.execute(LAB_PAGE_STATE))
+        for role, end in (("source", self.src), ("target", self.dst)):
+            if end.offers(LAB_FIRMWARE) and end.connected:
                 with contextlib.suppress(LinkError, KeyError, ValueError, TypeError):
-                    f.fold_firmware(role, name, await self._qmp(client, role, LAB_FIRMWARE),
+                    f.fold_firmware(role, end.host, await end.execute(LAB_FIRMWARE),
                                     baseline=baseline)
 
-    def _listen(self, client: QMPClient | None, role: str, names: tuple[str, ...]) -> None:
-        if client is None:
+    def _listen(self, end: Endpoint, names: tuple[str, ...]) -> None:
+        if end.client is None:
             return
         listener = EventListener(names)
-        client.register_listener(listener)
-        host = self.plan.source.name if role == "source" else self.plan.target.name
+        end.client.register_listener(listener)
+        host, is_source = end.host, end is self.src
 
         async def pump() -> None:
             async for ev in listener:
                 name, data = ev["event"], ev.get("data") or {}
                 detail = data.get("status") or data.get("pass") or ""
                 self.folder.event(f"{host}: {name} {detail}".rstrip())
-                if role == "source" and name == "STOP":
+                if is_source and name == "STOP":
                     self._src_status = "paused"
-                elif role == "source" and name == "RESUME":
+                elif is_source and name == "RESUME":
                     self._src_status = "running"
                 if name == "MIGRATION_PASS" and isinstance(data.get("pass"), int):
                     self.folder.set(pass_number=max(self.folder.current.pass_number, data["pass"]))
@@ -496,20 +486,20 @@ class Migration:
             return await self._rollback("failed", f"{self.plan.target.name}: the incoming VM did not take "
                                         f"the guest after the source completed (it is '{dst_status}')")
         # QEMU says "completed" a moment before the source leaves finish-migrate
-        src_status = await self._wait_status(self._src, "source", SETTLED, timeout=QMP_TIMEOUT_S)
-        digest_src = await self._digest(self._src, self._src_cmds, "source")
-        digest_dst = await self._digest(self._dst, self._dst_cmds, "target")
+        src_status = await self.src.wait_status(SETTLED, timeout=QMP_TIMEOUT_S)
+        digest_src = await self._digest(self.src)
+        digest_dst = await self._digest(self.dst)
         if dst_status == "paused" and self._source_initial != "paused" and \
                 (digest_src is None or digest_src == digest_dst):
             with contextlib.suppress(LinkError):
-                await self._qmp(self._dst, "target", "cont")
+                await self.dst.execute("cont")
                 f.event(f"{self.plan.target.name}: guest verified and resumed (cont)")
-            dst_status = await self._wait_status(self._dst, "target", ("running",), timeout=QMP_TIMEOUT_S)
+            dst_status = await self.dst.wait_status(("running",), timeout=QMP_TIMEOUT_S)
         if dst_status == "running" or (dst_status == "paused" and self._source_initial == "paused"):
             self._record(Step.TARGET_CONFIRMED, target_status=dst_status)
-        if LAB_FIRMWARE in self._src_cmds or LAB_FIRMWARE in self._dst_cmds:
+        if LAB_FIRMWARE in self.src.commands or LAB_FIRMWARE in self.dst.commands:
             await self._lab_extras()
-            src_state = _guest_state(f.current.source_fw) if self._src is not None else None
+            src_state = _guest_state(f.current.source_fw) if self.src.connected else None
             dst_state = _guest_state(f.current.target_fw)
         runnable = self._runnable(src_status, src_state, dst_status, dst_state)
         problems = []
@@ -546,17 +536,17 @@ class Migration:
         still loading the end of the stream (inmigrate, active) is given TARGET_LOAD_S."""
         deadline = self._clock() + TARGET_LOAD_S
         while True:
-            status = await self._status(self._dst, "target")
+            status = await self.dst.status()
             if status is None and await self._reopen_target():
-                status = await self._status(self._dst, "target")
+                status = await self.dst.status()
             if status in want or status is None:
                 return status
             if status != "inmigrate":
                 # postmigrate/paused the target would not leave by itself: give QEMU a moment
-                status = await self._wait_status(self._dst, "target", want, timeout=QMP_TIMEOUT_S)
+                status = await self.dst.wait_status(want, timeout=QMP_TIMEOUT_S)
                 return status
             try:
-                info = await self._qmp(self._dst, "target", "query-migrate")
+                info = await self.dst.execute("query-migrate")
             except LinkError:
                 info = {}
             if info.get("status") in ("failed", "cancelled") or self._clock() > deadline:
@@ -567,13 +557,9 @@ class Migration:
         """A fresh QMP link to the incoming VM after the old one broke."""
         if self._incoming is None:
             return False
-        with contextlib.suppress(Exception):
-            if self._dst is not None:
-                await self._dst.disconnect()
         try:
-            self._dst = await self.target.open_qmp(self._incoming.qmp)
+            await self.dst.reopen()
         except LinkError as exc:
-            self._dst = None
             self.folder.error(str(exc))
             return False
         self.folder.event(f"{self.plan.target.name}: QMP link re-opened")
@@ -589,19 +575,19 @@ class Migration:
         answered = False
         for _ in range(2):
             try:
-                info = await self._qmp(self._dst, "target", "query-migrate")
+                info = await self.dst.execute("query-migrate")
                 answered = True
                 break
             except LinkError:
                 if not await self._reopen_target():
                     return False
-        src_status = await self._status(self._src, "source")
+        src_status = await self.src.status()
         src_state = None
-        if LAB_FIRMWARE in self._src_cmds and self._src is not None:
+        if LAB_FIRMWARE in self.src.commands and self.src.connected:
             await self._lab_extras()
             src_state = _guest_state(self.folder.current.source_fw)
         facts = Facts(sev=self.plan.sev, source_was_running=self._source_initial == "running",
-                      can_finish_held=HELD_FINISH in self._dst_cmds)
+                      can_finish_held=HELD_FINISH in self.dst.commands)
         obs = Observation(
             EndState(reachable=src_status is not None, run_state=src_status, guest=_known_state(src_state)),
             EndState(reachable=answered, migration=str(info.get("status", "none"))))
@@ -613,7 +599,7 @@ class Migration:
             # The link died between READY and FINISHED: the target holds every page and the
             # source can no longer run the guest, so the target must (else the guest is lost).
             try:
-                await self._qmp(self._dst, "target", HELD_FINISH)
+                await self.dst.execute(HELD_FINISH)
             except LinkError as exc:
                 self.folder.error(f"{self.plan.target.name}: the held guest could not be finished: {exc}")
                 return False
@@ -628,14 +614,14 @@ class Migration:
             f.error(reason)
         else:
             f.event(reason)
-        src_status = await self._status(self._src, "source")
+        src_status = await self.src.status()
         if src_status in ("running", "paused", "postmigrate", "finish-migrate", "inmigrate") and \
-                self._src is not None:
+                self.src.connected:
             with contextlib.suppress(LinkError):
-                info = await self._qmp(self._src, "source", "query-migrate")
+                info = await self.src.execute("query-migrate")
                 self._mig_status = str(info.get("status", self._mig_status))
                 if info.get("status") in ("active", "setup", "device", "pre-switchover"):
-                    await self._qmp(self._src, "source", "migrate_cancel")
+                    await self.src.execute("migrate_cancel")
                     await self._wait_migrate_end()
         if await self._target_took_over():
             return await self._finish(note=f"{reason}; but the target had already received the whole "
@@ -643,17 +629,17 @@ class Migration:
         if not self.step.forward or not self.plan.sev:
             self._record(Step.ROLLBACK_CHOSEN, why=reason)
         target_gone = await self._stop_target()
-        src_status = await self._status(self._src, "source")
+        src_status = await self.src.status()
         if (src_status in ("paused", "postmigrate") and self._source_initial == "running"
                 and target_gone):
             try:
-                await self._qmp(self._src, "source", "cont")
+                await self.src.execute("cont")
                 f.event(f"{self.plan.source.name}: guest resumed (cont)")
             except LinkError as exc:
                 f.error(f"{self.plan.source.name}: the guest could not be resumed: {exc}")
-            src_status = await self._wait_status(self._src, "source", ("running",), timeout=5)
+            src_status = await self.src.wait_status(("running",), timeout=5)
         src_state = None
-        if LAB_FIRMWARE in self._src_cmds:
+        if LAB_FIRMWARE in self.src.commands:
             await self._lab_extras()
             src_state = _guest_state(f.current.source_fw)
         # An incoming VM we could not stop can only run the guest if the stream got to its end
@@ -686,20 +672,17 @@ class Migration:
         f = self.folder
         f.error(f"{self.plan.source.name}: QMP link lost mid-way ({why})")
         self._post()
-        with contextlib.suppress(BaseException):
-            if self._src is not None:
-                await self._src.disconnect()
-        self._src = None
+        await self.src.drop()
         deadline = self._clock() + RECONNECT_S
         while self._clock() < deadline:
             try:
-                self._src = await self.source.open_qmp(self.plan.vm.qmp_path or "")
+                await self.src.reopen()
                 break
             except LinkError:
                 await asyncio.sleep(0.2)
-        if self._src is not None:
+        if self.src.connected:
             f.event(f"{self.plan.source.name}: QMP link re-opened")
-            info = await self._qmp(self._src, "source", "query-migrate")
+            info = await self.src.execute("query-migrate")
             if info.get("status") == "completed":
                 return await self._finish()
             return await self._rollback("failed", f"{self.plan.source.name}'s QMP link dropped mid-way; "
@@ -718,12 +701,7 @@ class Migration:
         """Stop the incoming VM; True when it is confirmed gone."""
         if self._incoming is None:
             return True
-        if self._dst is not None:
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(self._dst.execute("quit"), timeout=2)
-            with contextlib.suppress(BaseException):
-                await self._dst.disconnect()
-            self._dst = None
+        await self.dst.quit()
         try:
             await self.target.stop(self._incoming.pid)
         except LinkError as exc:
@@ -744,61 +722,28 @@ class Migration:
         return tuple(out)
 
     # -- QMP helpers
-    async def _qmp(self, client: QMPClient | None, role: str, cmd: str,
-                   args: dict[str, Any] | None = None) -> Any:
-        host = self.plan.source.name if role == "source" else self.plan.target.name
-        if client is None:
-            raise LinkError(host, f"no QMP link for {cmd}")
-        try:
-            return await asyncio.wait_for(client.execute(cmd, args), timeout=QMP_TIMEOUT_S)
-        except ExecuteError as exc:
-            raise LinkError(host, f"{cmd}: {exc}") from exc
-        except (TimeoutError, QMPError, OSError, EOFError) as exc:
-            raise LinkError(host, f"{cmd}: QMP link failed ({type(exc).__name__}: {exc})") from exc
-
     async def _src_call(self, cmd: str) -> Any:
         """A source call in the watch loop: a broken link (not a QMP error answer) is _LinkLost."""
         try:
-            return await self._qmp(self._src, "source", cmd)
+            return await self.src.execute(cmd)
         except LinkError as exc:
             if isinstance(exc.__cause__, ExecuteError):
                 raise
             raise _LinkLost(str(exc)) from exc
 
-    async def _commands(self, client: QMPClient, role: str) -> set[str]:
-        answer = await self._qmp(client, role, "query-commands")
-        return {str(c.get("name")) for c in answer}
-
-    async def _status(self, client: QMPClient | None, role: str) -> str | None:
-        try:
-            return str((await self._qmp(client, role, "query-status")).get("status"))
-        except LinkError:
-            return None
-
-    async def _wait_status(self, client: QMPClient | None, role: str, want: tuple[str, ...],
-                           timeout: float) -> str | None:
-        deadline = self._clock() + timeout
-        status = await self._status(client, role)
-        while status not in want and status is not None and self._clock() < deadline:
-            await asyncio.sleep(0.05)
-            status = await self._status(client, role)
-        return status
-
     async def _wait_migrate_end(self) -> None:
         deadline = self._clock() + QMP_TIMEOUT_S
         while self._clock() < deadline:
-            info = await self._qmp(self._src, "source", "query-migrate")
+            info = await self.src.execute("query-migrate")
             self.folder.fold_migrate(info)
             self._mig_status = str(info.get("status", self._mig_status))
             if info.get("status") in TERMINAL:
                 return
             await asyncio.sleep(0.05)
 
-    async def _digest(self, client: QMPClient | None, cmds: set[str], role: str) -> str | None:
-        if LAB_DIGEST not in cmds:
-            return None
+    async def _digest(self, end: Endpoint) -> str | None:
         try:
-            return str((await self._qmp(client, role, LAB_DIGEST))["sha256"])
+            return await end.digest()
         except (LinkError, KeyError, TypeError) as exc:
             self.folder.event(f"guest digest not read: {exc}")
             return None

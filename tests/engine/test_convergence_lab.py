@@ -11,7 +11,8 @@ import pytest
 from sevconsole.engine.checks import preflight, refused
 from sevconsole.engine.plan import MigrationPlan
 from sevconsole.engine.progress import Phase, Progress
-from sevconsole.engine.run import GUEST_RUNNING, Migration
+from sevconsole.engine.run import Migration
+from sevconsole.sev.status import GuestState
 from tests.engine.conftest import LabSession, open_lab_session
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -52,4 +53,4 @@ async def test_non_convergence_is_predicted(slow_psp_lab: LabSession) -> None:
     # the PSP is the bottleneck: about 400 pages/s (2.5 ms a page), no faster than the guest dirties
     # (asked for 800/s: above the PSP even when a loaded machine slows the guest's workload down)
     assert 250 < last.pages_per_s < 600 and last.dirty_pages_per_s > 0.9 * last.pages_per_s
-    assert outcome.runnable == ("lab-1",) and outcome.source_guest_state == GUEST_RUNNING
+    assert outcome.runnable == ("lab-1",) and outcome.source_guest_state == GuestState.RUNNING

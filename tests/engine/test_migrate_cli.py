@@ -75,6 +75,8 @@ def test_ctrl_c_cancels_and_the_source_keeps_the_guest(lab_dir: Path, env: dict[
     phases = []
     for line in proc.stdout:  # one snapshot a line: wait until pages really move
         snap = json.loads(line)
+        if "phase" not in snap:
+            continue  # the checks
         phases.append(snap["phase"])
         if snap["phase"] == "pre-copy" and snap["bytes_transferred"] > 1_000_000:
             proc.send_signal(signal.SIGINT)
@@ -82,20 +84,26 @@ def test_ctrl_c_cancels_and_the_source_keeps_the_guest(lab_dir: Path, env: dict[
     rest = [json.loads(line) for line in proc.stdout]
     err = proc.stderr.read() if proc.stderr else ""
     assert proc.wait(60) == 1, err
-    assert rest and rest[-1]["phase"] == "cancelled"
+    snaps = [r for r in rest if "phase" in r]
+    assert snaps and snaps[-1]["phase"] == "cancelled"
+    assert rest[-1]["outcome"]["result"] == "cancelled" and rest[-1]["outcome"]["runnable"] == ["lab-1"]
     assert "cancelled by the operator (Ctrl-C)" in err and "web runs on lab-1" in err
 
 
 def test_plain_then_sev_migration_with_json_lines(lab_dir: Path, env: dict[str, str]) -> None:
     out = sevconsole(env, "migrate", "plain", "--to", "lab-2", "--lab", str(lab_dir), "--json", "--yes")
     assert out.returncode == 0, out.stderr
-    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    everything = [json.loads(line) for line in out.stdout.splitlines()]
+    assert {c["key"] for c in everything[0]["checks"]} >= {"vm", "memory"}
+    assert everything[-1]["outcome"]["result"] == "done" and everything[-1]["outcome"]["one_copy"]
+    lines = [line for line in everything if "phase" in line]
     assert lines and all(line["vm"] == "plain" for line in lines)
     assert lines[-1]["phase"] == "done"
     out = sevconsole(env, "migrate", "web", "--to", "lab-2", "--from", "lab-1", "--lab", str(lab_dir),
                      "--json", "--yes", "--downtime-ms", "500")
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines()]
+    lines = [line for line in lines if "phase" in line]
     sent = [line["bytes_transferred"] for line in lines]
     assert sent == sorted(sent) and lines[-1]["phase"] == "done"
     assert lines[-1]["page_map_exact"] is True and lines[-1]["source_fw"]["guest_state"] == 6
