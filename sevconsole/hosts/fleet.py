@@ -14,7 +14,7 @@ from typing import Any
 from sevconsole import paths
 from sevconsole.hosts.discovery import DiscoveryOptions, endpoint_for
 from sevconsole.hosts.errors import InventoryError
-from sevconsole.hosts.inventory import HostSpec, load_inventory
+from sevconsole.hosts.inventory import HostSpec, load_inventory, load_ssh_config
 from sevconsole.hosts.labdir import load_lab
 from sevconsole.hosts.ssh import SshConnection, SshPool
 
@@ -52,21 +52,28 @@ class Fleet:
 
 
 def open_fleet(*, inventory: Path | None = None, lab: Path | None = None) -> Fleet:
-    """The hosts of a lab folder, an inventory file, or the default inventory."""
+    """The hosts of a lab folder, an inventory file, or the default inventory. A bad
+    ~/.ssh/config is found here too, before any host is reached."""
     try:
-        if lab is not None:
-            state = load_lab(lab)
-            return Fleet(tuple(state.inventory.hosts),
-                         DiscoveryOptions(known_hosts=state.known_hosts, lab_root=state.lab_root),
-                         state.lab_root, lab_dir=Path(lab))
-        if inventory is None and not paths.default_inventory().is_file():
-            raise FleetError(f"no inventory: write {paths.default_inventory()}, or give --inventory FILE "
-                             "or --lab DIR")
-        inv = load_inventory(inventory)
-        return Fleet(tuple(inv.hosts), DiscoveryOptions(known_hosts=inv.known_hosts, lab_root=inv.lab_root),
-                     inv.lab_root, inventory=inventory or paths.default_inventory())
+        fleet = _open(inventory, lab)
+        load_ssh_config(fleet.options.ssh_config)
+        return fleet
     except InventoryError as exc:
         raise FleetError("; ".join(str(p) for p in exc.problems) or str(exc)) from None
+
+
+def _open(inventory: Path | None, lab: Path | None) -> Fleet:
+    if lab is not None:
+        state = load_lab(lab)
+        return Fleet(tuple(state.inventory.hosts),
+                     DiscoveryOptions(known_hosts=state.known_hosts, lab_root=state.lab_root),
+                     state.lab_root, lab_dir=Path(lab))
+    if inventory is None and not paths.default_inventory().is_file():
+        raise FleetError(f"no inventory: write {paths.default_inventory()}, or give --inventory FILE "
+                         "or --lab DIR")
+    inv = load_inventory(inventory)
+    return Fleet(tuple(inv.hosts), DiscoveryOptions(known_hosts=inv.known_hosts, lab_root=inv.lab_root),
+                 inv.lab_root, inventory=inventory or paths.default_inventory())
 
 
 def open_where(where: dict[str, Any]) -> Fleet:
