@@ -31,7 +31,7 @@ class HelpScreen(ModalScreen[None]):
         table = self.query_one(DataTable)
         table.add_columns("key", "action", "where")
         for row in self.rows:
-            table.add_row(*(Text(cell) for cell in row))  # a str cell is markup; a key may be "["
+            table.add_row(*(Text(cell, end="") for cell in row))  # a str cell is markup; a key may be "["
         table.focus()
 
     async def action_dismiss(self, result: None = None) -> None:

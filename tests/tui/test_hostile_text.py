@@ -1,0 +1,239 @@
+"""Host data is never markup and never reaches the terminal raw (issue 11).
+
+Hypothesis feeds hostile host names, VM names and error sentences (markup brackets, `[/`,
+`$variables`, control characters, terminal escapes, very long strings) through every screen on
+the scripted backend: hosts, host, migrate/preflight, confirm, live with its Events tab holding
+error lines, cancel, result, host-key modal and notifications. Each screen must not crash, show
+the string escaped (`\\x1b`, never a raw ESC) and show brackets literally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass, replace
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from textual.widgets import DataTable, RichLog
+
+from sevconsole.engine.progress import SevLogEntry
+from sevconsole.hosts.report import Capabilities, HostKeyInfo
+from sevconsole.textsafe import escape_controls, escape_lines
+from sevconsole.tui.app import SevConsoleApp
+from sevconsole.tui.backend import HostKeyQuestion, Result
+from sevconsole.tui.screens.host import HostScreen
+from sevconsole.tui.screens.hosts import HostsScreen
+from sevconsole.tui.screens.live import LiveScreen
+from sevconsole.tui.screens.migrate import MigrateScreen
+from sevconsole.tui.screens.modals import ConfirmScreen, HostKeyScreen
+from sevconsole.tui.screens.result import ResultScreen
+from sevconsole.tui.scripted import (
+    POLICY_NOSEND,
+    POLICY_RECOMMENDED,
+    ScriptedBackend,
+    sample_progress,
+    sample_reports,
+    sample_vm,
+)
+from sevconsole.tui.widgets.migration_view import MigrationView
+
+# what a terminal must never receive from host data: C0, DEL, C1, line separators, bidi overrides
+RAW_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+EVIL = "evil\x1b]0;PWNED\x07\x1b[2J"
+NASTY = ("x[/", "[b]", "[$error]", "[/]", "[/b]x", "$error", "[@click=app.quit]q[/]", EVIL,
+         "a\\", "\x9b31mred", "\u202egnp.exe", "two\nlines", "[link=file:///etc/passwd]x[/link]")
+hostile = st.one_of(
+    st.sampled_from(NASTY),
+    st.text(st.sampled_from([*"[]/\\$@=bx: ", "\x1b", "\x07", "\x00", "\x9b", "\u202e", "\n", "\t"]),
+            min_size=1, max_size=24),
+    st.text(min_size=200, max_size=400),
+)
+SIZE = (120, 36)
+
+
+def screen_text(app: SevConsoleApp) -> str:
+    """What the terminal would show of the active screen (its toasts included), line by line."""
+    return "\n".join(strip.text for strip in app.screen._compositor.render_strips())
+
+
+def text_of(app: SevConsoleApp, selector: str) -> str:
+    return str(app.screen.query_one(selector).render())
+
+
+def cells(app: SevConsoleApp, selector: str) -> list[list[str]]:
+    table = app.screen.query_one(selector, DataTable)
+    return [[c.plain for c in table.get_row_at(i)] for i in range(table.row_count)]
+
+
+def squeeze(text: str) -> str:
+    return "".join(text.split())  # wrapping may move or drop the spaces of a long line
+
+
+def shown_plainly(value: str) -> bool:
+    """Short enough, and one word, to be seen whole on one line of the screen."""
+    escaped = escape_controls(value)
+    return len(escaped) <= 12 and " " not in escaped
+
+
+def assert_safe(app: SevConsoleApp, *visible: str) -> None:
+    text = screen_text(app)
+    raw = RAW_CONTROL.search(text.replace("\n", ""))
+    assert raw is None, f"raw {raw.group()!r} on {type(app.screen).__name__}"
+    for value in visible:
+        if shown_plainly(value):
+            assert escape_controls(value) in text, f"{value!r} not shown on {type(app.screen).__name__}"
+
+
+@dataclass(repr=False)  # Hypothesis prints the arguments of a failing example: not 20 kB of certificates
+class Certs:
+    rome: Capabilities
+    naples: Capabilities
+
+
+@pytest.fixture
+def certs(rome_caps: Capabilities, naples_caps: Capabilities) -> Certs:
+    return Certs(rome_caps, naples_caps)
+
+
+def hostile_backend(certs: Certs, host: str, vm: str, sentence: str) -> ScriptedBackend:
+    """`host` runs `vm` and reports `sentence` as its error, hostname, kernel and CPU; lab-3's key
+    changed (the console notifies its error sentence); the migration's events and errors, and its
+    SEV log, carry the same strings."""
+    base = sample_reports(certs.rome, other_caps=certs.naples)
+    vault = replace(sample_vm("vault", 2048, POLICY_NOSEND), migration_blocker=sentence)
+    source = replace(base["lab-1"], name=host, hostname=sentence, kernel=sentence, cpu=sentence,
+                     errors=(sentence,), vms=(sample_vm(vm, 4096, POLICY_RECOMMENDED), vault))
+    changed = replace(base["lab-3"], errors=(sentence,), host_key=HostKeyInfo(
+        "[127.0.0.1]:42203", "ssh-ed25519", "SHA256:new", "changed", "SHA256:old"))
+    frames = [replace(p, events=(*p.events, sentence), errors=(sentence, f"{vm} on {host}: {sentence}"),
+                      sev_log=(*p.sev_log, SevLogEntry(host, sentence, 7)))
+              for p in sample_progress(vm, host, "lab-2", frames=4)]
+    return ScriptedBackend({host: source, "lab-2": base["lab-2"], "lab-3": changed}, snapshots=frames,
+                           step=asyncio.Event())
+
+
+async def settle(app: SevConsoleApp, pilot) -> None:  # type: ignore[no-untyped-def]
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+    while isinstance(app.screen, MigrateScreen) and len(app.screen.results) < len(app.screen.targets()):
+        await pilot.pause(0.01)
+        await app.workers.wait_for_complete()
+
+
+async def walk_every_screen(backend: ScriptedBackend, host: str, vm: str, sentence: str) -> None:
+    app = SevConsoleApp(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        # hosts: names and notes are cells of plain text; the changed key is a plain notification
+        assert isinstance(app.screen, HostsScreen)
+        rows = cells(app, "#hosts")
+        assert [r[0] for r in rows] == [escape_controls(host), "lab-2", "lab-3"]
+        assert rows[0][7] == rows[2][7] == escape_controls(sentence)
+        assert any(n.message == escape_lines(sentence) and not n.markup for n in app._notifications)
+        assert_safe(app, host)
+
+        # host: capabilities, VM table, policy lines
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, HostScreen)
+        caps = text_of(app, "#caps")
+        assert escape_controls(host) in caps and escape_controls(sentence) in caps
+        assert cells(app, "#vms")[0][0] == escape_controls(vm)
+        assert escape_controls(vm) in text_of(app, "#policy")
+        assert_safe(app, vm, sentence)
+        await pilot.press("down")  # vault: its QEMU blocker is the sentence
+        await pilot.pause()
+        assert escape_controls(sentence) in text_of(app, "#policy")
+        assert_safe(app)
+
+        # migrate: plan, targets, checklist; Enter confirms (allowed) or notifies the refusal
+        await pilot.press("up", "m")
+        await settle(app, pilot)
+        assert isinstance(app.screen, MigrateScreen)
+        assert escape_controls(vm) in text_of(app, "#plan") and escape_controls(host) in text_of(app, "#plan")
+        assert_safe(app, vm)
+        await pilot.press("enter")
+        await pilot.pause()
+        if isinstance(app.screen, ConfirmScreen):
+            assert escape_controls(vm) in text_of(app, "#body")
+            assert_safe(app)
+            await pilot.press("n")
+        assert_safe(app)
+
+        # live: the migration posts events and error lines; the Events tab shows them as text
+        reports = app.reports
+        live = LiveScreen(reports[host].vms[0], reports[host], reports["lab-2"], (), 300)
+        await app.push_screen(live)
+        while live.snapshots < 2:
+            backend.step.set()  # type: ignore[union-attr]
+            await pilot.pause(0.01)
+        await pilot.press("e")
+        await pilot.pause()
+        log = live.query_one("#events", RichLog)
+        logged = squeeze("".join(line.text for line in log.lines))
+        assert squeeze(escape_controls(sentence)) in logged
+        assert squeeze(escape_controls(f"{vm} on {host}: {sentence}")) in logged
+        assert_safe(app, vm)
+        await pilot.press("f")  # the firmware tab's SEV log has the sentence as a command name
+        await pilot.pause()
+        assert escape_controls(sentence) in text_of(app, "#sevlog")
+        assert_safe(app)
+        latest = live.query_one(MigrationView).latest
+
+        # cancel: the confirmation names the VM and hosts; the result follows
+        await pilot.press("c")
+        assert isinstance(app.screen, ConfirmScreen)
+        assert_safe(app)
+        await pilot.press("y")
+        while not isinstance(app.screen, ResultScreen):
+            await pilot.pause(0.01)
+        assert "Cancelled" in text_of(app, "#result")
+        assert_safe(app)
+
+        # a result whose every string came from a host
+        hostile_result = Result(result=sentence, message=sentence, runnable=(host,), source_status=sentence,
+                                target_status=vm, errors=(sentence,), audit=sentence)
+        await app.push_screen(ResultScreen(hostile_result, latest))
+        await pilot.pause()
+        result = text_of(app, "#result")
+        assert escape_controls(sentence) in result and escape_controls(vm) in result
+        assert_safe(app, sentence)
+
+        # an unknown host key whose every field came from the host
+        await app.push_screen(HostKeyScreen(HostKeyQuestion(host, vm, sentence, sentence)))
+        await pilot.pause()
+        assert escape_controls(sentence) in text_of(app, "#fingerprint")
+        assert_safe(app, host)
+        await pilot.press("n")
+
+        # a notification raised by a screen with a host sentence in it
+        app.screen.notify(f"Refused: {sentence}", severity="error")
+        await pilot.pause()
+        assert_safe(app)
+
+
+@pytest.mark.slow  # 15 walks through every screen: about 3 s each
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(host=hostile, vm=hostile, sentence=hostile)
+@example(host="x[/", vm=EVIL, sentence="[$error]boom[/] x[/")
+@example(host="[b]", vm="[@click=app.quit]q[/]", sentence=EVIL)
+def test_every_screen_shows_host_strings_as_text(certs: Certs, host: str, vm: str, sentence: str) -> None:
+    if host in ("lab-2", "lab-3"):
+        host = f"{host}!"
+    backend = hostile_backend(certs, host, vm, sentence)
+    asyncio.run(walk_every_screen(backend, host, vm, sentence))
+
+
+async def test_terminal_escape_shows_as_visible_text(certs: Certs) -> None:
+    """The issue's own name: the hosts table and host screen show `\\x1b]0;PWNED\\x07\\x1b[2J`."""
+    backend = hostile_backend(certs, "x[/", EVIL, "[$error]boom[/]")
+    app = SevConsoleApp(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        text = screen_text(app)
+        assert "x[/" in text and "[$error]boom[/]" in text and "\x1b" not in text
+        await pilot.press("enter")
+        await pilot.pause()
+        assert r"evil\x1b]0;PWNED\x07\x1b[2J" in screen_text(app)
