@@ -158,8 +158,10 @@ async def test_real_qemu_link_cut_at_random_offsets(guests: Guests, tmp_path: Pa
         assert len(runnable) == 1, (where, outcome.message, runnable)
         assert list(runnable.values()) == [before], (where, runnable)
         if proxy.fired.is_set():
-            assert outcome.result == "failed" and list(runnable) == ["src"], (where, outcome.message)
-            assert outcome.runnable == ("src",), (where, outcome.runnable)
+            # the engine's verdict is the census's: a cut in QEMU's last bytes (each run's stream
+            # differs a little in length) may still leave the target with the whole guest
+            assert outcome.runnable == tuple(runnable), (where, outcome.message, outcome.runnable)
+            assert outcome.result == ("done" if list(runnable) == ["dst"] else "failed"), (where, outcome.message)
 
 
 async def test_paused_guest_migration_is_done_with_one_copy(guests: Guests, tmp_path: Path) -> None:
