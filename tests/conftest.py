@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CERTS_DIR = ROOT.parent / "shared" / "fixtures" / "sev-certs"
+CERTS_DIR = ROOT / "tests" / "fixtures" / "sev-certs"  # public AMD data, kept in the repository
 
 
 @pytest.fixture(scope="session")
 def sev_certs() -> Path:
-    """The folder of real AMD certificates; tests that need it skip where it is absent."""
+    """The folder of real AMD certificates (tests/fixtures/sev-certs, see its README)."""
     if not CERTS_DIR.is_dir():
-        pytest.skip(f"real SEV certificates not found at {CERTS_DIR} (../shared/fixtures/sev-certs)")
+        pytest.fail(f"the real SEV certificates are missing from {CERTS_DIR}; they are part of the repository")
     return CERTS_DIR
 
 
