@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -42,6 +45,7 @@ from sevconsole.tui.widgets.migration_view import MigrationView
 # what a terminal must never receive from host data: C0, DEL, C1, line separators, bidi overrides
 RAW_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 EVIL = "evil\x1b]0;PWNED\x07\x1b[2J"
+MARKUP_VM = "[b]web[/"
 NASTY = ("x[/", "[b]", "[$error]", "[/]", "[/b]x", "$error", "[@click=app.quit]q[/]", EVIL,
          "a\\", "\x9b31mred", "\u202egnp.exe", "two\nlines", "[link=file:///etc/passwd]x[/link]")
 hostile = st.one_of(
@@ -237,3 +241,81 @@ async def test_terminal_escape_shows_as_visible_text(certs: Certs) -> None:
         await pilot.press("enter")
         await pilot.pause()
         assert r"evil\x1b]0;PWNED\x07\x1b[2J" in screen_text(app)
+
+
+# -- the console on a real lab (SSH, QMP, the engine in its runner) whose VM name is the issue's
+
+try:
+    from sevconsole.lab.control import Lab
+    from sevconsole.lab.layout import RECENT_API, WEB_POLICY, HostSpec, VmSpec
+except ImportError:  # the lab is a teammate's part
+    Lab = None  # type: ignore[assignment,misc]
+
+
+@pytest.fixture
+def hostile_lab(tmp_path: Path) -> Iterator[Path]:
+    if Lab is None:
+        pytest.skip("the lab cannot be imported")
+    # a realistic PSP (about 2.5 ms a page) keeps the 16 MiB guest migrating long enough to cancel it
+    vms = (VmSpec(EVIL, True, WEB_POLICY, mem_mib=16), VmSpec(MARKUP_VM, True, WEB_POLICY, mem_mib=16))
+    source = HostSpec("lab-1", RECENT_API, "a", vms=vms, realistic_psp=True)
+    with Lab.start(tmp_path / "lab", layout=(source, HostSpec("lab-2", RECENT_API, "a"))) as lab:
+        yield Path(lab.paths.root)
+
+
+async def wait_for(pilot, condition, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not met in {timeout} s on {type(pilot.app.screen).__name__}"
+        await pilot.pause(0.05)
+
+
+@pytest.mark.slow
+async def test_hostile_vm_names_on_the_lab_refused_then_migrated_and_cancelled(hostile_lab: Path) -> None:
+    """EVIL's control characters make preflight refuse it (a sentence quoting the name, escaped,
+    in the checklist and a notification); the markup-named VM migrates and is cancelled with the
+    Events tab open, where the cancel's error line lands."""
+    from sevconsole.tui.live_backend import open_backend
+
+    backend = open_backend(inventory=None, lab_dir=hostile_lab)
+    try:
+        app = SevConsoleApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: len(app.reports) == 2)
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: isinstance(app.screen, HostScreen))
+            assert cells(app, "#vms")[0][0] == escape_controls(EVIL)
+            assert_safe(app, EVIL)
+            assert cells(app, "#vms")[1][0] == MARKUP_VM
+            for vm in (EVIL, MARKUP_VM):
+                await pilot.press("m")
+                await wait_for(pilot, lambda: isinstance(app.screen, MigrateScreen) and len(app.screen.results) == 1)
+                assert escape_controls(vm) in text_of(app, "#plan")
+                assert_safe(app)
+                await pilot.press("enter")
+                if vm == MARKUP_VM:
+                    break
+                await wait_for(pilot, lambda: any(n.message.startswith("Refused") for n in app._notifications))
+                refusal = next(n for n in app._notifications if n.message.startswith("Refused"))
+                assert escape_controls(EVIL) in refusal.message and not refusal.markup
+                assert_safe(app)
+                await pilot.press("escape", "down")
+            assert isinstance(app.screen, ConfirmScreen), text_of(app, "#checks")
+            assert MARKUP_VM in text_of(app, "#body")
+            await pilot.press("y")
+            await wait_for(pilot, lambda: isinstance(app.screen, LiveScreen) and app.screen.snapshots > 0)
+            await pilot.press("e")  # the Events tab is drawn: the cancel's error line lands in it
+            await pilot.pause()
+            events = app.screen.query_one("#events", RichLog)
+            view = app.screen.query_one(MigrationView)
+            await pilot.press("c", "y")
+            await wait_for(pilot, lambda: isinstance(app.screen, ResultScreen), timeout=120)
+            assert app.screen.result.result == "cancelled", app.screen.result.message  # type: ignore[attr-defined]
+            logged = [line.text for line in events.lines]
+            assert any("cancelled by the operator" in line for line in logged), logged
+            errors = view.latest.errors  # type: ignore[union-attr]
+            assert all(squeeze(e) in squeeze("".join(logged)) for e in errors), (errors, logged)  # red lines
+            assert_safe(app)
+            await pilot.pause()
+    finally:
+        backend.close()
