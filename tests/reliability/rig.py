@@ -16,7 +16,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -470,7 +470,7 @@ def rebind(plan: MigrationPlan, **vm_changes: Any) -> MigrationPlan:
 
 ROOT = Path(__file__).resolve().parents[2]
 PHASES = ("connecting", "send-start", "pre-copy", "stop-and-copy", "finishing")  # the order they come in
-RUNNER_POINTS = ("target-launched", "pre-copy", "stop-and-copy", "finishing")  # where a runner can be killed
+RUNNER_POINTS = ("target-launched", "pre-copy", "stop-and-copy", "send-finished")  # where a runner is killed
 
 
 @dataclass
@@ -531,11 +531,12 @@ class Console:
         except FileNotFoundError:
             return []
 
-    def migration(self, timeout: float = 30.0) -> Path:
-        """The folder of the one migration started under this console, once its runner runs."""
+    def migration(self, timeout: float = 30.0, known: Collection[Path] = ()) -> Path:
+        """The folder of the migration just started under this console (not one of `known`),
+        once its runner runs."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = self.folders()
+            found = [f for f in self.folders() if f not in known]
             if found and (found[-1] / "runner.json").exists():
                 return found[-1]
             time.sleep(0.02)
@@ -599,9 +600,9 @@ class Client:
                 self.lines.append(json.loads(raw))
 
     def until(self, wanted: Callable[[dict[str, Any]], bool], timeout: float = 60.0,
-              also: Callable[[], bool] = lambda: False) -> dict[str, Any] | None:
-        """Reads lines until one is `wanted` (returned) or `also()` holds (the last line); None at
-        the end of the output."""
+              also: Callable[[], bool] = lambda: False, poll: float = 0.05) -> dict[str, Any] | None:
+        """Reads lines until one is `wanted` (returned) or `also()` holds (the last line, asked
+        at least every `poll` s); None at the end of the output."""
         deadline = time.monotonic() + timeout
         seen = len(self.lines)
         while True:
@@ -616,7 +617,7 @@ class Client:
             if time.monotonic() > deadline:
                 raise AssertionError(f"nothing wanted on stdout in {timeout} s; last: "
                                      f"{self.lines[-1:]}; stderr: {self.stderr()[-500:]}")
-            self._read(min(0.05, deadline - time.monotonic()))
+            self._read(min(poll, deadline - time.monotonic()))
 
     def rest(self, timeout: float = 60.0) -> list[dict[str, Any]]:
         """Every line up to the end of the output, then the exit."""
@@ -661,12 +662,19 @@ def journal_step(folder: Path) -> str | None:
     return None if step is None else step.value
 
 
+JOURNAL_POINTS = {"target-launched": ("target-launched", "streaming"),  # a point -> steps that show it
+                  "send-finished": ("send-finished", "target-confirmed")}
+
+
 def reach(client: Client, folder: Path, point: str, fraction: float = 0.0, timeout: float = 60.0) -> str:
-    """Waits until the migration reaches `point`: a phase as its client prints it, or
-    "target-launched" as its journal records it. Returns where it was: "phase/journal step"."""
-    if point == "target-launched":
-        line = client.until(lambda _: False, timeout,
-                            also=lambda: journal_step(folder) not in (None, "planned"))
+    """Waits until the migration reaches `point`: a phase as its client prints it, or a step as
+    its journal records it ("target-launched", "send-finished": the journal is watched every
+    2 ms, so a kill that follows lands before the runner's next decision). Returns where it was:
+    "phase/journal step"."""
+    if point in JOURNAL_POINTS:
+        steps = JOURNAL_POINTS[point]
+        line = client.until(lambda x: "outcome" in x, timeout, poll=0.002,
+                            also=lambda: journal_step(folder) in (*steps, "done", "rolled-back", "refused"))
     else:
         line = client.until(lambda x: phase_at(x, point, fraction), timeout)
     return f"{(line or {}).get('phase', 'end')}/{journal_step(folder)}"
