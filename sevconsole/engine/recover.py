@@ -216,9 +216,8 @@ async def reconcile(entry: journal.Entry, fleet: Any, *, operator_log: Path | No
     """Bring one unfinished migration to exactly one runnable copy (or say why not)."""
     t0 = time.monotonic()
     read = entry.journal
-    base = dict(id=entry.id, vm=entry.vm, source=entry.source, target=entry.target)
     if not read.trusted:
-        return Reconciled(**base, result="needs-operator", step="corrupt",
+        return Reconciled(entry.id, entry.vm, entry.source, entry.target, result="needs-operator", step="corrupt",
                           sentence="; ".join(read.problems) + ": the journal is not acted on; check both "
                           "hosts by hand (`sevconsole discover`)")
     data = read.data()
@@ -255,7 +254,8 @@ async def reconcile(entry: journal.Entry, fleet: Any, *, operator_log: Path | No
                     journal_out.append(decision.step, recovered=True, why=decision.sentence,
                                        runnable=list(runnable), actions=done)
                 result = "needs-operator" if decision.step == Step.NEEDS_OPERATOR else "reconciled"
-                out = Reconciled(**base, result=result, step=decision.step.value, sentence=decision.sentence,
+                out = Reconciled(entry.id, entry.vm, entry.source, entry.target, result=result,
+                                 step=decision.step.value, sentence=decision.sentence,
                                  runnable=runnable, actions=tuple(done), seconds=time.monotonic() - t0)
                 _audit(out, facts, operator_log)
                 return out
@@ -267,7 +267,8 @@ async def reconcile(entry: journal.Entry, fleet: Any, *, operator_log: Path | No
         sentence = (decision.sentence if decision else "") + "; still not settled after " \
             f"{MAX_ROUNDS} rounds: check both hosts, then run recover again"
         journal_out.append(Step.NEEDS_OPERATOR, recovered=True, why=sentence)
-        out = Reconciled(**base, result="needs-operator", step=Step.NEEDS_OPERATOR.value, sentence=sentence,
+        out = Reconciled(entry.id, entry.vm, entry.source, entry.target, result="needs-operator",
+                         step=Step.NEEDS_OPERATOR.value, sentence=sentence,
                          actions=tuple(done), seconds=time.monotonic() - t0)
         _audit(out, facts, operator_log)
         return out

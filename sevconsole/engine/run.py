@@ -344,7 +344,7 @@ class Migration:
             await self.src.execute("migrate-set-parameters", {
                 "sev-pdh": b64(caps.pdh), "sev-plat-cert": b64(caps.cert_chain),
                 "sev-amd-cert": b64(caps.amd_chain)})
-        else:
+        elif method is not None:
             await self.src.execute(method, {
                 "pdh": b64(caps.pdh), "plat-cert": b64(caps.cert_chain), "amd-cert": b64(caps.amd_chain)})
         self.folder.event(f"{plan.source.name}: given {plan.target.name}'s PDH and chains ({method})")
@@ -452,7 +452,9 @@ class Migration:
 
         async def pump() -> None:
             async for ev in listener:
-                name, data = ev["event"], ev.get("data") or {}
+                name = str(ev["event"])
+                raw = ev.get("data")
+                data: dict[str, Any] = raw if isinstance(raw, dict) else {}
                 detail = data.get("status") or data.get("pass") or ""
                 self.folder.event(f"{host}: {name} {detail}".rstrip())
                 if is_source and name == "STOP":

@@ -14,6 +14,7 @@ from textual.binding import Binding
 from textual.notifications import SeverityLevel
 from textual.screen import Screen
 
+from sevconsole.engine.attention import Attention
 from sevconsole.hosts.report import HostReport
 from sevconsole.textsafe import escape_controls, escape_lines
 from sevconsole.tui.backend import ConsoleBackend, HostKeyPending
@@ -60,7 +61,7 @@ class SevConsoleApp(App[int]):
         self.screenshot_dir = screenshot_dir or Path.cwd()
         self._heap_frozen = False
         self.quit_when_ended = False  # set when the operator cancels running migrations to quit
-        self.attention: tuple[Any, ...] = ()  # engine.attention.Attention items, after each full probe
+        self.attention: tuple[Attention, ...] = ()  # engine.attention.Attention items, after each full probe
 
     # -- start
     def on_mount(self) -> None:
@@ -209,15 +210,15 @@ class SevConsoleApp(App[int]):
 
     def on_recover_done(self, message: RecoverDone) -> None:
         for r in message.results:
-            if r.result == "reconciled":  # type: ignore[attr-defined]
-                self.notify(f"{r.vm} ({r.source} → {r.target}): {r.sentence}",  # type: ignore[attr-defined]
-                            title=f"Recovered migration {r.id}", timeout=15)  # type: ignore[attr-defined]
-            elif r.result == "needs-operator":  # type: ignore[attr-defined]
-                self.notify(f"{r.vm} ({r.source} → {r.target}): {r.sentence}",  # type: ignore[attr-defined]
-                            title=f"Migration {r.id} needs you", severity="error",  # type: ignore[attr-defined]
+            if r.result == "reconciled":
+                self.notify(f"{r.vm} ({r.source} → {r.target}): {r.sentence}",
+                            title=f"Recovered migration {r.id}", timeout=15)
+            elif r.result == "needs-operator":
+                self.notify(f"{r.vm} ({r.source} → {r.target}): {r.sentence}",
+                            title=f"Migration {r.id} needs you", severity="error",
                             timeout=30)
         if message.in_flight:
-            names = ", ".join(f"{e.vm} ({e.source} → {e.target})" for e in message.in_flight)  # type: ignore[attr-defined]
+            names = ", ".join(f"{e.vm} ({e.source} → {e.target})" for e in message.in_flight)
             self.notify(f"In flight: {names}. Press M to watch.", title="Migrations running", timeout=15)
 
     def _check_attention(self) -> None:
@@ -226,7 +227,7 @@ class SevConsoleApp(App[int]):
 
     @work(thread=True, exclusive=True, group="attention", exit_on_error=False)
     def _find_attention(self, reports: tuple[HostReport, ...]) -> None:
-        items = self.backend.attention(reports)  # type: ignore[attr-defined]
+        items = self.backend.attention(reports)
         self.post_message(AttentionFound(tuple(items)))
 
     def on_attention_found(self, message: AttentionFound) -> None:
@@ -234,7 +235,7 @@ class SevConsoleApp(App[int]):
         self.attention = message.items
         self._fan_out("attention_updated")
         if new:
-            self.notify("; ".join(f"{i.vm}: {i.problem}" for i in new[:3]),  # type: ignore[attr-defined]
+            self.notify("; ".join(f"{i.vm}: {i.problem}" for i in new[:3]),
                         title=f"{len(message.items)} guest(s) need attention: press A", severity="warning",
                         timeout=20)
 

@@ -11,8 +11,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from sevconsole.engine.attention import Attention, SafeAction
 from sevconsole.engine.invariant import GuestCopies
+from sevconsole.engine.journal import Entry
 from sevconsole.engine.progress import Progress
+from sevconsole.engine.recover import Reconciled
 from sevconsole.hosts.report import HostReport, VmInfo
 
 
@@ -103,6 +106,27 @@ class ConsoleBackend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+    # durable migrations: runners own them, the journal lists them (engine/journal.py, recover.py)
+    def attach(self, migration_id: str, on_progress: ProgressSink) -> MigrationHandle:
+        """A handle on a migration in flight, started by any console or `migrate`."""
+        ...
+
+    def migrations(self) -> list[Entry]:
+        """Blocking: every migration from the journal, newest first."""
+        ...
+
+    def recover(self) -> list[Reconciled]:
+        """Blocking: reconcile this fleet's migrations whose runner is gone."""
+        ...
+
+    def attention(self, reports: Sequence[HostReport]) -> list[Attention]:
+        """Blocking (reads the journal): guests needing attention, with their safe action."""
+        ...
+
+    async def apply_fix(self, action: SafeAction) -> str:
+        """Run an attention item's safe action (already confirmed); returns what happened."""
+        ...
 
 
 RUNNABLE = ("running", "paused")

@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 from textual.message import Message
 
+from sevconsole.engine.attention import Attention
+from sevconsole.engine.journal import Entry
 from sevconsole.engine.progress import Progress
+from sevconsole.engine.recover import Reconciled
 from sevconsole.hosts.report import HostReport
 from sevconsole.tui.backend import CheckLine, HostKeyQuestion, Result
 
@@ -45,15 +48,15 @@ class MigrationEnded(Message):
 
 @dataclass
 class MigrationsListed(Message):
-    entries: tuple[object, ...]  # engine.journal.Entry, newest first
+    entries: tuple[Entry, ...]  # newest first
 
 
 @dataclass
 class RecoverDone(Message):
-    results: tuple[object, ...]  # engine.recover.Reconciled
-    in_flight: tuple[object, ...]  # engine.journal.Entry of migrations other runners own
+    results: tuple[Reconciled, ...]
+    in_flight: tuple[Entry, ...]  # migrations other runners own
 
 
 @dataclass
 class AttentionFound(Message):
-    items: tuple[object, ...]  # engine.attention.Attention
+    items: tuple[Attention, ...]

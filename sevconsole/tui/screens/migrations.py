@@ -120,8 +120,8 @@ def attach_screen(app: Any, entry: Any) -> Screen[None]:
     from sevconsole.tui.screens.live import LiveScreen
 
     reports: dict[str, HostReport] = getattr(app, "reports", {})
-    source = reports.get(entry.source) or HostReport(name=entry.source, address="", port=0)
-    target = reports.get(entry.target) or HostReport(name=entry.target, address="", port=0)
+    source = reports.get(entry.source) or HostReport(name=entry.source, address="", port=0, reachable=False)
+    target = reports.get(entry.target) or HostReport(name=entry.target, address="", port=0, reachable=False)
     vm = VmInfo(name=entry.vm, pid=None, qmp_path=None)
     return LiveScreen(vm, source, target, (), 300, attach_id=entry.id)
 
