@@ -59,6 +59,7 @@ from tests.reliability.rig import (  # noqa: E402
     cleanup_vm,
     fault_plan,
     helper,
+    journal_step,
     outcome_of,
     plain_proxy,
     qmp_once,
@@ -217,7 +218,7 @@ def _run_migrate(drig: Rig, console: Console, other: str) -> tuple[Any, Path]:
     return client, console.migration()
 
 
-def _baseline(drig: Rig, console: Console, home: str, other: str) -> dict:
+def _baseline(drig: Rig, console: Console, other: str) -> dict:
     """One unkilled migration; its own duration as the runner measured it."""
     client, folder = _run_migrate(drig, console, other)
     try:
@@ -228,28 +229,28 @@ def _baseline(drig: Rig, console: Console, home: str, other: str) -> dict:
     return outcome_of(folder) or {}
 
 
-def _client_killed(drig: Rig, console: Console, home: str, other: str, sig: int, point: str,
-                   fraction: float) -> tuple[dict, str, float]:
+def _client_killed(drig: Rig, console: Console, other: str, sig: int, point: str,
+                   fraction: float) -> tuple[dict, str, float, bool]:
     client, folder = _run_migrate(drig, console, other)
     try:
         where = reach(client, folder, point, fraction)
-        client.kill(sig)
-        client.proc.wait(30)
+        with contextlib.suppress(ProcessLookupError):
+            client.kill(sig)
+        landed = client.proc.wait(30) == -sig  # not when the client had already seen the end
         killed = time.monotonic()
     finally:
         client.close()
     console.wait_runner_gone(folder, timeout=120)
-    return outcome_of(folder) or {}, where, time.monotonic() - killed
+    return outcome_of(folder) or {}, where, time.monotonic() - killed, landed
 
 
-def _runner_killed(drig: Rig, console: Console, home: str, other: str, point: str,
-                   fraction: float) -> tuple[str, str | None, Any, float]:
-    from tests.reliability.rig import journal_step
-
+def _runner_killed(drig: Rig, console: Console, other: str, point: str,
+                   fraction: float) -> tuple[str, str | None, Any, float, Path]:
     client, folder = _run_migrate(drig, console, other)
     try:
         where = reach(client, folder, point, fraction)
-        os.kill(console.runner_pid(folder), signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # the runner had already ended
+            os.kill(console.runner_pid(folder), signal.SIGKILL)
         client.rest(60)
     finally:
         client.close()
@@ -257,7 +258,7 @@ def _runner_killed(drig: Rig, console: Console, home: str, other: str, point: st
     step = journal_step(folder)
     t0 = time.monotonic()
     out = console.run("recover", "--lab", str(drig.lab.paths.root), "--json")
-    return where, step, out, time.monotonic() - t0
+    return where, step, out, time.monotonic() - t0, folder
 
 
 async def durable_attempt(drig: Rig, kind: str, rng: np.random.Generator, workdir: Path) -> Attempt:
@@ -267,13 +268,12 @@ async def durable_attempt(drig: Rig, kind: str, rng: np.random.Generator, workdi
     assert home is not None, "web has no runnable copy left"
     other = "lab-2" if home == "lab-1" else "lab-1"
     fraction = float(rng.uniform(0.05, 0.9))
-    extra: dict[str, Any] = {}
     if kind == "client-killed":
         sig = CLIENT_SIGNALS[int(rng.integers(0, len(CLIENT_SIGNALS)))]
         point = CLIENT_POINTS[int(rng.integers(0, len(CLIENT_POINTS)))]
         base = Console.make(workdir / "baseline")
         try:
-            baseline = await asyncio.to_thread(_baseline, drig, base, home, other)
+            baseline = await asyncio.to_thread(_baseline, drig, base, other)
         finally:
             base.close()
         if baseline.get("result") != "done":
@@ -286,35 +286,44 @@ async def durable_attempt(drig: Rig, kind: str, rng: np.random.Generator, workdi
     fault = f"{signal.Signals(sig).name} to the {kind.split('-')[0]} at {point}" + (
         f" {fraction:.0%}" if point == "pre-copy" else "")
     console = Console.make(workdir / "killed")
+    results: list[dict[str, Any]] = []
     try:
         if kind == "client-killed":
-            wire, where, ended_after = await asyncio.to_thread(_client_killed, drig, console, home, other, sig,
-                                                               point, fraction)
+            wire, where, ended_after, landed = await asyncio.to_thread(_client_killed, drig, console, other, sig,
+                                                                       point, fraction)
             outcome = Outcome.from_wire(wire) if wire else None
             duration = float(wire.get("duration_s") or 0.0)
             base_s = float(baseline.get("duration_s") or 0.0)
-            extra = {"signal": signal.Signals(sig).name, "at": where, "baseline_s": round(base_s, 3),
-                     "duration_s": round(duration, 3), "ratio": round(duration / base_s, 3) if base_s else None}
-            safe = round(ended_after, 3)
+            extra = {"signal": signal.Signals(sig).name, "at": where, "landed": landed,
+                     "baseline_s": round(base_s, 3), "duration_s": round(duration, 3),
+                     "ratio": round(duration / base_s, 3) if base_s else None}
+            safe: float | None = round(ended_after, 3)
         else:
-            where, step, out, recover_s = await asyncio.to_thread(_runner_killed, drig, console, home, other,
-                                                                  point, fraction)
-            lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-            results = [r for r in lines if "id" in r]
-            outcome = Outcome(f"recover: {results[0]['step']}" if results else "recover: nothing",
-                              results[0]["sentence"] if results else out.stderr[-300:],
-                              runnable=tuple(results[0]["runnable"]) if results else ())
-            extra = {"at": where, "journal_step": step, "recover_exit": out.returncode,
+            where, step, out, recover_s, folder = await asyncio.to_thread(_runner_killed, drig, console, other,
+                                                                          point, fraction)
+            results = [r for r in (json.loads(line) for line in out.stdout.splitlines() if line.startswith("{"))
+                       if "id" in r]
+            landed = step not in ("done", "rolled-back", "refused")  # else the runner ended first
+            if results:
+                outcome = Outcome(f"recover: {results[0]['step']}", results[0]["sentence"],
+                                  runnable=tuple(results[0]["runnable"]))
+            else:
+                wire = outcome_of(folder)
+                outcome = Outcome.from_wire(wire) if wire else None
+            extra = {"at": where, "journal_step": step, "landed": landed, "recover_exit": out.returncode,
                      "recover_s": round(recover_s, 3)}
-            safe = round(recover_s, 3)
+            safe = round(recover_s, 3) if landed else None
     finally:
         console.close()
     c = await settle(drig.lab, "web", (home, other))
     att = Attempt(kind, fault, outcome, c, before, True, safe if len(c.runnable) == 1 else None,
                   source=home, target=other, extra=extra)
     check_promises(att, home, other, None)
-    if kind == "runner-killed" and extra["recover_exit"] != 0:
-        att.violations.append(f"recover exited {extra['recover_exit']}: {outcome.message if outcome else ''}")
+    if kind == "runner-killed":
+        if landed and not results:
+            att.violations.append("recover did not take the migration whose runner was killed")
+        if extra["recover_exit"] != 0:
+            att.violations.append(f"recover exited {extra['recover_exit']}: {outcome.message if outcome else ''}")
     if kind == "client-killed" and (outcome is None or outcome.result != "done"):
         att.violations.append(f"the migration did not go on to done without its client: {extra}")
     return att
@@ -322,26 +331,29 @@ async def durable_attempt(drig: Rig, kind: str, rng: np.random.Generator, workdi
 
 def durable_figures(attempts: list[Attempt]) -> dict:
     """The durable kinds' own figures: the killed client's migration time beside its baseline,
-    and the time from recover start to one runnable copy after a killed runner."""
+    and the time from recover start to one runnable copy after a killed runner. A signal that
+    came after the migration's own end (a short late point) is counted apart ("landed")."""
     out: dict[str, Any] = {}
     clients = [a for a in attempts if a.kind == "client-killed"]
     if clients:
-        ratios = [a.extra["ratio"] for a in clients if a.extra.get("ratio")]
+        ratios = [a.extra["ratio"] for a in clients if a.extra.get("ratio") and a.extra.get("landed")]
         out["client_killed"] = {
-            "runs": [{k: a.extra.get(k) for k in ("signal", "at", "baseline_s", "duration_s", "ratio")}
+            "runs": [{k: a.extra.get(k) for k in ("signal", "at", "landed", "baseline_s", "duration_s", "ratio")}
                      for a in clients],
             "median_ratio_to_baseline": float(np.median(ratios)) if ratios else None,
         }
     runners = [a for a in attempts if a.kind == "runner-killed"]
     if runners:
         times = [a.safe_after_s for a in runners if a.safe_after_s is not None]
+        landed = [a for a in runners if a.extra.get("landed")]
         median = float(np.median(times)) if times else None
         out["runner_killed"] = {
             "killed_at": dict(Counter(str(a.extra.get("journal_step")) for a in runners)),
+            "kills_landed": len(landed),
             "median_recover_to_one_copy_s": median,
             "longest_recover_to_one_copy_s": max(times) if times else None,
             "goal_s": RECOVER_GOAL_S,
-            "goal_met": median is not None and median < RECOVER_GOAL_S and len(times) == len(runners),
+            "goal_met": median is not None and median < RECOVER_GOAL_S and len(times) == len(landed),
         }
     return out
 
