@@ -96,12 +96,27 @@ def run(args: argparse.Namespace) -> int:
     progress = (lambda r: print(escape_controls(f"  {r.name}: {'ok' if r.reachable and not r.host_key else 'failed'}"),
                                 file=sys.stderr)) if sys.stderr.isatty() and not args.json else None
     reports = discover(hosts, options, on_report=progress)
+    items = _attention(reports)
     if args.json:
         from sevconsole.hosts.report_json import report_to_dict
 
-        print(json.dumps([report_to_dict(r) for r in reports], indent=2))
+        dicts = [report_to_dict(r) for r in reports]
+        for item in items:  # each copy of a guest that needs attention says so, with the safe action
+            for d in dicts:
+                for vm in d.get("vms") or []:
+                    if vm.get("name") == item.vm:
+                        vm["attention"] = item.to_json()
+        print(json.dumps(dicts, indent=2))
     else:
         print(render_table(reports))
+        if items:
+            print(escape_controls(f"\nattention ({len(items)}):"))
+            for item in items:
+                fix = item.action.sentence if item.action else "no safe action: check the hosts by hand"
+                print(escape_controls(f"  {item.vm}: {item.problem}"))
+                how = "" if item.action is None else " (`sevconsole recover`, or A in the console)" \
+                    if item.action.fix == "recover" else " (A in the console)"
+                print(escape_controls(f"      safe action: {fix}{how}"))
     failed = [r for r in reports if not r.reachable or r.host_key is not None or r.hostname is None]
     return 1 if failed else 0
 
@@ -170,3 +185,11 @@ def render_table(reports: list[Any]) -> str:
     if problems:
         lines += ["", "problems:"] + [f"  - {escape_controls(p)}" for p in problems]
     return "\n".join(lines)
+
+
+def _attention(reports: list[Any]) -> list[Any]:
+    """Guests with no runnable copy, or a stranded copy, given the journal's migrations."""
+    from sevconsole.engine import attention, journal
+
+    entries = journal.entries()
+    return attention.find(reports, [e for e in entries if e.in_flight], [e for e in entries if e.unfinished])

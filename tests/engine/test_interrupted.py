@@ -6,6 +6,9 @@ by an independent census, with its memory digest unchanged."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from sevconsole.engine.ssh import SshHost
 from sevconsole.hosts.chains import trust_with_lab_root
 from sevconsole.hosts.discovery import discover
 from sevconsole.hosts.fleet import Fleet, open_fleet, pick_vm
+from tests.conftest import ROOT
 from tests.reliability.rig import census, settle
 
 try:
@@ -106,6 +110,15 @@ async def test_attention_offers_recover_then_cont(lab: Lab) -> None:
     (item,) = [i for i in items if i.vm == "web"]
     assert item.action is not None and item.action.fix == attention.Fix.RECOVER
     assert item.action.migration_id == migration_id
+
+    # discover says the same, as text and as JSON on each copy of web
+    out = subprocess.run([sys.executable, "-m", "sevconsole", "discover", "--lab", str(lab.paths.root), "--json"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    copies = [vm for host in json.loads(out.stdout) for vm in host["vms"] if vm["name"] == "web"]
+    assert copies and all(vm["attention"]["action"]["migration"] == migration_id for vm in copies)
+    text = subprocess.run([sys.executable, "-m", "sevconsole", "discover", "--lab", str(lab.paths.root)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT).stdout
+    assert "attention (1):" in text and f"reconcile migration {migration_id}" in text
 
     (blind,) = [i for i in attention.find(found) if i.vm == "web"]  # no journal: what the hosts show
     assert blind.action is not None and blind.action.fix == attention.Fix.CONT
