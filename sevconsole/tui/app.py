@@ -42,8 +42,9 @@ class SevConsoleApp(App[int]):
         Binding("ctrl+t", "next_theme", "Theme", id="theme", show=False),
         Binding("ctrl+g", "guide", "Guide", id="guide", show=False),
         Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
-        Binding("M", "migrations", "Migrations", id="migrations"),
-        Binding("A", "attention", "Attention", id="attention"),
+        # not in the footer (80 columns are full); in `?`, the palette, and the notifications that need them
+        Binding("M", "migrations", "Migrations", id="migrations", show=False),
+        Binding("A", "attention", "Attention", id="attention", show=False),
     ]
 
     def __init__(self, backend: ConsoleBackend, *, config: ConsoleConfig | None = None,
