@@ -20,6 +20,8 @@ COMMAND_MODULES = (
     "sevconsole.commands.migrate",
     "sevconsole.commands.migrations",
     "sevconsole.commands.recover",
+    "sevconsole.commands.evacuate",
+    "sevconsole.commands.cordon",
     "sevconsole.commands.audit",
     "sevconsole.lab.cli",
 )
@@ -42,6 +44,7 @@ examples:
   sevconsole migrate web --to lab-2 --lab DIR
   sevconsole migrations               in-flight and recent migrations (watch ID re-attaches)
   sevconsole recover                  finish migrations whose runner died
+  sevconsole evacuate lab-1 --lab DIR  move every guest off a host (cordons it first)
 """
 
 

@@ -63,6 +63,7 @@ def preflight(plan: MigrationPlan, trust: Any = None) -> list[Check]:
         checks.append(argv)
     checks += _qemu_support(vm, src, dst)
     checks.append(_memory(vm, dst))
+    checks += _cordon(dst)
     if not vm.sev_enabled:
         checks.append(_c("sev", "Guest kind", CheckStatus.PASS,
                          f"{vm.name} is not an SEV guest: plain QEMU migration, no firmware involved."))
@@ -182,6 +183,19 @@ def _memory(vm: VmInfo, dst: HostReport) -> Check:
                   f"{dst.name} has {int(free)} MiB available, {vm.name} needs {vm.memory_mib} MiB.")
     return _c("memory", "Memory on target", CheckStatus.PASS,
               f"{dst.name} has {int(free)} MiB available for the {vm.memory_mib} MiB of {vm.name}.")
+
+
+def _cordon(dst: HostReport) -> list[Check]:
+    """A cordoned target (engine/cordon.py, the operator's list in the state folder) is refused;
+    no line when it is not cordoned. The one check that reads a file, so a cordon set after a
+    plan was made still stops the runner's own preflight."""
+    from sevconsole.engine.cordon import CordonError, lookup
+
+    try:
+        entry = lookup(dst.name)
+    except CordonError as exc:
+        return [_c("cordon", "Target not cordoned", CheckStatus.FAIL, f"{exc}.")]
+    return [] if entry is None else [_c("cordon", "Target not cordoned", CheckStatus.FAIL, entry.sentence() + ".")]
 
 
 def _sev_checks(plan: MigrationPlan, trust: Any) -> list[Check]:
