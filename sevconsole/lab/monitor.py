@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 from sevconsole.sev.pagestate import ENCODING, encode_states
 from sevconsole.sev.status import Command, GuestState
 
+from .dirtyrate import ARGS as DIRTY_RATE_ARGS
+from .dirtyrate import DirtyRateMeter
 from .layout import PAGE_SIZE
 from .migration import Fault, IncomingMigration, MigrationError, OutgoingMigration
 from .psp import FirmwareError
@@ -70,6 +72,7 @@ class Monitor:
         self.vm = vm
         self.params: dict[str, Any] = dict(DEFAULT_PARAMS)
         self.fault = Fault()
+        self.dirty_rate = DirtyRateMeter(vm)  # calc-dirty-rate / query-dirty-rate (lab/dirtyrate.py)
         vm.params = self.params
 
     def commands(self) -> dict[str, CommandSpec]:
@@ -98,6 +101,8 @@ class Monitor:
             c("stop", self.stop),
             c("cont", self.cont),
             c("quit", self.quit),
+            c("calc-dirty-rate", self.dirty_rate.calc, DIRTY_RATE_ARGS),
+            c("query-dirty-rate", self.dirty_rate.query),
             c("x-query-sev-page-state", self.x_page_state),
             c("x-query-sev-firmware", self.x_firmware),
             c("x-query-guest-digest", self.x_digest),
