@@ -301,6 +301,13 @@ class Entry:
 
     @property
     def outcome(self) -> dict[str, Any] | None:
+        """The runner's Outcome (wire form). When recover wrote the last record, what recover
+        found instead (a runner's older outcome would be stale): result is its step (done,
+        rolled-back, needs-operator), message its sentence, runnable, and recovered = True."""
+        last = self.journal.last
+        if last is not None and last.data.get("recovered"):
+            return {"result": last.step.value, "message": str(last.data.get("why") or ""),
+                    "runnable": [str(h) for h in last.data.get("runnable") or ()], "recovered": True}
         out = self.journal.data().get("outcome")
         return out if isinstance(out, dict) else None
 

@@ -236,6 +236,9 @@ def test_a_killed_runner_is_recovered_to_one_copy(lab: Lab, console: Console, po
     assert results[0]["step"] == ("done" if now.runnable[0].host == start.other else "rolled-back")
     row = listed(console, folder)
     assert row["step"] in ("done", "rolled-back") and not row["unfinished"] and not row["in_flight"], row
+    # the list says how recover ended it (not a runner's outcome, which there is none of)
+    assert (row["result"], row["message"], row["runnable"]) == (
+        results[0]["step"], results[0]["sentence"], results[0]["runnable"]), row
     again = console.run("recover", "--lab", str(lab.paths.root), "--json")
     assert again.returncode == 0 and recover_json(again) == ([], {"reconciled": 0, "needs_operator": 0,
                                                                  "skipped": 0}), again.stdout
