@@ -101,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
         from sevconsole.hosts.report_json import report_to_dict
 
         dicts = [report_to_dict(r) for r in reports]
+        cordoned = _cordoned()
+        for d in dicts:
+            d["cordoned"] = d.get("name") in cordoned  # never chosen as a migration target
         for item in items:  # each copy of a guest that needs attention says so, with the safe action
             for d in dicts:
                 for vm in d.get("vms") or []:
@@ -108,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
                         vm["attention"] = item.to_json()
         print(json.dumps(dicts, indent=2))
     else:
-        print(render_table(reports))
+        print(render_table(reports, _cordoned()))
         if items:
             print(escape_controls(f"\nattention ({len(items)}):"))
             for item in items:
@@ -154,11 +157,23 @@ def _table(rows: list[list[str]], indent: str = "") -> list[str]:
     return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
-def render_table(reports: list[Any]) -> str:
+def _cordoned() -> dict[str, Any]:
+    """The cordoned hosts (engine/cordon.py); an unreadable list is said once, on stderr."""
+    from sevconsole.engine.cordon import CordonError, load
+
+    try:
+        return load()
+    except CordonError as exc:
+        print(escape_controls(f"sevconsole discover: {exc}"), file=sys.stderr)
+        return {}
+
+
+def render_table(reports: list[Any], cordoned: Any = ()) -> str:
     rows = [["HOST", "ADDRESS", "LATENCY", "SEV", "FIRMWARE", "CHAIN", "VMS"]]
     for r in reports:
         support, fw = _sev_words(r)
-        rows.append([r.name + (" (lab)" if r.lab else ""), f"{r.address}:{r.port}",
+        rows.append([r.name + (" (lab)" if r.lab else "") + (" cordoned" if r.name in cordoned else ""),
+                     f"{r.address}:{r.port}",
                      "-" if r.latency_ms is None else f"{r.latency_ms:.1f} ms",
                      support if r.hostname else "-", fw, _chain_words(r),
                      str(len(r.vms)) if r.hostname else "-"])
