@@ -154,6 +154,29 @@ class _End:
                 return state
         return None
 
+    async def find_incoming(self, vm: str) -> bool:
+        """An incoming copy of `vm` waiting on this host (QEMU inmigrate), adopted as ours: a
+        driver that died between launching it and journaling its pid leaves exactly that."""
+        from sevconsole.hosts import remote
+        from sevconsole.hosts.errors import HostError
+
+        try:
+            conn = await self.link._conn()
+            report = await asyncio.to_thread(remote.probe, conn)
+        except (HostError, LinkError, OSError):
+            return False
+        for found in report.get("vms") or []:
+            if not isinstance(found, dict) or found.get("name") != vm or not found.get("qmp"):
+                continue
+            self.qmp_path, self.pid = str(found["qmp"]), found.get("pid") if isinstance(found.get("pid"), int) else None
+            if await self.connect():
+                with contextlib.suppress(LinkError):
+                    if (await self.execute("query-status")).get("status") == "inmigrate":
+                        return True
+                await self.drop()
+            self.qmp_path, self.pid = None, None
+        return False
+
     async def _gone(self) -> bool:
         """The process is confirmed absent (the host answers and does not list it)."""
         if self.pid is None:
@@ -241,6 +264,10 @@ async def reconcile(entry: journal.Entry, fleet: Any, *, operator_log: Path | No
                    pid=int(pid) if isinstance(pid, int) else None)
         journal_out = journal.Journal(entry.folder / "journal.jsonl")
         step = _effective_step(read)
+        if step == Step.PLANNED and dst.pid is None and await dst.find_incoming(entry.vm):
+            journal_out.append(Step.TARGET_LAUNCHED, recovered=True, target_pid=dst.pid, target_qmp=dst.qmp_path,
+                               why="an incoming VM launched before its pid was journaled")
+            step = Step.TARGET_LAUNCHED
         done: list[str] = []
         decision = None
         for _ in range(MAX_ROUNDS):

@@ -302,12 +302,8 @@ def hosts_view(now: Census) -> set[tuple[str, int, str, int | None]]:
     return {(c.host, c.pid, c.status, c.guest_state) for c in now.copies}
 
 
-# ------------------------------------------------------------------ known gaps (strict xfails)
+# ------------------------------------------------------------------ the launch window
 
-@pytest.mark.xfail(strict=True, reason="engine/run.py Migration._prepare_target records TARGET_LAUNCHED only "
-                   "after launch_incoming returned: a runner that dies in between leaves an incoming VM the "
-                   "journal does not name, and engine/recover.py reconcile rolls back without stopping it "
-                   "(one runnable copy still holds; the incoming QEMU is leaked with the guest's memory size)")
 def test_a_runner_killed_between_launching_the_target_and_its_record_leaves_no_incoming_vm(
         lab: Lab, console: Console) -> None:
     # The runner's state in that window, made exactly: killed right after target-launched was
