@@ -157,7 +157,7 @@ async def prepare(fleet: Any, options: EvacOptions, *, trust: Any = None,
     plan = plan_evacuation(host, planned, list(target_info.values()), psp_rate=REFERENCE_PSP_PPS, notes=notes)
     adopted = {vm: (e.id, e.target, guests[vm]) for vm, e in in_flight.items() if vm in guests}
     on_host = {vm.name for vm in vms}
-    earlier = {vm: g for vm, g in record.guests.items() if g.get("status") == "moved" and vm not in on_host}
+    earlier = _moved_earlier(record, on_host)
     record.plan = plan.to_json()
     return Prepared(fleet, options, record, plan, guests, target_info, adopted, earlier, notes, cordoned_now)
 
@@ -176,6 +176,26 @@ def abandon(prepared: Prepared, code: int) -> str | None:
             cordon.uncordon(host)
             return f"{host} uncordoned again: nothing was started"
     return None if not prepared.cordoned_now else f"{host} stays cordoned (`sevconsole uncordon {host}`)"
+
+
+def _moved_earlier(record: EvacRecord, on_host: set[str]) -> dict[str, dict[str, Any]]:
+    """Guests of an earlier run of this evacuation that left the host: recorded as moved, or
+    whose last migration's journal says it ended on its target (it finished while no
+    `evacuate` was watching)."""
+    out = {}
+    for vm, g in record.guests.items():
+        if vm in on_host:
+            continue
+        if g.get("status") == "moved":
+            out[vm] = g
+            continue
+        ids = g.get("migrations") or []
+        with contextlib.suppress(journal.JournalError, OSError):
+            entry = journal.entry(str(ids[-1])) if ids else None
+            outcome = (entry.outcome if entry is not None and entry.finished else None) or {}
+            if list(outcome.get("runnable") or []) == [g.get("target")]:
+                out[vm] = {**g, "status": "moved"}
+    return out
 
 
 def _guests_on(report: Any) -> list[Any]:
@@ -251,6 +271,7 @@ class Evacuation:
             self.rows[vm] = Row(vm, bool(g.get("sev")), "moved", g.get("target"),
                                 note=f"moved earlier ({', '.join(g.get('migrations') or [])})",
                                 attempts=len(g.get("migrations") or []))
+            rec.guest(vm)["status"] = "moved"
         for m in self.p.plan.moves:
             self.rows[m.vm] = Row(m.vm, m.sev, "waiting", m.target, note=m.reason)
             rec.guest(m.vm).update(status="waiting", target=m.target, sev=m.sev, sentence=m.reason)

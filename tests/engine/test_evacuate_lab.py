@@ -11,7 +11,6 @@ import os
 import signal
 from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -141,16 +140,22 @@ def test_plan_cordons_skip_blocked_and_exit_codes(mixed: Lab, console: Console) 
     assert console.run("uncordon", "lab-1").returncode == 0
 
 
+PSP_MIB = 4  # with the realistic PSP: about 3 s a guest
+
+
 @pytest.fixture(scope="module")
 def psp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """A realistic PSP everywhere; lab-1 runs three SEV guests; lab-2 and lab-3 both take them."""
-    hosts = tuple(HostSpec(f"lab-{i}", RECENT_API, "a", realistic_psp=True) for i in (1, 2, 3))
-    layout = (replace(hosts[0], vms=(sev_vm("g1"), sev_vm("g2"), sev_vm("g3"))), *hosts[1:])
-    lab = Lab.start(tmp_path_factory.mktemp("evac-psp") / "lab", layout=layout)
+    """A realistic PSP everywhere; lab-1 runs three idle SEV guests; lab-2..4 all take them."""
+    hosts = tuple(HostSpec(f"lab-{i}", RECENT_API, "a", realistic_psp=True) for i in (1, 2, 3, 4))
+    guests = tuple(VmSpec(f"g{i}", True, DB_POLICY, mem_mib=PSP_MIB) for i in (1, 2, 3))
+    lab = Lab.start(tmp_path_factory.mktemp("evac-psp") / "lab", layout=(replace(hosts[0], vms=guests), *hosts[1:]))
     try:
         yield lab
     finally:
         lab.stop()
+
+
+GUESTS = ["g1", "g2", "g3"]
 
 
 def kill_host(lab: Lab, name: str) -> None:
@@ -158,17 +163,48 @@ def kill_host(lab: Lab, name: str) -> None:
     lab.host(name).process.wait(timeout=10)
 
 
-def test_a_target_killed_mid_evacuation_is_planned_around(psp: Lab, console: Console, tmp_path: Path) -> None:
-    guests = ["g1", "g2", "g3"]
-    before = digests(psp, guests)
-    client = console.start("evacuate", "lab-1", "--lab", str(psp.paths.root), "--yes", "--json")
+def in_pre_copy(e: dict) -> bool:
+    return e.get("event") == "guest" and e.get("phase") == "pre-copy" and (e.get("percent") or 0) > 10
+
+
+def test_a_re_run_continues_an_evacuation_whose_command_died(psp: Lab, console: Console) -> None:
+    """SIGKILL `evacuate` mid pre-copy: the runner finishes that guest; `evacuate` again follows
+    it (not started twice), moves the rest, and counts it in the same evacuation."""
+    before = digests(psp, GUESTS)
+    client = console.start("evacuate", "lab-1", "--to", "lab-4", "--lab", str(psp.paths.root), "--yes", "--json")
+    try:
+        plan = client.until(lambda e: e.get("event") == "plan", timeout=60)
+        assert plan is not None
+        hit = client.until(in_pre_copy, timeout=60)
+        assert hit is not None
+        client.kill(signal.SIGKILL)
+        client.proc.wait(10)
+    finally:
+        client.close()
+    out = console.run("evacuate", "lab-1", "--to", "lab-4", "--lab", str(psp.paths.root), "--yes", "--json",
+                      timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = events(out.stdout)
+    again = lines[0]
+    assert again["event"] == "plan" and again["id"] == plan["id"]
+    moved_before = hit["vm"] not in {m["vm"] for m in again["moves"]}
+    assert moved_before  # followed or already moved: never planned a second time
+    assert lines[-1]["summary"]["moved"] == 3, lines[-1]
+    ids = [e["migration_id"] for e in lines if e.get("event") == "guest" and e["vm"] == hit["vm"]
+           and e.get("migration_id")]
+    assert len(set(ids)) <= 1 and (not ids or ids[0] == hit["migration_id"])
+    assert one_copy_each(psp, before, ("lab-1", "lab-4")) == {vm: "lab-4" for vm in GUESTS}
+
+
+def test_a_target_killed_mid_evacuation_is_planned_around(psp: Lab, console: Console) -> None:
+    before = digests(psp, GUESTS)  # on lab-4 now
+    client = console.start("evacuate", "lab-4", "--to", "lab-2", "lab-3", "--lab", str(psp.paths.root), "--yes",
+                           "--json")
     try:
         plan = client.until(lambda e: e.get("event") == "plan", timeout=60)
         assert plan is not None and not plan["blockers"]
         assert {m["target"] for m in plan["moves"]} == {"lab-2", "lab-3"}
-        # the first guest in pre-copy: its target dies
-        hit = client.until(lambda e: e.get("event") == "guest" and e.get("phase") == "pre-copy"
-                           and (e.get("percent") or 0) > 10, timeout=60)
+        hit = client.until(in_pre_copy, timeout=60)  # the first guest in pre-copy: its target dies
         assert hit is not None
         victim, dead = hit["vm"], hit["target"]
         alive = "lab-2" if dead == "lab-3" else "lab-3"
@@ -178,20 +214,26 @@ def test_a_target_killed_mid_evacuation_is_planned_around(psp: Lab, console: Con
         client.close()
     assert client.proc.returncode == 0, client.stderr()[-2000:]
     final = {e["vm"]: e for e in lines if e.get("event") == "guest"}
-    assert {vm: (final[vm]["status"], final[vm]["target"]) for vm in guests} == {vm: ("moved", alive) for vm in guests}
+    assert {vm: (final[vm]["status"], final[vm]["target"]) for vm in GUESTS} == {vm: ("moved", alive) for vm in GUESTS}
     assert final[victim]["attempts"] == 2
     notes = [e["text"] for e in lines if e.get("event") == "note"]
     assert any(f"{dead} dropped from the plan" in n for n in notes), notes
     assert any("PSP measured at" in n for n in notes), notes
-    where = one_copy_each(psp, before, ("lab-1", "lab-2", "lab-3"))
-    assert set(where.values()) == {alive}
+    assert one_copy_each(psp, before, ("lab-2", "lab-3", "lab-4")) == {vm: alive for vm in GUESTS}
 
     # the other way round, with no target left: the guests stay (exit 1), one copy each
-    assert console.run("uncordon", "lab-1").returncode == 0
-    client = console.start("evacuate", alive, "--lab", str(psp.paths.root), "--yes", "--json")
+    client = console.start("evacuate", alive, "--to", "lab-1", "--lab", str(psp.paths.root), "--yes", "--json")
     try:
-        hit = client.until(lambda e: e.get("event") == "guest" and e.get("phase") == "pre-copy"
-                           and (e.get("percent") or 0) > 10, timeout=60)
+        plan = client.until(lambda e: e.get("event") == "plan", timeout=60)
+        assert plan is not None and plan["moves"] == [] and plan["blockers"], plan  # lab-1 is still cordoned
+        client.rest(timeout=30)
+    finally:
+        client.close()
+    assert client.proc.returncode == 2
+    assert console.run("uncordon", "lab-1").returncode == 0
+    client = console.start("evacuate", alive, "--to", "lab-1", "--lab", str(psp.paths.root), "--yes", "--json")
+    try:
+        hit = client.until(in_pre_copy, timeout=60)
         assert hit is not None and hit["target"] == "lab-1"
         kill_host(psp, "lab-1")
         lines = client.rest(timeout=120)
@@ -199,6 +241,6 @@ def test_a_target_killed_mid_evacuation_is_planned_around(psp: Lab, console: Con
         client.close()
     assert client.proc.returncode == 1, client.stderr()[-2000:]
     final = {e["vm"]: e for e in lines if e.get("event") == "guest"}
-    assert {final[vm]["status"] for vm in guests} == {"failed"}
-    assert all(f"stays on {alive}" in final[vm]["note"] for vm in guests)
-    assert one_copy_each(psp, before, (alive,)) == {vm: alive for vm in guests}
+    assert {final[vm]["status"] for vm in GUESTS} == {"failed"}
+    assert all(f"stays on {alive}" in final[vm]["note"] for vm in GUESTS)
+    assert one_copy_each(psp, before, (alive,)) == {vm: alive for vm in GUESTS}
