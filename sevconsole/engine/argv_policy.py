@@ -33,6 +33,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from sevconsole.textsafe import redact_arg
+
 # QEMU binaries that may run an SEV guest; the target resolves the name in its own folders.
 PROGRAMS = ("qemu-system-x86_64", "qemu-kvm")
 FIRMWARE_DIRS = ("/usr/share/OVMF/", "/usr/share/ovmf/", "/usr/share/edk2/", "/usr/share/edk2-ovmf/",
@@ -125,6 +127,9 @@ def _int_in(low: int, high: int) -> Check:
 
 
 def _show(value: str) -> str:
+    """An argv word as a refusal sentence quotes it: secrets redacted, short (control characters
+    are refused, and quoted with repr, before they get here)."""
+    value = redact_arg(value)
     return value if len(value) <= 60 else value[:57] + "..."
 
 

@@ -220,3 +220,11 @@ def test_what_passes_is_a_fixed_point_without_source_paths(parts: list[list[str]
             allowed = (out[i - 1] == "-bios" and word.startswith(FIRMWARE_DIRS)) or \
                 (out[i - 1] == "-name") or word.startswith("user,id=n,net=")
             assert allowed, (out[i - 1], word)
+
+
+def test_a_refusal_never_quotes_a_secret() -> None:
+    """A refused word is quoted in preflight, `migrate` output and the audit log: redacted."""
+    from sevconsole.engine.argv_policy import _show
+
+    assert "hunter2" not in _show("secret,id=s0,data=hunter2,file=/etc/x")
+    assert "hunter2" not in _show("iscsi,password=hunter2")
