@@ -187,7 +187,8 @@ class SevCert:
     @property
     def curve(self) -> int:
         """The curve id of an EC key (2 = P-384)."""
-        return struct.unpack_from("<I", self.pubkey, 0)[0]
+        curve: int = struct.unpack_from("<I", self.pubkey, 0)[0]
+        return curve
 
     @property
     def qx(self) -> int:
@@ -234,8 +235,8 @@ class SevCert:
         if isinstance(public_key, ec.EllipticCurvePublicKey):
             if not isinstance(public_key.curve, ec.SECP384R1):
                 raise ValueError(f"SEV certificates hold P-384 keys, not {public_key.curve.name}")
-            nums = public_key.public_numbers()
-            key = struct.pack("<I", CURVE_P384) + _to_le(nums.x, EC_INT_LEN) + _to_le(nums.y, EC_INT_LEN)
+            point = public_key.public_numbers()
+            key = struct.pack("<I", CURVE_P384) + _to_le(point.x, EC_INT_LEN) + _to_le(point.y, EC_INT_LEN)
         elif isinstance(public_key, rsa.RSAPublicKey):
             nums = public_key.public_numbers()
             key = (struct.pack("<I", public_key.key_size) + _to_le(nums.e, RSA_INT_LEN)

@@ -16,5 +16,5 @@ class SevFormatError(ValueError):
         self.message = message
         super().__init__(f"{cert}: byte {offset:#x}: {message}")
 
-    def __reduce__(self):  # keep pickling (multiprocessing, workers) working with three args
+    def __reduce__(self) -> tuple[type[SevFormatError], tuple[str, int, str]]:  # keep pickling (multiprocessing, workers) working with three args
         return (type(self), (self.cert, self.offset, self.message))

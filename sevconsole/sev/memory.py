@@ -39,7 +39,7 @@ def _byte_view(data: Buffer, name: str) -> memoryview:
     """A flat byte view of any contiguous buffer (bytes, bytearray, memoryview, numpy array)."""
     try:
         if isinstance(data, np.ndarray):
-            data = data.reshape(-1).view(np.uint8)
+            return data.reshape(-1).view(np.uint8).data.cast("B")
         return memoryview(data).cast("B")
     except (TypeError, ValueError) as exc:
         raise MemoryCipherError(f"{name} is not a contiguous byte buffer: {exc}") from exc

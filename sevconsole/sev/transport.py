@@ -39,13 +39,16 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 SESSION_LEN = 128
 HEADER_LEN = 52
@@ -53,7 +56,6 @@ AAD_LEN = 29
 KEY_LEN = 16
 IV_LEN = 16
 MAC_LEN = 32
-Z_LEN = 48  # P-384 x-coordinate
 MAX_PACKET_LEN = 0x5000  # SEND/RECEIVE_UPDATE_DATA's largest guest_len
 FLAG_COMPRESSED = 0x1
 DEFAULT_PAGE_SIZE = 4096
@@ -123,7 +125,7 @@ def _bytes(name: str, value: object) -> bytes:
     if isinstance(value, str | int) or value is None:  # bytes(int) would make zeros
         raise TransportFormatError(name, f"must be bytes, not {type(value).__name__}")
     try:
-        return bytes(value)  # type: ignore[arg-type]
+        return bytes(cast("ReadableBuffer", value))  # bytes() itself refuses what is not a buffer
     except (TypeError, ValueError) as exc:
         raise TransportFormatError(name, f"must be bytes, not {type(value).__name__}") from exc
 
@@ -383,7 +385,7 @@ class _Scratch(threading.local):
         self.buffer = bytearray(_CHUNK_BYTES + 16)  # counters, then keystream (ECB in place)
         self.bytes = np.frombuffer(self.buffer, dtype=np.uint8)
         self.view = memoryview(self.buffer)
-        self.ecb: OrderedDict[bytes, object] = OrderedDict()
+        self.ecb: OrderedDict[bytes, CipherContext] = OrderedDict()
         self.macs: OrderedDict[bytes, crypto_hmac.HMAC] = OrderedDict()
         self._counters: dict[tuple[int, int], np.ndarray] = {}
 
@@ -398,7 +400,7 @@ class _Scratch(threading.local):
             self._counters[key] = view
         return view
 
-    def ecb_for(self, tek: bytes):  # -> CipherContext (no public type to name)
+    def ecb_for(self, tek: bytes) -> CipherContext:
         ecb = self.ecb.pop(tek, None)
         if ecb is None:
             ecb = Cipher(algorithms.AES(tek), modes.ECB()).encryptor()
@@ -479,7 +481,7 @@ class _Keystream:
         return np.frombuffer(out, np.uint8)
 
 
-def _xor_one(tek: bytes, ecb, iv: bytes, src: np.ndarray, dst: np.ndarray) -> None:
+def _xor_one(tek: bytes, ecb: CipherContext, iv: bytes, src: np.ndarray, dst: np.ndarray) -> None:
     """dst = src XOR the CTR keystream of one packet (the short-run path: scalar IV halves)."""
     n = src.size
     blocks = n // 16
@@ -499,7 +501,7 @@ def _seal_small(
     tek: bytes, tik: bytes, src: np.ndarray, dst: np.ndarray, page_size: int, ivs: bytes
 ) -> list[bytes]:
     """A few packets, one at a time: below _SMALL_RUN the vectorised set-up costs more."""
-    ecb, new, body = _scratch.ecb_for(tek), _scratch.mac_for(tik).copy, memoryview(dst)
+    ecb, new, body = _scratch.ecb_for(tek), _scratch.mac_for(tik).copy, dst.data
     headers = []
     for p, a in enumerate(range(0, src.size, page_size)):
         b = min(a + page_size, src.size)
@@ -517,7 +519,7 @@ def _open_small(
     page_size: int, single: bool = False,
 ) -> np.ndarray:
     """Check the few packets' MACs (flags already checked), then decrypt them into dst."""
-    new, view = _scratch.mac_for(tik).copy, memoryview(src)
+    new, view = _scratch.mac_for(tik).copy, src.data
     spans = [(a, min(a + page_size, src.size)) for a in range(0, src.size, page_size)]
     ivs = []
     for p, (a, b) in enumerate(spans):
@@ -561,7 +563,7 @@ def _aads(ivs: np.ndarray, full: int, page_size: int, rest: int) -> memoryview:
     head[:full, 21:29] = np.frombuffer(_LE32.pack(page_size) * 2, np.uint8)
     if rest:
         head[full, 21:29] = np.frombuffer(_LE32.pack(rest) * 2, np.uint8)
-    return memoryview(head.reshape(-1))
+    return head.reshape(-1).data
 
 
 def _mac_run(
@@ -652,7 +654,7 @@ def seal_pages(
     if count < _SMALL_RUN:
         headers = _seal_small(tek, tik, src, dst, page_size, iv_arr.tobytes())
         return headers, (dst.tobytes() if out is None else out)
-    body, aads, total = memoryview(dst), _aads(iv_arr, full, page_size, rest), src.size
+    body, aads, total = dst.data, _aads(iv_arr, full, page_size, rest), src.size
     macs: list[bytes] = []
     chunk = _chunk(page_size, full)
     keystream = _Keystream(tek, iv_arr, page_size, chunk)
@@ -698,7 +700,7 @@ def open_pages(
     table = np.frombuffer(blob, np.uint8).reshape(count, HEADER_LEN)
     iv_arr = np.ascontiguousarray(table[:, 4:20])
     computed: list[bytes] = []
-    _mac_run(tik, _aads(iv_arr, full, page_size, rest), memoryview(src), page_size, 0, count,
+    _mac_run(tik, _aads(iv_arr, full, page_size, rest), src.data, page_size, 0, count,
              src.size, computed)
     # One constant-time comparison for the run; find the culprit only on failure.
     if not hmac.compare_digest(b"".join(computed), table[:, 20:].tobytes()):
