@@ -11,8 +11,7 @@ A lab root is trusted only by a store made with `with_lab_root`, and it reports 
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sevconsole.sev.certs import AmdCert, SevCert, Usage, is_lab_key_id
@@ -65,17 +64,6 @@ AMD_ARKS: tuple[PinnedArk, ...] = (
 )
 
 
-class _store_or_amd:
-    """A method that, called on the class, starts from `TrustStore.amd()` (see `with_lab_root`)."""
-
-    def __init__(self, func: Callable[..., TrustStore]) -> None:
-        self.func = func
-        functools.update_wrapper(self, func)  # type: ignore[arg-type]
-
-    def __get__(self, obj: TrustStore | None, cls: type[TrustStore]) -> Callable[..., TrustStore]:
-        return functools.partial(self.func, obj if obj is not None else cls.amd())
-
-
 @dataclass(frozen=True)
 class TrustStore:
     pins: tuple[PinnedArk, ...]
@@ -85,9 +73,8 @@ class TrustStore:
         """The five AMD ARKs, Naples to Turin. Never trusts a lab root."""
         return cls(AMD_ARKS)
 
-    @_store_or_amd
     def with_lab_root(self, ark: AmdCert) -> TrustStore:
-        """This store (or, on the class, the AMD store) plus a lab ARK, pinned as generation "LAB".
+        """This store plus a lab ARK, pinned as generation "LAB" (`TrustStore.amd().with_lab_root(ark)`).
 
         Only an ARK whose key id starts with b"LAB-ROOT" may be added this way, so a real AMD
         key can never be relabelled as the lab's.

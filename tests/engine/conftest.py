@@ -235,7 +235,7 @@ def open_lab_session(state: Path, amd: Path, **lab_kw: Any) -> Iterator[LabSessi
         options = DiscoveryOptions(known_hosts=lab.known_hosts, system_known_hosts=(),
                                    lab_root=lab.paths.lab_root, amd_roots=amd, use_agent=False)
         with options.pool() as pool:
-            trust = TrustStore.with_lab_root(AmdCert.from_bytes(lab.lab_ark.read_bytes()))
+            trust = TrustStore.amd().with_lab_root(AmdCert.from_bytes(lab.lab_ark.read_bytes()))
             yield LabSession(lab, load_lab_inventory(lab.inventory), options, pool, trust)
     finally:
         patch.undo()

@@ -145,7 +145,7 @@ def test_lab_root_only_for_lab_hosts(sev_certs: Path) -> None:
     from sevconsole.sev.certs import generate_lab_root
 
     lab = generate_lab_root()
-    trust = TrustStore.with_lab_root(lab.ark)
+    trust = TrustStore.amd().with_lab_root(lab.ark)
     plan = _plan(sev_certs, GuestPolicy(RECOMMENDED))
     assert _by_key(preflight(plan, trust))["chain"].status is CheckStatus.PASS
     caps = plan.target.capabilities

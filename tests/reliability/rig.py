@@ -254,7 +254,7 @@ class Rig:
             amd.mkdir(exist_ok=True)
             options = DiscoveryOptions(known_hosts=lab.known_hosts, system_known_hosts=(),
                                        lab_root=lab.paths.lab_root, amd_roots=amd, use_agent=False)
-            trust = TrustStore.with_lab_root(AmdCert.from_bytes(lab.lab_ark.read_bytes()))
+            trust = TrustStore.amd().with_lab_root(AmdCert.from_bytes(lab.lab_ark.read_bytes()))
             return cls(lab, options, options.pool(), trust, load_inventory(lab.inventory))
         except BaseException:
             lab.stop()

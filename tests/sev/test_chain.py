@@ -140,7 +140,7 @@ def lab() -> Lab:
 
 def test_synthetic_chain_verifies_with_the_lab_root(lab: Lab) -> None:
     assert lab.certs["cek"].sigs[0].algo == Algo.RSA_SHA256
-    report = verify_chain(**lab.certs, trust=TrustStore.with_lab_root(lab.root.ark))
+    report = verify_chain(**lab.certs, trust=TrustStore.amd().with_lab_root(lab.root.ark))
     assert report.ok, failing(report)
     assert report.root is not None and report.root.generation == "LAB" and report.root.is_lab
     assert "lab root" in report.root.name
@@ -158,7 +158,7 @@ def test_slots_are_found_by_usage(lab: Lab) -> None:
     swapped = SevCert.from_bytes(
         swapped.to_bytes()[:0x414] + swapped.to_bytes()[0x61C:] + swapped.to_bytes()[0x414:0x61C], "pek.cert")
     assert swapped.sigs[0].usage == Usage.CEK
-    report = verify_chain(**{**lab.certs, "pek": swapped}, trust=TrustStore.with_lab_root(lab.root.ark))
+    report = verify_chain(**{**lab.certs, "pek": swapped}, trust=TrustStore.amd().with_lab_root(lab.root.ark))
     assert report.ok, failing(report)
 
 
@@ -167,7 +167,7 @@ def _resign(cert: SevCert, key, usage: Usage, **changes) -> SevCert:
 
 
 def test_each_failure_reason(lab: Lab) -> None:
-    trust = TrustStore.with_lab_root(lab.root.ark)
+    trust = TrustStore.amd().with_lab_root(lab.root.ark)
     c, k = lab.certs, lab.keys
 
     def run(**over) -> dict:
