@@ -13,6 +13,11 @@ from sevconsole.engine.argv_policy import ArgvRefused, require_target_argv
 from sevconsole.engine.errors import LinkError
 
 
+class QemuGone(LinkError):
+    """The QEMU behind a QMP socket is not running any more (a link may raise it from open_qmp),
+    so an incoming VM that left by itself is told apart from one that cannot be reached."""
+
+
 @dataclass(frozen=True)
 class IncomingVm:
     """The target QEMU started with `-incoming defer`: its pid and QMP socket on that host."""

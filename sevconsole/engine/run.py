@@ -28,7 +28,7 @@ from sevconsole.engine.endpoint import QMP_TIMEOUT_S, Endpoint
 from sevconsole.engine.errors import EngineError, LinkError
 from sevconsole.engine.fold import ProgressFolder
 from sevconsole.engine.invariant import GuestCopies
-from sevconsole.engine.links import HostLink, IncomingVm
+from sevconsole.engine.links import HostLink, IncomingVm, QemuGone
 from sevconsole.engine.machine import Action, EndState, Facts, Observation, Step, takes_over
 from sevconsole.engine.plan import MigrationPlan
 from sevconsole.engine.progress import Phase, Progress
@@ -227,8 +227,7 @@ class Migration:
         try:
             port = await self._prepare_target()
             await self._configure_source()
-        except (TimeoutError, EngineError, QMPError, OSError) as exc:
-            f.error(_sentence(exc))
+        except (TimeoutError, EngineError, QMPError, OSError) as exc:  # _rollback reports it, once
             return await self._rollback("failed", f"setup failed: {_sentence(exc)}")
         if self._cancel.is_set():
             return await self._rollback("cancelled", self._cancel_reason)
@@ -561,6 +560,9 @@ class Migration:
             return False
         try:
             await self.dst.reopen()
+        except QemuGone:  # it left by itself (QEMU exits when its incoming migration ends badly)
+            self.folder.event(f"{self.plan.target.name}: the incoming VM has already exited")
+            return False
         except LinkError as exc:
             self.folder.error(str(exc))
             return False

@@ -11,10 +11,10 @@ from qemu.qmp import QMPClient
 
 from sevconsole.engine.argv_policy import ArgvRefused, require_target_argv
 from sevconsole.engine.errors import LinkError
-from sevconsole.engine.links import IncomingVm
+from sevconsole.engine.links import IncomingVm, QemuGone
 from sevconsole.hosts import remote
 from sevconsole.hosts.errors import HostError
-from sevconsole.hosts.qmp import QmpLink, connect_qmp
+from sevconsole.hosts.qmp import QmpLink, QmpSocketGone, connect_qmp
 from sevconsole.hosts.ssh import SshConnection
 
 
@@ -29,6 +29,7 @@ class SshHost:
         self.conn = conn
         self._reconnect = reconnect
         self._links: list[QmpLink] = []
+        self._incoming: dict[int, str] = {}  # pid -> QMP socket of the incoming VMs started here
 
     async def _conn(self) -> SshConnection:
         if not self.conn.alive and self._reconnect is not None:
@@ -41,6 +42,8 @@ class SshHost:
     async def open_qmp(self, path: str) -> QMPClient:
         try:
             link = await connect_qmp(await self._conn(), path)
+        except QmpSocketGone as exc:
+            raise QemuGone(self.name, str(exc)) from exc
         except HostError as exc:
             raise LinkError(self.name, str(exc)) from exc
         self._links = [x for x in self._links if not x.dropped] + [link]
@@ -57,13 +60,18 @@ class SshHost:
             vm = await asyncio.to_thread(remote.launch_incoming, await self._conn(), list(allowed.argv))
         except HostError as exc:
             raise LinkError(self.name, str(exc)) from exc
+        self._incoming[vm.pid] = vm.qmp
         return IncomingVm(pid=vm.pid, qmp=vm.qmp)
 
     async def stop(self, pid: int) -> bool:
+        # the incoming VM's socket goes along, so its files never show up later as a VM
+        qmp = self._incoming.get(pid)
         try:
-            return await asyncio.to_thread(remote.stop, await self._conn(), pid)
+            stopped = await asyncio.to_thread(remote.stop, await self._conn(), pid, qmp=qmp)
         except HostError as exc:
             raise LinkError(self.name, str(exc)) from exc
+        self._incoming.pop(pid, None)
+        return stopped
 
     async def close(self) -> None:
         for link in self._links:

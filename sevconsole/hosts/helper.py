@@ -18,6 +18,7 @@ import fcntl
 import glob
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -286,6 +287,18 @@ def socket_owner(inode, pids):
     return None
 
 
+def stale_socket(path):
+    """A socket file nobody listens on (its QEMU exited without removing it): not a VM."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        return exc.errno in (errno.ECONNREFUSED, errno.ENOENT)
+    finally:
+        sock.close()
+    return False
+
+
 def find_vms(globs):
     vms = []
     for entry in os.listdir("/proc"):
@@ -306,7 +319,7 @@ def find_vms(globs):
             pid = socket_owner(inodes[path], by_pid) if path in inodes else None
             if pid is not None and by_pid[pid]["qmp"] is None:
                 by_pid[pid]["qmp"] = path
-            elif pid is None:
+            elif pid is None and not stale_socket(path):
                 stem = os.path.splitext(os.path.basename(path))[0]
                 vms.append({"pid": None, "name": stem, "qmp": path, "argv": []})
     for vm in vms:
@@ -348,6 +361,11 @@ def cmd_qmp(args):
     try:
         sock.connect(args[0])
     except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            # no socket, or a socket file nobody listens on: the QEMU that made it has exited
+            emit({"error": f"nothing listens on the QMP socket {args[0]}: its QEMU is not running",
+                  "gone": True})
+            return 1
         raise HelperFailure(f"cannot connect to the QMP socket {args[0]}: {exc.strerror or exc}") from None
     bridge(sock, sys.stdin.fileno(), sys.stdout.fileno())
     return 0
@@ -494,6 +512,109 @@ def detach(argv, log_path):
     return answer["pid"]
 
 
+def qemu_error(log_path, program):
+    """QEMU's own reason for exiting, from its log: the last line that is not a warning, without
+    the program-name prefix QEMU puts on each, bounded (it goes into one sentence)."""
+    lines = [line.strip() for line in (read_text(log_path) or "").splitlines() if line.strip()]
+    prefix = os.path.basename(program) + ": "
+    lines = [line[len(prefix):] if line.startswith(prefix) else line for line in lines]
+    errors = [line for line in lines if not line.startswith("warning:")]
+    text = (errors or lines or ["no output"])[-1]
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def wait_for_qmp(path, pid, deadline):
+    """Until the new QEMU answers a command on its QMP socket: None then, "exited" when it died
+    first, "timeout". The socket file and even the greeting (sent by the monitor's own thread)
+    come before QEMU has opened its drives and devices; a command's answer comes from the main
+    loop, which QEMU reaches only once they are all open."""
+    while True:
+        if not alive(pid):
+            return "exited"
+        if time.monotonic() > deadline:
+            return "timeout"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:
+                sock.connect(path)
+            except OSError:
+                time.sleep(0.02)  # not bound or not listening yet: nothing to wait on but time
+                continue
+            answer = qmp_answer(sock, pid, deadline)
+            if answer != "closed":
+                return answer
+        finally:
+            sock.close()
+
+
+def qmp_answer(sock, pid, deadline):
+    """Greeting, qmp_capabilities, its answer: None; "closed" when QEMU hung up first."""
+    received = b""
+    sent = False
+    while True:
+        ready, _, _ = select.select([sock], [], [], 0.1)
+        if not ready:
+            if not alive(pid):
+                return "exited"
+            if time.monotonic() > deadline:
+                return "timeout"
+            continue
+        try:
+            data = sock.recv(4096)
+        except OSError:
+            data = b""
+        if not data or len(received) > 65536:
+            return "closed"
+        received += data
+        lines = received.split(b"\n")
+        if not sent and lines[0].lstrip().startswith(b'{"QMP"'):
+            sock.sendall(b'{"execute": "qmp_capabilities"}\n')
+            sent = True
+        if sent and any(b'"return"' in line or b'"error"' in line for line in lines[1:]):
+            return None
+
+
+INCOMING_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*-incoming-[0-9]+-[0-9]+[.]qmp$")
+
+
+def remove_incoming_files(qmp_path):
+    """Remove an incoming VM's socket and log: only files this helper made (its private folder, its
+    naming), so a path named by anyone else is never touched."""
+    if not qmp_path or not INCOMING_NAME.match(os.path.basename(qmp_path)):
+        return []
+    try:
+        folder = private_dir()
+    except HelperFailure:
+        return []
+    if os.path.dirname(os.path.abspath(qmp_path)) != folder:
+        return []
+    removed = []
+    for path in (qmp_path, qmp_path[:-len(".qmp")] + ".log"):
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                os.unlink(path)
+                removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+def kill_and_wait(pid, waits=((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0))):
+    for sig, wait in waits:
+        try:
+            os.kill(pid, sig)
+        except OSError as exc:
+            if exc.errno == errno.ESRCH:
+                return True
+            raise HelperFailure(f"cannot stop process {pid}: {exc.strerror}") from None
+        deadline = time.monotonic() + wait
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)  # a non-child's exit can only be polled
+        if not alive(pid):
+            return True
+    return not alive(pid)
+
+
 def cmd_launch_incoming(args):
     try:
         request = json.loads(sys.stdin.read())
@@ -511,42 +632,53 @@ def cmd_launch_incoming(args):
     log_path = os.path.join(directory, stem + ".log")
     argv = incoming_command(source, qmp_path)
     pid = detach(argv, log_path)
-    deadline = time.monotonic() + float(request.get("timeout", 20))
-    while not os.path.exists(qmp_path):
-        if not alive(pid):
-            tail = (read_text(log_path) or "").strip().splitlines()[-3:]
-            raise HelperFailure("the incoming QEMU exited at once: {} (log {})".format(
-                " / ".join(tail) or "no output", log_path))
-        if time.monotonic() > deadline:
-            raise HelperFailure(f"the incoming QEMU (pid {pid}) did not open {qmp_path} in time")
-        time.sleep(0.02)  # polling a path another process creates; no event to wait on
+    timeout = float(request.get("timeout", 20))
+    why = wait_for_qmp(qmp_path, pid, time.monotonic() + timeout)
+    if why is not None:
+        if why == "exited":
+            sentence = "the incoming QEMU exited at start: " + qemu_error(log_path, argv[0])
+        else:
+            kill_and_wait(pid)
+            sentence = f"the incoming QEMU did not answer on its QMP socket within {timeout:g} s; stopped it"
+        for path in (qmp_path, log_path):  # a failed start leaves nothing behind to look like a VM
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise HelperFailure(sentence)
     emit({"pid": pid, "qmp": qmp_path, "log": log_path, "argv": argv})
     return 0
+
+
+def read_stop_request():
+    """`stop` may get {"qmp": path} on stdin: the incoming VM's socket, whose files go with it."""
+    try:
+        if os.isatty(0):
+            return {}
+        data = json.loads(sys.stdin.read(65536) or "{}")
+    except (ValueError, OSError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def cmd_stop(args):
     if len(args) != 1 or not args[0].isdigit():
         raise HelperFailure("stop: expected one process id")
     pid = int(args[0])
+    request = read_stop_request()
+    named = request.get("qmp") if isinstance(request.get("qmp"), str) else None
     argv = process_argv(pid)
     if argv is None or not alive(pid):
-        emit({"stopped": False, "reason": "no such process"})
+        removed = remove_incoming_files(named)
+        emit({"stopped": False, "reason": "no such process", "removed": removed})
         return 0
     if not is_qemu(argv):
         raise HelperFailure(f"process {pid} is not a QEMU ({argv[0]}); refusing to stop it")
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.kill(pid, sig)
-        except OSError as exc:
-            if exc.errno == errno.ESRCH:
-                break
-            raise HelperFailure(f"cannot stop process {pid}: {exc.strerror}") from None
-        deadline = time.monotonic() + wait
-        while alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)  # a non-child's exit can only be polled
-        if not alive(pid):
-            break
-    emit({"stopped": not alive(pid)})
+    own = qmp_path_from_argv(argv)
+    stopped = kill_and_wait(pid)
+    removed = []
+    if stopped:
+        for path in {p for p in (own, named) if p}:
+            removed += remove_incoming_files(path)
+    emit({"stopped": stopped, "removed": removed})
     return 0
 
 

@@ -33,6 +33,10 @@ from sevconsole.hosts.ssh import SshConnection
 GREETING_TIMEOUT = 10.0
 
 
+class QmpSocketGone(QmpLinkError):
+    """Nothing listens on the socket (or it does not exist): its QEMU has exited."""
+
+
 class Bridge:
     """A channel running a byte bridge on the host, joined to one end of a local socketpair."""
 
@@ -135,9 +139,12 @@ def open_bridge(conn: SshConnection, path: str, *, greeting_timeout: float = GRE
         if first.startswith(b'{"error"'):  # the helper ran but could not reach the socket
             channel.close()
             try:
-                reason = json.loads(first.decode())["error"]
-            except (ValueError, KeyError, UnicodeDecodeError):
-                reason = first[:200].decode("utf-8", "replace")
+                answer = json.loads(first.decode())
+                reason, gone = str(answer["error"])[:300], answer.get("gone") is True
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
+                reason, gone = first[:200].decode("utf-8", "replace"), False
+            if gone:
+                raise QmpSocketGone(conn.name, f"{where}: {reason}.", path=path)
             raise QmpLinkError(conn.name, f"{where}: {reason}. Is the VM running?", path=path)
         if first:
             if not first.lstrip().startswith(b"{"):
@@ -234,4 +241,4 @@ async def open_qmp(conn: SshConnection, path: str, **kw: Any) -> AsyncIterator[Q
         await link.close()
 
 
-__all__ = ["Bridge", "QmpLink", "connect_qmp", "open_bridge", "open_qmp"]
+__all__ = ["Bridge", "QmpLink", "QmpSocketGone", "connect_qmp", "open_bridge", "open_qmp"]

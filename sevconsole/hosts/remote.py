@@ -99,5 +99,8 @@ def launch_incoming(conn: SshConnection, argv: list[str] | tuple[str, ...], *,
                           "pid and QMP socket") from None
 
 
-def stop(conn: SshConnection, pid: int) -> bool:
-    return bool(run_helper(conn, "stop", str(int(pid))).get("stopped"))
+def stop(conn: SshConnection, pid: int, *, qmp: str | None = None) -> bool:
+    """Stop QEMU `pid`; `qmp` (an incoming VM's socket from launch_incoming) is removed with its
+    log even when that QEMU already exited by itself."""
+    stdin = json.dumps({"qmp": qmp}).encode() if qmp else None
+    return bool(run_helper(conn, "stop", str(int(pid)), stdin=stdin).get("stopped"))

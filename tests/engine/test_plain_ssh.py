@@ -94,3 +94,31 @@ async def test_target_killed_over_sshd(sshd: Sshd, pool: SshPool, qemu_vm, tmp_p
     assert killed and outcome.result == "failed", outcome
     assert outcome.runnable == ("h1",) and outcome.target_pid is None
     assert source_status == "running"
+    # its socket file outlived it: the engine says the VM left, not "Connection refused"
+    assert not any("Connection refused" in e for e in outcome.errors), outcome.errors
+    assert outcome.progress is not None and any("has already exited" in e for e in outcome.progress.events)
+
+
+async def test_clean_cancel_over_sshd_says_nothing_of_refused_sockets(sshd: Sshd, pool: SshPool, qemu_vm,
+                                                                       tmp_path: Path) -> None:
+    source_vm = qemu_vm(f"can{uuid.uuid4().hex[:6]}")
+    plan = _plan(sshd, pool, tmp_path, source_vm.name, bandwidth_bps=100_000)
+    src, dst = _links(sshd, pool, plan)
+    launched: list[str] = []
+    mig: Migration
+
+    def watch(p: Progress) -> None:
+        if p.phase is Phase.PRECOPY and p.bytes_transferred > 0 and not launched and mig.incoming:
+            launched.append(mig.incoming.qmp)
+            mig.cancel("the operator changed their mind")
+
+    mig = Migration(plan, src, dst, on_progress=watch, poll_interval_s=0.05)
+    outcome = await mig.run()
+    source_status = await _status(src, str(source_vm.qmp))
+    await src.close()
+    await dst.close()
+    assert launched and outcome.result == "cancelled", outcome
+    assert outcome.runnable == ("h1",) and source_status == "running"
+    assert not any("refused" in e.lower() for e in outcome.errors), outcome.errors
+    folder = Path(launched[0]).parent  # the incoming VM's socket and log went with it
+    assert not list(folder.glob(f"{source_vm.name}-incoming-*"))
