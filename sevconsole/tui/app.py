@@ -314,6 +314,11 @@ class SevConsoleApp(App[int]):
     def action_probe_all(self) -> None:
         self.probe_all()
 
+    def action_evacuate(self) -> None:
+        from sevconsole.tui.screens.evacuate import start_evacuation
+
+        start_evacuation(self)  # E on the hosts and host screens: the host in view
+
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         yield SystemCommand("Help: every key binding", "List the bindings of this screen and the app", self.action_help)
@@ -324,6 +329,8 @@ class SevConsoleApp(App[int]):
                             self.action_migrations)
         yield SystemCommand("Attention", "Guests with no runnable copy or a stranded copy, and the fix (A)",
                             self.action_attention)
+        yield SystemCommand("Evacuate host", "Cordon the selected host and move its guests away (E)",
+                            self.action_evacuate)
         for label in sorted(self.themes):
             yield SystemCommand(f"Theme: {label}", f"Switch to the {label} theme and remember it",
                                 lambda label=label: self.action_set_theme(label))

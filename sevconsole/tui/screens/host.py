@@ -72,6 +72,7 @@ class HostScreen(Screen[None]):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back", id="host.back"),
         Binding("m", "migrate", "Migrate VM", id="host.migrate"),
+        Binding("E", "app.evacuate", "Evacuate host", id="host.evacuate", show=False),
         Binding("r", "reprobe", "Re-probe", id="host.reprobe"),
         Binding("c", "copy_pdh", "Copy PDH", id="copy_pdh"),
         Binding("C", "copy_chain", "Copy chain", id="copy_chain"),

@@ -55,6 +55,7 @@ class HostsScreen(Screen[None]):
         Binding("R", "reprobe_all", "Re-probe all", id="reprobe_all"),
         Binding("slash", "filter", "Filter", id="filter"),
         Binding("m", "migrate", "Migrate", id="hosts.migrate"),
+        Binding("E", "app.evacuate", "Evacuate host", id="hosts.evacuate", show=False),
         Binding("escape", "clear_filter", "Clear filter", id="hosts.clear_filter", show=False),
     ]
 
