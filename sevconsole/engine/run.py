@@ -27,7 +27,6 @@ from sevconsole.engine.checks import Check, refused
 from sevconsole.engine.endpoint import QMP_TIMEOUT_S, Endpoint
 from sevconsole.engine.errors import EngineError, LinkError
 from sevconsole.engine.fold import ProgressFolder
-from sevconsole.engine.invariant import GuestCopies
 from sevconsole.engine.links import HostLink, IncomingVm, QemuGone
 from sevconsole.engine.machine import Action, EndState, Facts, Observation, Step, takes_over
 from sevconsole.engine.plan import MigrationPlan
@@ -52,7 +51,7 @@ StepCallback = Callable[[Step, dict[str, Any]], None]  # the journal: must be du
 
 
 @dataclass(frozen=True)
-class Outcome(GuestCopies):
+class Outcome:
     result: str  # done, failed, cancelled, refused
     message: str
     runnable: tuple[str, ...] = ()  # hosts where the guest can run at the end
@@ -70,6 +69,17 @@ class Outcome(GuestCopies):
     progress: Progress | None = field(default=None, compare=False, repr=False)
     audit: str | None = field(default=None, compare=False)  # the line written to the audit log
     migration_id: str | None = field(default=None, compare=False)
+
+    @property
+    def one_copy(self) -> bool:
+        """The invariant: exactly one runnable copy of the guest."""
+        return len(self.runnable) == 1
+
+    @property
+    def digest_match(self) -> bool | None:
+        if self.digest_source is None or self.digest_target is None:
+            return None
+        return self.digest_source == self.digest_target
 
     def to_wire(self) -> dict[str, Any]:
         """Every field but the progress snapshot, JSON-safe (the runner's socket, the journal)."""

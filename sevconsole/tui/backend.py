@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sevconsole.engine.attention import Attention, SafeAction
-from sevconsole.engine.invariant import GuestCopies
+from sevconsole.engine.checks import Check
 from sevconsole.engine.journal import Entry
 from sevconsole.engine.progress import Progress
 from sevconsole.engine.recover import Reconciled
+from sevconsole.engine.run import Outcome
 from sevconsole.hosts.report import HostReport, VmInfo
 
 
@@ -37,37 +38,8 @@ class HostKeyPending(Exception):
         self.question = question
 
 
-@dataclass(frozen=True)
-class CheckLine:
-    """One preflight check as the console shows it (engine Check, or built by a test)."""
-
-    key: str
-    title: str
-    status: str  # pass, warn, fail
-    sentence: str
-
-
-@dataclass(frozen=True)
-class Result(GuestCopies):
-    """A finished migration as the result screen shows it (engine Outcome, adapted)."""
-
-    result: str  # done, failed, cancelled, refused
-    message: str
-    runnable: tuple[str, ...] = ()
-    source_guest_state: int | None = None
-    target_guest_state: int | None = None
-    source_status: str | None = None
-    target_status: str | None = None
-    digest_source: str | None = None
-    digest_target: str | None = None
-    bytes_transferred: int = 0
-    duration_s: float = 0.0
-    errors: tuple[str, ...] = ()
-    audit: str | None = None  # the line written to the audit log, if any
-
-
 class MigrationHandle(Protocol):
-    def run(self) -> Awaitable[Result]: ...
+    def run(self) -> Awaitable[Outcome]: ...
 
     def cancel(self, reason: str = ...) -> None: ...
 
@@ -91,12 +63,12 @@ class ConsoleBackend(Protocol):
         ...
 
     def preflight(self, vm: VmInfo, source: HostReport, target: HostReport,
-                  downtime_limit_ms: int) -> list[CheckLine]:
+                  downtime_limit_ms: int) -> list[Check]:
         """Pure: the engine's checks for this plan."""
         ...
 
     def migration(self, vm: VmInfo, source: HostReport, target: HostReport,
-                  downtime_limit_ms: int, checks: Sequence[CheckLine],
+                  downtime_limit_ms: int, checks: Sequence[Check],
                   on_progress: ProgressSink, bandwidth_bps: int | None = None) -> MigrationHandle:
         ...
 
@@ -137,17 +109,3 @@ def find_vm(report: HostReport, name: str) -> VmInfo | None:
     the SENT copy (QEMU postmigrate) or a failed incoming one under the same name."""
     matches = [vm for vm in report.vms if vm.name == name]
     return next((vm for vm in matches if vm.status in RUNNABLE), matches[0] if matches else None)
-
-
-def check_line(check: Any) -> CheckLine:
-    """An engine Check (or anything shaped like one) as a CheckLine."""
-    status = getattr(check, "status", "fail")
-    return CheckLine(key=str(getattr(check, "key", "")), title=str(getattr(check, "title", "")),
-                     status=str(getattr(status, "value", status)), sentence=str(getattr(check, "sentence", "")))
-
-
-def result_from_outcome(outcome: Any, audit: str | None = None) -> Result:
-    """An engine Outcome as a Result."""
-    fields = Result.__dataclass_fields__
-    values = {k: getattr(outcome, k) for k in fields if k != "audit" and hasattr(outcome, k)}
-    return Result(**values, audit=audit)

@@ -9,16 +9,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from sevconsole.engine.checks import Check
+from sevconsole.engine.run import Outcome
 from sevconsole.hosts.report import HostReport, VmInfo
-from sevconsole.tui.backend import (
-    CheckLine,
-    HostKeyPending,
-    HostKeyQuestion,
-    ProgressSink,
-    Result,
-    check_line,
-    result_from_outcome,
-)
+from sevconsole.tui.backend import HostKeyPending, HostKeyQuestion, ProgressSink
 
 
 class BackendError(Exception):
@@ -89,13 +83,13 @@ class LiveBackend:
         return MigrationPlan(vm=vm, source=source, target=target, downtime_limit_ms=downtime_limit_ms)
 
     def preflight(self, vm: VmInfo, source: HostReport, target: HostReport,
-                  downtime_limit_ms: int) -> list[CheckLine]:
+                  downtime_limit_ms: int) -> list[Check]:
         from sevconsole.engine.checks import preflight
 
-        return [check_line(c) for c in preflight(self._plan(vm, source, target, downtime_limit_ms), self._trust)]
+        return list(preflight(self._plan(vm, source, target, downtime_limit_ms), self._trust))
 
     def migration(self, vm: VmInfo, source: HostReport, target: HostReport, downtime_limit_ms: int,
-                  checks: Sequence[CheckLine], on_progress: ProgressSink,
+                  checks: Sequence[Check], on_progress: ProgressSink,
                   bandwidth_bps: int | None = None) -> LiveMigration:
         plan = replace(self._plan(vm, source, target, downtime_limit_ms), bandwidth_bps=bandwidth_bps)
         return LiveMigration(self, plan, checks, on_progress)
@@ -172,7 +166,7 @@ class LiveMigration:
     """One migration, owned by a runner process: this console only attaches to it. Closing the
     console (or losing its terminal) detaches; only `cancel` stops the migration."""
 
-    def __init__(self, backend: LiveBackend, plan: Any, checks: Sequence[CheckLine],
+    def __init__(self, backend: LiveBackend, plan: Any, checks: Sequence[Check],
                  on_progress: ProgressSink, *, migration_id: str | None = None) -> None:
         self.backend, self.plan, self.on_progress = backend, plan, on_progress
         self.checks = checks
@@ -181,7 +175,7 @@ class LiveMigration:
         self._cancel: str | None = None
         self.running = False
 
-    async def run(self) -> Result:
+    async def run(self) -> Outcome:
         import asyncio
 
         from sevconsole.engine.attach import Ended, RunnerClient, RunnerGone, Snapshot
@@ -197,10 +191,10 @@ class LiveMigration:
                 if isinstance(message, Snapshot):
                     self.on_progress(message.progress)
                 elif isinstance(message, Ended):
-                    return result_from_outcome(message.outcome, audit=message.outcome.audit)
+                    return message.outcome
                 elif isinstance(message, RunnerGone):
-                    return Result(result="failed", message=message.sentence)
-            return Result(result="failed", message=f"migration {self.migration_id}: no outcome")
+                    return Outcome(result="failed", message=message.sentence)
+            return Outcome(result="failed", message=f"migration {self.migration_id}: no outcome")
         finally:
             self.running = False
             if self._client is not None:

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from textual.message import Message
 
 from sevconsole.engine.attention import Attention
+from sevconsole.engine.checks import Check
 from sevconsole.engine.journal import Entry
 from sevconsole.engine.progress import Progress
 from sevconsole.engine.recover import Reconciled
+from sevconsole.engine.run import Outcome
 from sevconsole.hosts.report import HostReport
-from sevconsole.tui.backend import CheckLine, HostKeyQuestion, Result
+from sevconsole.tui.backend import HostKeyQuestion
 
 
 @dataclass
@@ -33,7 +35,7 @@ class HostKeyAsked(Message):
 @dataclass
 class PreflightDone(Message):
     target: str
-    checks: tuple[CheckLine, ...]
+    checks: tuple[Check, ...]
 
 
 @dataclass
@@ -43,7 +45,7 @@ class ProgressPosted(Message):
 
 @dataclass
 class MigrationEnded(Message):
-    result: Result
+    result: Outcome
 
 
 @dataclass

@@ -9,20 +9,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
+from sevconsole.engine.checks import Check
 from sevconsole.engine.progress import FirmwareView, Phase, Progress, SevLogEntry
+from sevconsole.engine.run import Outcome
 from sevconsole.hosts.report import Capabilities, HostReport, SevSupport, VmInfo
 from sevconsole.sev.pagestate import PageState
-from sevconsole.tui.backend import (
-    CheckLine,
-    HostKeyPending,
-    HostKeyQuestion,
-    ProgressSink,
-    Result,
-    check_line,
-)
+from sevconsole.tui.backend import HostKeyPending, HostKeyQuestion, ProgressSink
 
 POLICY_RECOMMENDED = 0x33  # NODBG|NOKS|DOMAIN|SEV
 POLICY_NOSEND = 0x0B  # NODBG|NOKS|NOSEND
@@ -134,8 +130,8 @@ def _fold(log: list[SevLogEntry]) -> tuple[SevLogEntry, ...]:
     return tuple(folded.values())
 
 
-def sample_result(progress: Progress, audit: str | None = None) -> Result:
-    return Result(result="done", message=f"{progress.vm} runs on {progress.target}",
+def sample_result(progress: Progress, audit: str | None = None) -> Outcome:
+    return Outcome(result="done", message=f"{progress.vm} runs on {progress.target}",
                   runnable=(progress.target,), source_guest_state=6, target_guest_state=3,
                   source_status="postmigrate", target_status="running",
                   digest_source="9f2c" + "0" * 60, digest_target="9f2c" + "0" * 60,
@@ -145,13 +141,13 @@ def sample_result(progress: Progress, audit: str | None = None) -> Result:
 @dataclass
 class ScriptedMigration:
     snapshots: Sequence[Progress]
-    result: Result
+    result: Outcome
     on_progress: ProgressSink
     step: asyncio.Event | None = None  # when set, wait for it before each snapshot (tests)
     interval_s: float = 0.0  # pacing for demos and screenshots
     cancelled: str | None = None
 
-    async def run(self) -> Result:
+    async def run(self) -> Outcome:
         for snap in self.snapshots:
             if self.step is not None:
                 await self.step.wait()
@@ -160,7 +156,7 @@ class ScriptedMigration:
                 await asyncio.sleep(self.interval_s)
             if self.cancelled is not None:
                 self.on_progress(replace(snap, phase=Phase.CANCELLED, events=(*snap.events, self.cancelled)))
-                return Result(result="cancelled", message=self.cancelled, runnable=(snap.source,),
+                return Outcome(result="cancelled", message=self.cancelled, runnable=(snap.source,),
                               source_guest_state=3, target_guest_state=None, duration_s=snap.elapsed_s)
             self.on_progress(snap)
             await asyncio.sleep(0)  # let the screen draw between snapshots
@@ -176,18 +172,18 @@ class ScriptedMigration:
 class ScriptedBackend:
     reports: dict[str, HostReport]
     snapshots: Sequence[Progress] = ()
-    result: Result | None = None
+    result: Outcome | None = None
     lab: bool = True
     ask_keys: dict[str, HostKeyQuestion] = field(default_factory=dict)  # asked once, then known
     probe_gate: Callable[[str], None] | None = None  # tests block here to see rows fill one by one
     step: asyncio.Event | None = None
     interval_s: float = 0.0
     trust: object = None
-    migrations: list[ScriptedMigration] = field(default_factory=list)
+    started: list[ScriptedMigration] = field(default_factory=list)  # every migration() handle, in order
     accepted: list[str] = field(default_factory=list)
     lab_commands: list[tuple[str, str, str]] = field(default_factory=list)
     scripts: dict[str, Sequence[Progress]] = field(default_factory=dict)  # per VM name
-    results: dict[str, Result] = field(default_factory=dict)  # per VM name
+    results: dict[str, Outcome] = field(default_factory=dict)  # per VM name
 
     def host_names(self) -> list[str]:
         return list(self.reports)
@@ -205,20 +201,20 @@ class ScriptedBackend:
         self.accepted.append(question.fingerprint)
         self.ask_keys.pop(question.host, None)
 
-    def preflight(self, vm: VmInfo, source: HostReport, target: HostReport, downtime_limit_ms: int) -> list[CheckLine]:
+    def preflight(self, vm: VmInfo, source: HostReport, target: HostReport, downtime_limit_ms: int) -> list[Check]:
         from sevconsole.engine.checks import preflight
         from sevconsole.engine.plan import MigrationPlan
 
         plan = MigrationPlan(vm=vm, source=source, target=target, downtime_limit_ms=downtime_limit_ms)
-        return [check_line(c) for c in preflight(plan, self.trust)]
+        return list(preflight(plan, self.trust))
 
     def migration(self, vm: VmInfo, source: HostReport, target: HostReport, downtime_limit_ms: int,
-                  checks: Sequence[CheckLine], on_progress: ProgressSink,
+                  checks: Sequence[Check], on_progress: ProgressSink,
                   bandwidth_bps: int | None = None) -> ScriptedMigration:
         snaps = self.scripts.get(vm.name) or self.snapshots or sample_progress(vm.name, source.name, target.name)
         result = self.results.get(vm.name) or self.result or sample_result(snaps[-1])
         run = ScriptedMigration(snaps, result, on_progress, self.step, self.interval_s)
-        self.migrations.append(run)
+        self.started.append(run)
         return run
 
     async def lab_command(self, host: HostReport, vm: VmInfo, command: str, arguments: dict[str, object]) -> dict[str, object]:
@@ -227,3 +223,19 @@ class ScriptedBackend:
 
     def close(self) -> None:
         pass
+
+    # no runners or journal behind a scripted console: nothing in flight, nothing to recover
+    def attach(self, migration_id: str, on_progress: ProgressSink) -> ScriptedMigration:
+        raise LookupError(f"a scripted console has no migration {migration_id}")
+
+    def migrations(self) -> list[Any]:
+        return []
+
+    def recover(self) -> list[Any]:
+        return []
+
+    def attention(self, reports: Sequence[HostReport]) -> list[Any]:
+        return []
+
+    async def apply_fix(self, action: Any) -> str:
+        return "nothing to do in a scripted console"

@@ -169,7 +169,7 @@ async def test_migration_end_to_end(backend: ScriptedBackend) -> None:
         await pilot.pause()
         live = app.screen
         assert isinstance(live, LiveScreen)
-        run = backend.migrations[0]
+        run = backend.started[0]
         for index in range(4):
             backend.step.set()
             while live.snapshots < index + 1:
@@ -206,7 +206,7 @@ async def test_cancel_asks_then_rolls_back(backend: ScriptedBackend) -> None:
         await pilot.press("c")
         assert isinstance(app.screen, ConfirmScreen)
         await pilot.press("n")  # keep going
-        assert backend.migrations[0].cancelled is None
+        assert backend.started[0].cancelled is None
         await pilot.press("c", "y")
         while not isinstance(app.screen, ResultScreen):
             await pilot.pause(0.01)

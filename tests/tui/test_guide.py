@@ -6,9 +6,9 @@ import asyncio
 from dataclasses import replace
 
 from sevconsole.engine.progress import Phase
+from sevconsole.engine.run import Outcome
 from sevconsole.hosts.report import Capabilities
 from sevconsole.tui.app import SevConsoleApp
-from sevconsole.tui.backend import Result
 from sevconsole.tui.guide_steps import PHASE_NOTES, STEPS
 from sevconsole.tui.screens.guide import GuideScreen
 from sevconsole.tui.screens.hosts import HostsScreen
@@ -26,7 +26,7 @@ def guide_backend(rome: Capabilities, naples: Capabilities) -> ScriptedBackend:
     working = reports["lab-1"].sev  # a host running a guest has a WORKING platform
     reports["lab-2"] = replace(reports["lab-2"], sev=working, vms=(sample_vm("db", 1024, POLICY_RECOMMENDED),))
     reports["lab-4"] = replace(reports["lab-2"], name="lab-4", vms=(sample_vm("db-4", 1024, POLICY_RECOMMENDED),))
-    tampered = Result(result="failed", message="lab-1: RECEIVE_UPDATE_DATA: BAD_MEASUREMENT (packet MAC)",
+    tampered = Outcome(result="failed", message="lab-1: RECEIVE_UPDATE_DATA: BAD_MEASUREMENT (packet MAC)",
                       runnable=("lab-2",), source_guest_state=3)
     return ScriptedBackend(
         reports, step=asyncio.Event(),
@@ -55,7 +55,7 @@ async def test_guide_walks_every_step(rome_caps: Capabilities, naples_caps: Capa
         assert backend.lab_commands == [("lab-1", "web", "x-lab-set"), ("lab-2", "db", "x-lab-inject-fault"),
                                         ("lab-4", "db-4", "x-lab-set")]
         assert any(PHASE_NOTES[Phase.PRECOPY][:40] in note for note in seen_notes)
-        cancelled = backend.migrations[-1]
+        cancelled = backend.started[-1]
         assert cancelled.cancelled == "cancelled by the guide: the migration could not converge"
         assert "End of the tour" in str(guide.query_one("#guide-text").render())
         await pilot.press("space")  # past the end: stays, says so

@@ -22,10 +22,11 @@ from hypothesis import strategies as st
 from textual.widgets import DataTable, RichLog
 
 from sevconsole.engine.progress import SevLogEntry
+from sevconsole.engine.run import Outcome
 from sevconsole.hosts.report import Capabilities, HostKeyInfo
 from sevconsole.textsafe import escape_controls, escape_lines
 from sevconsole.tui.app import SevConsoleApp
-from sevconsole.tui.backend import HostKeyQuestion, Result
+from sevconsole.tui.backend import HostKeyQuestion
 from sevconsole.tui.screens.host import HostScreen
 from sevconsole.tui.screens.hosts import HostsScreen
 from sevconsole.tui.screens.live import LiveScreen
@@ -203,7 +204,7 @@ async def walk_every_screen(backend: ScriptedBackend, host: str, vm: str, senten
         check()
 
         # a result whose every string came from a host
-        hostile_result = Result(result=sentence, message=sentence, runnable=(host,), source_status=sentence,
+        hostile_result = Outcome(result=sentence, message=sentence, runnable=(host,), source_status=sentence,
                                 target_status=vm, errors=(sentence,), audit=sentence)
         await app.push_screen(ResultScreen(hostile_result, latest))
         await pilot.pause()

@@ -112,7 +112,7 @@ def test_help(snap_compare, rome_caps, naples_caps) -> None:  # type: ignore[no-
     async def before(pilot) -> None:  # type: ignore[no-untyped-def]
         await idle(pilot)
         await pilot.press("question_mark")
-        await pilot.pause()
+        await idle(pilot)
 
     assert snap_compare(make_app(rome_caps, naples_caps), terminal_size=(80, 24), run_before=before)
 

@@ -14,9 +14,10 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
 from sevconsole.engine.progress import Phase, Progress
+from sevconsole.engine.run import Outcome
 from sevconsole.hosts.report import HostReport
 from sevconsole.tui import safe
-from sevconsole.tui.backend import RUNNABLE, MigrationHandle, Result, find_vm
+from sevconsole.tui.backend import RUNNABLE, MigrationHandle, find_vm
 from sevconsole.tui.guide_steps import PHASE_NOTES, STEPS, Step
 from sevconsole.tui.messages import HostProbed, MigrationEnded, ProgressPosted
 from sevconsole.tui.screens.migrate import checklist, first_failure
@@ -138,7 +139,7 @@ class GuideScreen(Screen[None]):
                                             bandwidth_bps=step.bandwidth_bps)
             result = await self.handle.run()
         except Exception as exc:
-            result = Result(result="failed", message=str(exc) or type(exc).__name__)
+            result = Outcome(result="failed", message=str(exc) or type(exc).__name__)
         self.post_message(MigrationEnded(result))
 
     def post_progress(self, progress: Progress) -> None:

@@ -10,10 +10,12 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, Header
 
+from sevconsole.engine.checks import Check
 from sevconsole.engine.progress import Progress
+from sevconsole.engine.run import Outcome
 from sevconsole.hosts.report import HostReport, VmInfo
 from sevconsole.textsafe import escape_controls
-from sevconsole.tui.backend import CheckLine, MigrationHandle, Result
+from sevconsole.tui.backend import MigrationHandle
 from sevconsole.tui.messages import MigrationEnded, ProgressPosted
 from sevconsole.tui.widgets.migration_view import MigrationView
 
@@ -26,7 +28,7 @@ class LiveScreen(Screen[None]):
     ]
 
     def __init__(self, vm: VmInfo, source: HostReport, target: HostReport,
-                 checks: Sequence[CheckLine], downtime_ms: int, *, start: bool = True,
+                 checks: Sequence[Check], downtime_ms: int, *, start: bool = True,
                  attach_id: str | None = None) -> None:
         super().__init__()
         self.vm, self.source, self.target = vm, source, target
@@ -36,7 +38,7 @@ class LiveScreen(Screen[None]):
         self.handle: MigrationHandle | None = None
         self.snapshots = 0  # how many snapshots were drawn (stale ones are skipped)
         self._pending: Progress | None = None
-        self.result: Result | None = None
+        self.result: Outcome | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -64,7 +66,7 @@ class LiveScreen(Screen[None]):
                                                 self.checks, self.post_progress)
             result = await self.handle.run()
         except Exception as exc:  # the engine's own errors carry sentences
-            result = Result(result="failed", message=str(exc) or type(exc).__name__)
+            result = Outcome(result="failed", message=str(exc) or type(exc).__name__)
         self.post_message(MigrationEnded(result))
 
     def post_progress(self, progress: Progress) -> None:

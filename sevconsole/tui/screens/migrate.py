@@ -11,22 +11,23 @@ from textual.content import Content
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
+from sevconsole.engine.checks import Check, CheckStatus
 from sevconsole.hosts.report import HostReport, VmInfo
 from sevconsole.textsafe import escape_controls
 from sevconsole.tui import format as fmt
 from sevconsole.tui import safe
-from sevconsole.tui.backend import CheckLine, find_vm
+from sevconsole.tui.backend import find_vm
 from sevconsole.tui.messages import PreflightDone
 
 MARKS = {"pass": "[$success]✓[/]", "warn": "[$warning]![/]", "fail": "[$error]✗[/]"}
 DOWNTIME_STEPS = (100, 300, 1000, 3000, 10000)
 
 
-def first_failure(checks: tuple[CheckLine, ...]) -> CheckLine | None:
+def first_failure(checks: tuple[Check, ...]) -> Check | None:
     return next((c for c in checks if c.status == "fail"), None)
 
 
-def checklist(checks: tuple[CheckLine, ...]) -> Content:
+def checklist(checks: tuple[Check, ...]) -> Content:
     return safe.lines(safe.show(f"{MARKS.get(c.status, '?')} [b]$title[/]: $sentence", title=c.title,
                                 sentence=c.sentence) for c in checks)
 
@@ -45,7 +46,7 @@ class MigrateScreen(Screen[None]):
         self._vm = vm_info
         self.downtime_ms = 300
         self._source: HostReport | None = None
-        self.results: dict[str, tuple[CheckLine, ...]] = {}
+        self.results: dict[str, tuple[Check, ...]] = {}
 
     @property
     def source(self) -> HostReport:
@@ -102,16 +103,16 @@ class MigrateScreen(Screen[None]):
         try:
             checks = self.app.backend.preflight(self.vm, self.source, target, self.downtime_ms)  # type: ignore[attr-defined]
         except Exception as exc:
-            checks = [CheckLine("preflight", "Preflight", "fail", f"the checks could not run for {target.name}: {exc}")]
+            checks = [Check("preflight", "Preflight", CheckStatus.FAIL, f"the checks could not run for {target.name}: {exc}")]
         self.post_message(PreflightDone(target.name, tuple(checks)))
 
     def on_preflight_done(self, message: PreflightDone) -> None:
         self.results[message.target] = message.checks
         self.fill_targets()
 
-    def ordered(self) -> list[tuple[HostReport, tuple[CheckLine, ...] | None]]:
+    def ordered(self) -> list[tuple[HostReport, tuple[Check, ...] | None]]:
         rows = [(t, self.results.get(t.name)) for t in self.targets()]
-        def rank(row: tuple[HostReport, tuple[CheckLine, ...] | None]) -> tuple[int, str]:
+        def rank(row: tuple[HostReport, tuple[Check, ...] | None]) -> tuple[int, str]:
             checks = row[1]
             if checks is None:
                 return (1, row[0].name)

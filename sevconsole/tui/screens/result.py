@@ -12,10 +12,10 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
 from sevconsole.engine.progress import Progress
+from sevconsole.engine.run import Outcome
 from sevconsole.textsafe import escape_controls
 from sevconsole.tui import format as fmt
 from sevconsole.tui import safe
-from sevconsole.tui.backend import Result
 
 HEADLINES = {
     "done": "[$success]✓ Migrated[/]",
@@ -25,7 +25,7 @@ HEADLINES = {
 }
 
 
-def result_lines(result: Result, progress: Progress | None) -> list[Content]:
+def result_lines(result: Outcome, progress: Progress | None) -> list[Content]:
     headline = HEADLINES.get(result.result, "$result")
     lines = [safe.show(f"[b]{headline}[/]  $message", result=result.result, message=result.message), Content()]
     if progress is not None:
@@ -76,7 +76,7 @@ class ResultScreen(Screen[None]):
         Binding("escape,enter", "done", "Back to hosts", id="result.done"),
     ]
 
-    def __init__(self, result: Result, progress: Progress | None) -> None:
+    def __init__(self, result: Outcome, progress: Progress | None) -> None:
         super().__init__()
         self.result, self.progress = result, progress
 
