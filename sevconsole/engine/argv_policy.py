@@ -16,10 +16,12 @@ So the target's command line is never the source's: each option is looked up her
   kernels, file or socket chardevs, fw_cfg files, tap/bridge/socket networks, ROM files),
   change who QEMU runs as, or is simply not known here.
 
-Disks are refused too: a `-drive`/`-blockdev` path chosen by the source would let the migrated
-guest read or write that path on the target. Firmware is the one path allowed: `-bios` naming a
-plain file name or a file under the system firmware folders (read-only, public, and its contents
-are overwritten by the migration stream anyway).
+Disks are refused unless the inventory declares shared storage for the target (`storage`: its
+folders): a `-drive`/`-blockdev` path chosen by the source would let the migrated guest read or
+write that path on the target, so only raw images under those folders pass (a qcow2 image names
+its backing file inside itself, and a probed format lets the guest choose one). Firmware is the
+other path allowed: `-bios` naming a plain file name or a file under the system firmware folders
+(read-only, public, and its contents are overwritten by the migration stream anyway).
 
 Pure: no I/O, standard library only. The engine applies it before any launch (the HostLinks in
 engine/local.py and engine/ssh.py); preflight reports the same verdict (engine/checks.py).
@@ -33,6 +35,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from sevconsole.hosts.diskpaths import folders, under_storage
 from sevconsole.textsafe import redact_arg
 
 # QEMU binaries that may run an SEV guest; the target resolves the name in its own folders.
@@ -76,17 +79,19 @@ class ArgvRefused(ValueError):
         self.refusal = refusal
 
 
-def require_target_argv(source: Sequence[str], target: str = "the target") -> TargetArgv:
-    verdict = target_argv(source)
+def require_target_argv(source: Sequence[str], target: str = "the target", *,
+                        storage: Sequence[str] = ()) -> TargetArgv:
+    verdict = target_argv(source, storage=storage)
     if isinstance(verdict, Refusal):
         raise ArgvRefused(verdict, target)
     return verdict
 
 
-def target_argv(source: Sequence[str]) -> TargetArgv | Refusal:
-    """The command line the target may run for the source's VM, or why there is none."""
+def target_argv(source: Sequence[str], *, storage: Sequence[str] = ()) -> TargetArgv | Refusal:
+    """The command line the target may run for the source's VM, or why there is none. `storage`:
+    the target's shared storage folders (absolute), the only place a disk image may be."""
     try:
-        return _Builder(list(source)).build()
+        return _Builder(list(source), folders(storage)).build()
     except _Refuse as exc:
         return exc.refusal
 
@@ -142,7 +147,7 @@ class _Refuse(Exception):
 # ---------------------------------------------------------------------------- QEMU option strings
 
 
-_JSON_OPTIONS = ("-object", "-device", "-netdev")
+_JSON_OPTIONS = ("-object", "-device", "-netdev", "-blockdev")
 
 
 @dataclass(frozen=True)
@@ -266,6 +271,31 @@ _VIRTIO = {**_PCI, "disable-legacy": _one_of("on", "off", "auto"), "disable-mode
            "iommu_platform": BOOL, "ats": BOOL, "packed": BOOL, "event_idx": BOOL, "indirect_desc": BOOL,
            "ioeventfd": BOOL, "vectors": INT}
 _NIC = {"netdev": ID, "mac": _re(_MAC)}
+_DISK_DEVICE = {"drive": ID, "bus": TOKEN, "bootindex": INT, "serial": TOKEN, "share-rw": BOOL,
+                "write-cache": _one_of("on", "off", "auto"), "logical_block_size": INT,
+                "physical_block_size": INT}
+# -drive and -blockdev under shared storage: raw images only, every key known
+_CACHE = _one_of("none", "writeback", "writethrough", "directsync", "unsafe")
+_DRIVE_KEYS: dict[str, Check] = {
+    "format": _one_of("raw"), "if": _one_of("none", "virtio", "ide", "scsi"), "id": ID, "index": INT,
+    "bus": INT, "unit": INT, "media": _one_of("disk", "cdrom"), "readonly": BOOL, "cache": _CACHE,
+    "aio": _one_of("threads", "native", "io_uring"), "discard": _one_of("ignore", "unmap", "off", "on"),
+    "detect-zeroes": _one_of("off", "on", "unmap"), "werror": TOKEN, "rerror": TOKEN,
+    "snapshot": _one_of("off", "no", "false"), "serial": TOKEN, "node-name": ID, "auto-read-only": BOOL,
+    "copy-on-read": _one_of("off", "no", "false"),
+}
+_BLOCKDEV_COMMON: dict[str, Check] = {
+    "node-name": ID, "read-only": BOOL, "auto-read-only": BOOL, "discard": _one_of("ignore", "unmap", "off", "on"),
+    "detect-zeroes": _one_of("off", "on", "unmap"), "cache.direct": BOOL, "cache.no-flush": BOOL,
+    "force-share": BOOL,
+}
+_BLOCKDEVS: dict[str, dict[str, Check]] = {
+    "file": {**_BLOCKDEV_COMMON, "aio": _one_of("threads", "native", "io_uring"),
+             "locking": _one_of("auto", "on", "off")},
+    "host_device": {**_BLOCKDEV_COMMON, "aio": _one_of("threads", "native", "io_uring"),
+                    "locking": _one_of("auto", "on", "off")},
+    "raw": {**_BLOCKDEV_COMMON, "file": ID, "offset": INT, "size": INT},
+}
 _DEVICES: dict[str, dict[str, Check]] = {
     "virtio-net-pci": {**_VIRTIO, **_NIC, "mq": BOOL, "rx_queue_size": INT, "tx_queue_size": INT},
     "e1000": {**_PCI, **_NIC}, "e1000e": {**_PCI, **_NIC}, "rtl8139": {**_PCI, **_NIC},
@@ -284,6 +314,11 @@ _DEVICES: dict[str, dict[str, Check]] = {
     "usb-mouse": {"bus": TOKEN, "port": TOKEN},
     "VGA": {**_PCI, "vgamem_mb": INT}, "virtio-vga": _VIRTIO, "virtio-gpu-pci": _VIRTIO,
     "pvpanic": {"ioport": INT, "events": INT},
+    # disks: `drive=` names a -drive id or -blockdev node-name, itself checked against storage
+    "virtio-blk-pci": {**_VIRTIO, **_DISK_DEVICE, "num-queues": INT, "iothread": ID},
+    "scsi-hd": {**_DISK_DEVICE, "channel": INT, "scsi-id": INT, "lun": INT},
+    "scsi-cd": {**_DISK_DEVICE, "channel": INT, "scsi-id": INT, "lun": INT},
+    "ide-hd": {**_DISK_DEVICE, "unit": INT}, "ide-cd": {**_DISK_DEVICE, "unit": INT},
 }
 _USER_NET: dict[str, Check] = {
     "id": ID, "net": IPNET, "host": IPNET, "restrict": BOOL, "ipv4": BOOL, "ipv6": BOOL, "ipv6-net": IPNET,
@@ -318,7 +353,7 @@ _LEFT_WITH_VALUE = {"-qmp", "-qmp-pretty", "-monitor", "-mon", "-pidfile", "-inc
 _REFUSED: dict[str, str] = {
     **dict.fromkeys(("-readconfig", "-writeconfig", "-kernel", "-initrd", "-dtb", "-L", "-mem-path",
                      "-fw_cfg", "-add-fd", "-k"), OPEN),
-    **dict.fromkeys(("-drive", "-blockdev", "-hda", "-hdb", "-hdc", "-hdd", "-cdrom", "-fda", "-fdb",
+    **dict.fromkeys(("-hda", "-hdb", "-hdc", "-hdd", "-cdrom", "-fda", "-fdb",
                      "-pflash", "-mtdblock", "-sd", "-snapshot"), DISK),
     "-plugin": RUN,
     **dict.fromkeys(("-run-with", "-runas", "-chroot"), PRIV),
@@ -326,8 +361,9 @@ _REFUSED: dict[str, str] = {
 
 
 class _Builder:
-    def __init__(self, source: list[str]) -> None:
+    def __init__(self, source: list[str], storage: tuple[str, ...] = ()) -> None:
         self.source = source
+        self.storage = storage
         self.out: list[str] = []
         self.left: list[str] = []
         self.notes: list[str] = []
@@ -589,6 +625,40 @@ class _Builder:
             return value
         raise _Refuse(f"{opt} {value}", "which would open a display or listen on {target}")
 
+    def drive(self, opt: str, value: str) -> str:
+        opts = _parse(opt, value, None).values
+        self._disk(opt, value, opts.get("file"))
+        self._keys(opt, value, {k: v for k, v in opts.items() if k != "file"}, _DRIVE_KEYS)
+        if opts.get("format") != "raw":
+            raise _Refuse(f"{opt} {value} without format=raw", "which would let QEMU on {target} guess the "
+                          "image format from its contents, which the guest controls; give format=raw")
+        return value
+
+    def blockdev(self, opt: str, value: str) -> str:
+        opts = _parse(opt, value, "driver").values
+        driver = opts.get("driver", "")
+        allowed = _BLOCKDEVS.get(driver)
+        if allowed is None:
+            self._no_run_keys(f"{opt} {driver}", opts)
+            raise _Refuse(f"{opt} driver={driver}", DISK if not self.storage else (
+                "which is not a raw image or a plain file (a qcow2 image names its backing file "
+                "inside itself, which {target} would open)"))
+        if driver in ("file", "host_device"):
+            self._disk(opt, value, opts.get("filename"))
+            opts = {k: v for k, v in opts.items() if k != "filename"}
+        self._keys(f"{opt} {driver}", value, opts, {"driver": TOKEN, **allowed})
+        return value
+
+    def _disk(self, opt: str, value: str, path: str | None) -> None:
+        if not self.storage:
+            raise _Refuse(opt, DISK + "; declare the folder as shared_storage of {target} in the inventory")
+        if path is None:
+            raise _Refuse(f"{opt} {value}", "which names no image file (only files under {target}'s shared "
+                          "storage are carried)")
+        if not under_storage(path, self.storage):
+            raise _Refuse(f"{opt} with {path}", "which would make {target} open a disk image outside its "
+                          "shared storage (" + ", ".join(self.storage) + ")")
+
     def bios(self, opt: str, value: str) -> str:
         # A plain name is found in QEMU's own data folders; a path only under the system firmware folders.
         if _FILE_NAME.match(value):
@@ -628,5 +698,5 @@ _HANDLERS: dict[str, Callable[[_Builder, str, str], str | None]] = {
     "-display": _Builder.display, "-vga": _Builder.vga, "-vnc": _Builder.vnc, "-uuid": _Builder.uuid,
     "-rtc": _Builder.rtc, "-boot": _Builder.boot, "-global": _Builder.global_, "-sandbox": _Builder.sandbox,
     "-overcommit": _Builder.overcommit, "-msg": _Builder.msg, "-audiodev": _Builder.audiodev,
-    "-bios": _Builder.bios,
+    "-bios": _Builder.bios, "-drive": _Builder.drive, "-blockdev": _Builder.blockdev,
 }

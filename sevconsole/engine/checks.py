@@ -61,6 +61,7 @@ def preflight(plan: MigrationPlan, trust: Any = None) -> list[Check]:
     argv = _argv(vm, src, dst)
     if argv is not None:
         checks.append(argv)
+    checks += _disks(vm, dst)
     checks += _qemu_support(vm, src, dst)
     checks.append(_memory(vm, dst))
     checks += _cordon(dst)
@@ -113,12 +114,41 @@ def _argv(vm: VmInfo, src: HostReport, dst: HostReport) -> Check | None:
         return _c("argv", title, CheckStatus.FAIL,
                   f"the command line of {vm.name} on {src.name} is unknown (no QEMU process owns its "
                   f"QMP socket), so {dst.name} cannot start its twin; probe again.")
-    verdict = target_argv(vm.argv)
+    verdict = target_argv(vm.argv, storage=target_storage(dst))
     if isinstance(verdict, Refusal):
         return _c("argv", title, CheckStatus.FAIL, verdict.sentence(dst.name) + ".")
     if verdict.rewritten:
         return _c("argv", title, CheckStatus.WARN, f"{dst.name}: " + "; ".join(verdict.rewritten) + ".")
     return None
+
+
+def target_storage(dst: HostReport) -> tuple[str, ...]:
+    """The target's shared storage folders (the inventory's, carried by discovery)."""
+    value = dst.extra.get("shared_storage")
+    return tuple(str(f) for f in value) if isinstance(value, list | tuple) else ()
+
+
+def _disks(vm: VmInfo, dst: HostReport) -> list[Check]:
+    """Each disk image the guest uses must be there on the target (shared storage); no line for a
+    guest without disks. The answers come from discovery's look on the target (hosts/storage.py)."""
+    from sevconsole.hosts.diskpaths import disk_paths, under_storage
+
+    title = "Disks on target"
+    paths = disk_paths(vm.argv)
+    storage = target_storage(dst)
+    if not paths or not all(under_storage(p, storage) for p in paths):
+        return []  # none, or the argv check already refused them
+    files = dst.extra.get("files")
+    seen = files if isinstance(files, dict) else {}
+    missing = [f"{p} {seen[p]}" for p in paths if p in seen and seen[p] != "present"]
+    unknown = [p for p in paths if p not in seen]
+    if missing:
+        return [_c("disks", title, CheckStatus.FAIL, f"{dst.name}: the disk image " + "; the disk image ".join(missing)
+                   + f": {vm.name} cannot start there.")]
+    if unknown:
+        return [_c("disks", title, CheckStatus.WARN, f"{dst.name} was not asked whether it sees "
+                   f"{', '.join(unknown)}; its QEMU checks them when the incoming VM starts.")]
+    return [_c("disks", title, CheckStatus.PASS, f"{dst.name} sees {', '.join(paths)} on its shared storage.")]
 
 
 def _qemu_support(vm: VmInfo, src: HostReport, dst: HostReport) -> list[Check]:

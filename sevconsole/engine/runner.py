@@ -308,13 +308,10 @@ class Runner:
         return plan, fleet, pool
 
     def _links(self, plan: MigrationPlan, fleet: Any, pool: Any) -> tuple[Any, Any]:
-        from sevconsole.engine.ssh import SshHost
+        from sevconsole.engine.hostlinks import link_for
 
-        def link(name: str, address: str) -> SshHost:
-            return SshHost(name, address, fleet.connection(pool, name),
-                           reconnect=lambda: fleet.connection(pool, name))
-
-        return link(plan.source.name, plan.source.address), link(plan.target.name, plan.target.address)
+        return (link_for(fleet, pool, plan.source.name, plan.source.address),
+                link_for(fleet, pool, plan.target.name, plan.target.address))
 
 
 def _replace(outcome: Outcome, **changes: Any) -> Outcome:

@@ -23,8 +23,9 @@ class SshHost:
     hand died, so the engine can reach the host again after an SSH drop and roll back."""
 
     def __init__(self, name: str, address: str, conn: SshConnection, *,
-                 reconnect: Callable[[], SshConnection] | None = None) -> None:
+                 reconnect: Callable[[], SshConnection] | None = None, storage: Sequence[str] = ()) -> None:
         self.name = name
+        self.storage = tuple(storage)  # the host's shared storage folders (inventory): where disks may be
         self.address = address  # where the target QEMU listens for the migration stream
         self.conn = conn
         self._reconnect = reconnect
@@ -53,11 +54,12 @@ class SshHost:
         # The helper gets the allow-list's command line, never the source's; it adds its own
         # -qmp and -incoming defer.
         try:
-            allowed = require_target_argv(argv, self.name)
+            allowed = require_target_argv(argv, self.name, storage=self.storage)
         except ArgvRefused as exc:
             raise LinkError(self.name, str(exc)) from None
         try:
-            vm = await asyncio.to_thread(remote.launch_incoming, await self._conn(), list(allowed.argv))
+            vm = await asyncio.to_thread(remote.launch_incoming, await self._conn(), list(allowed.argv),
+                                         storage=self.storage)
         except HostError as exc:
             raise LinkError(self.name, str(exc)) from exc
         self._incoming[vm.pid] = vm.qmp

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sevconsole import paths
+from sevconsole.hosts import storage
 from sevconsole.hosts.chains import Roots, check_host_chain, load_roots, roots_from_blob
 from sevconsole.hosts.errors import HostError, HostKeyChanged, HostKeyError, QmpCommandError
 from sevconsole.hosts.hostkeys import HostKeyStore
@@ -102,12 +103,20 @@ def discover(hosts: Iterable[HostSpec], options: DiscoveryOptions | None = None,
     """Blocking: every host's report, in the order given. `on_report` runs in the calling
     thread as each host finishes."""
     hosts = list(hosts)
+    options = options or DiscoveryOptions()
     done: dict[str, HostReport] = {}
-    for report in iter_discover(hosts, options, pool=pool):
-        done[report.name] = report
-        if on_report is not None:
-            on_report(report)
-    return [done[h.name] for h in hosts]
+    own_pool = pool is None
+    pool = pool or options.pool()
+    try:
+        for report in iter_discover(hosts, options, pool=pool):
+            done[report.name] = report
+            if on_report is not None:
+                on_report(report)
+        reports = [done[h.name] for h in hosts]
+        return storage.seen_disks(reports, hosts, lambda spec: pool.get(endpoint_for(spec, hosts, options.ssh_config)))
+    finally:
+        if own_pool:
+            pool.close()
 
 
 def discover_host(spec: HostSpec, ctx: _Context) -> HostReport:
@@ -155,6 +164,8 @@ def _discover(spec: HostSpec, ctx: _Context, last: list[HostReport]) -> HostRepo
     caps = _capabilities(spec, data, qmp_caps, ctx, errors, sev)
     extra = {"helper": data.get("helper"), "python": data.get("python"), "endpoint": endpoint.where(),
              "host_claims_lab": bool(data.get("lab"))}
+    if spec.shared_storage:
+        extra["shared_storage"] = list(spec.shared_storage)
     memory = data.get("memory") if isinstance(data.get("memory"), dict) else {}
     for key in ("total_mib", "available_mib"):
         value = memory.get(key)

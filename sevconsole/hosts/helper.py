@@ -5,7 +5,8 @@ host, so this file is the whole of what runs there. The console compresses it an
 
     python3 -c 'import base64,sys,zlib;exec(zlib.decompress(base64.b64decode(sys.argv.pop(1))))' BLOB CMD ARGS
 
-Commands: `probe [--qmp-glob GLOB]...`, `qmp PATH`, `launch-incoming` (JSON on stdin), `stop PID`.
+Commands: `probe [--qmp-glob GLOB]...`, `qmp PATH`, `launch-incoming` (JSON on stdin), `stop PID`,
+`files` (JSON on stdin: which disk images this host sees under its shared storage).
 Results are one JSON object on stdout; failures are `{"error": "sentence"}` with exit 1; an
 unknown command exits 127 with a message on stderr.
 """
@@ -408,17 +409,27 @@ def option_keys(value):
     return split_opts(value)[1]
 
 
-def check_target_argv(argv):
-    """Refuse what the console's allow-list never lets through; raise HelperFailure naming it."""
+def check_target_argv(argv, storage=()):
+    """Refuse what the console's allow-list never lets through; raise HelperFailure naming it.
+    With `storage` (this host's shared storage folders, from the console's inventory), -drive and
+    -blockdev may name image files there, and each must exist here."""
     if not argv or argv[0] not in QEMU_PROGRAMS:
         raise HelperFailure("the program must be one of {}, named without a folder; "
                             "got {!r}".format(", ".join(QEMU_PROGRAMS), argv[0] if argv else None))
+    disk_option = None
     for arg in argv[1:]:
+        if disk_option is not None:
+            check_disk(disk_option, arg, storage)
+            disk_option = None
+            continue
         name = arg[1:] if arg.startswith("--") else arg
         if name in PLUMBING:
             raise HelperFailure(f"the command line still has {name}; this helper adds its own "
                                 "QMP socket and -incoming, and takes the console's filtered command "
                                 "line only")
+        if name in DISK_OPTIONS and storage:
+            disk_option = name
+            continue
         if name in NEVER_OPTIONS:
             raise HelperFailure(f"refused {name}, which would make this host open or run "
                                 "what the source named")
@@ -426,6 +437,63 @@ def check_target_argv(argv):
             if key in NEVER_KEYS and val != "":
                 raise HelperFailure(f"refused {key}= in {arg[:80]!r}, which would make this host "
                                     "open or run what the source named")
+
+
+DISK_OPTIONS = ("-drive", "-blockdev")
+DISK_KEYS = ("file", "filename")
+
+
+def check_disk(option, value, storage):
+    path = None
+    for key, val in option_keys(value).items():
+        if key in DISK_KEYS and val != "":
+            if key == "file" and option == "-blockdev":  # raw's file= names a node, not a path
+                continue
+            path = val
+        elif key in NEVER_KEYS and val != "":
+            raise HelperFailure(f"refused {key}= in {value[:80]!r}, which would make this host "
+                                "open or run what the source named")
+    if path is None:
+        return
+    state = disk_state(path, storage)
+    if state != "present":
+        raise HelperFailure(f"the disk image {path} {state}")
+
+
+def inside(path, folders):
+    return any(path.startswith(folder.rstrip("/") + "/") for folder in folders if folder.startswith("/"))
+
+
+def disk_state(path, storage):
+    """'present', or the rest of a sentence saying why this host cannot use the image."""
+    if not path.startswith("/") or os.path.normpath(path) != path or not inside(path, storage):
+        return "is not under this host's shared storage ({})".format(", ".join(storage) or "none declared")
+    real = os.path.realpath(path)
+    if not inside(real, [os.path.realpath(folder) for folder in storage]):
+        return f"leads out of this host's shared storage (to {real})"
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        return "does not exist on this host (is its folder shared storage here?)"
+    except OSError as exc:
+        return f"cannot be used on this host ({exc.strerror})"
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        return "is not a regular file or block device on this host"
+    if not os.access(real, os.R_OK):
+        return "is not readable by this user on this host"
+    return "present"
+
+
+def cmd_files(args):
+    """{"paths": [...], "storage": [...]} on stdin -> {"files": {path: state}} (bounded)."""
+    try:
+        request = json.loads(sys.stdin.read(1 << 20))
+        paths = [str(p) for p in request["paths"]][:256]
+        storage = [str(f) for f in request.get("storage", [])][:64]
+    except (ValueError, KeyError, TypeError):
+        raise HelperFailure('files expects {"paths": [...], "storage": [...]} on stdin') from None
+    emit({"files": {path: disk_state(path, storage) for path in paths}})
+    return 0
 
 
 def find_program(name):
@@ -439,10 +507,10 @@ def find_program(name):
         name, ", ".join(PROGRAM_DIRS)))
 
 
-def incoming_command(argv, qmp_path):
+def incoming_command(argv, qmp_path, storage=()):
     """The console's target command line, checked, with this host's QEMU, a new QMP socket and
     -incoming defer."""
-    check_target_argv(argv)
+    check_target_argv(argv, storage)
     return [find_program(argv[0])] + list(argv[1:]) + [
         "-qmp", f"unix:{qmp_path},server=on,wait=off", "-incoming", "defer"]
 
@@ -621,7 +689,8 @@ def cmd_launch_incoming(args):
         source = [str(a) for a in request["argv"]]
     except (ValueError, KeyError, TypeError):
         raise HelperFailure('launch-incoming expects {"argv": [...]} on stdin') from None
-    check_target_argv(source)
+    storage = [str(f) for f in request.get("storage") or []]
+    check_target_argv(source, storage)
     # The folder is the console's choice or this user's own, never one the source named; the
     # VM name is made a plain file name.
     directory = request.get("dir") or private_dir()
@@ -630,7 +699,7 @@ def cmd_launch_incoming(args):
     stem = f"{safe_stem(vm_name(source))}-incoming-{os.getpid()}-{int(time.time() * 1000) % 10 ** 9}"
     qmp_path = os.path.join(directory, stem + ".qmp")
     log_path = os.path.join(directory, stem + ".log")
-    argv = incoming_command(source, qmp_path)
+    argv = incoming_command(source, qmp_path, storage)
     pid = detach(argv, log_path)
     timeout = float(request.get("timeout", 20))
     why = wait_for_qmp(qmp_path, pid, time.monotonic() + timeout)
@@ -683,7 +752,7 @@ def cmd_stop(args):
 
 
 COMMANDS = {"probe": cmd_probe, "qmp": cmd_qmp, "launch-incoming": cmd_launch_incoming,
-            "stop": cmd_stop}
+            "stop": cmd_stop, "files": cmd_files}
 
 
 def main(argv):

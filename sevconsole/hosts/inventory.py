@@ -19,7 +19,8 @@ from sevconsole import paths
 from sevconsole.boundedio import CONFIG_LIMIT, INVENTORY_LIMIT, BoundedReadError, read_text_bounded
 from sevconsole.hosts.errors import InventoryError, InventoryProblem
 
-HOST_KEYS = ("name", "address", "port", "user", "identity", "jump", "qmp_sockets", "labels", "lab")
+HOST_KEYS = ("name", "address", "port", "user", "identity", "jump", "qmp_sockets", "labels", "lab",
+             "shared_storage")
 # Top level: the hosts, and optionally the known_hosts file and lab root this inventory goes with
 # (a lab writes both; relative paths are relative to the inventory file).
 TOP_LEVEL_KEYS = ("host", "known_hosts", "lab_root")
@@ -39,6 +40,9 @@ class HostSpec:
     labels: tuple[str, ...] = ()
     lab: bool = False  # trust the lab root for this host's chain
     origin: str = ""  # "file:line" or "ssh-config", for messages
+    # folders on the host holding disk images every host that may receive its VMs also sees: the
+    # only place a migrated VM's -drive/-blockdev may name (engine/argv_policy.py)
+    shared_storage: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -208,6 +212,13 @@ def _host(index: int, table: dict[str, Any], base: Path, fname: str, loc: _Locat
         if not pattern.startswith("/"):
             bad(index, "qmp_sockets", f"{pattern!r} must be an absolute path (a glob on the host)")
     labels = strings("labels")
+    shared_storage = strings("shared_storage")
+    for folder in shared_storage:
+        if not folder.startswith("/") or not folder.strip("/") or ".." in folder.split("/") \
+                or "," in folder or "//" in folder:
+            bad(index, "shared_storage", f"{folder!r} must be an absolute folder on the host "
+                "other than / itself (no '..', no ',')")
+    shared_storage = tuple(f.rstrip("/") or "/" for f in shared_storage)
     if name is None or address is None:
         return None
     if not re.fullmatch(r"[A-Za-z0-9._@:+-]+", name):
@@ -215,7 +226,7 @@ def _host(index: int, table: dict[str, Any], base: Path, fname: str, loc: _Locat
         return None
     return HostSpec(name=name, address=address, port=port, user=user, identity=identity, jump=jump,
                     qmp_sockets=qmp_sockets, labels=labels, lab=lab,
-                    origin=f"{fname}:{loc.line(index)}")
+                    origin=f"{fname}:{loc.line(index)}", shared_storage=shared_storage)
 
 
 def _close(a: str, b: str) -> bool:

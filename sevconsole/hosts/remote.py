@@ -86,10 +86,15 @@ class IncomingVm:
 
 
 def launch_incoming(conn: SshConnection, argv: list[str] | tuple[str, ...], *,
-                    directory: str | None = None, timeout: float = 20.0) -> IncomingVm:
+                    directory: str | None = None, timeout: float = 20.0,
+                    storage: tuple[str, ...] = ()) -> IncomingVm:
+    """Start the target QEMU; `storage`: the host's shared storage folders (the inventory's), where
+    the disk images `argv` names must be (the helper checks that each exists before starting)."""
     request: dict[str, Any] = {"argv": list(argv), "timeout": timeout}
     if directory:
         request["dir"] = directory
+    if storage:
+        request["storage"] = list(storage)
     answer = run_helper(conn, "launch-incoming", stdin=json.dumps(request).encode(),
                         timeout=timeout + conn.timeouts.channel)
     try:
@@ -104,3 +109,13 @@ def stop(conn: SshConnection, pid: int, *, qmp: str | None = None) -> bool:
     log even when that QEMU already exited by itself."""
     stdin = json.dumps({"qmp": qmp}).encode() if qmp else None
     return bool(run_helper(conn, "stop", str(int(pid)), stdin=stdin).get("stopped"))
+
+
+def file_states(conn: SshConnection, paths: list[str], storage: tuple[str, ...]) -> dict[str, str]:
+    """For each disk image path: "present", or the rest of a sentence saying why this host cannot
+    use it (missing, outside its shared storage, a link leading out of it, unreadable)."""
+    answer = run_helper(conn, "files", stdin=json.dumps({"paths": paths, "storage": list(storage)}).encode())
+    files = answer.get("files")
+    if not isinstance(files, dict):
+        raise HelperError(conn.name, f"{conn.endpoint.where()}: files answered without a files object")
+    return {p: str(files[p])[:300] if isinstance(files.get(p), str) else "was not reported" for p in paths}

@@ -300,3 +300,13 @@ def test_a_lab_folder_with_a_fifo_for_its_inventory_is_refused(tmp_path: Path) -
     with pytest.raises(InventoryError) as info:
         load_lab(tmp_path)
     assert str(info.value) == f"{tmp_path / 'inventory.toml'}: not a regular file"
+
+
+def test_shared_storage_folders(tmp_path: Path) -> None:
+    text = '[[host]]\nname = "hv-a"\naddress = "10.0.0.1"\nshared_storage = ["/srv/vms/", "/mnt/nfs"]\n'
+    (spec,) = parse_inventory(text, tmp_path / "inv.toml").hosts
+    assert spec.shared_storage == ("/srv/vms", "/mnt/nfs")
+    for bad in ('"srv/vms"', '"/"', '"/srv/../etc"', '"/srv/a,b"', "3"):
+        with pytest.raises(InventoryError) as info:
+            parse_inventory(f'[[host]]\nname = "a"\naddress = "b"\nshared_storage = [{bad}]\n', tmp_path / "i.toml")
+        assert "shared_storage" in str(info.value), bad
