@@ -1,16 +1,31 @@
-"""The host's firmware model behind one lock, with failures turned into typed errors.
+"""The host's PSP: its firmware model one command at a time, on real time, failures as errors.
 
-The firmware model is one PSP: the lab's threads (QMP, migration, workload, SSH) all reach it
-through `Psp.call`, which serialises them and raises `FirmwareError` naming the command, its
-status and the firmware's own sentence.
+The lab's threads (QMP, migration, workload, SSH) all reach the firmware through `Psp.call`
+(`Psp.raw` for probes that want the status whatever it is), which serialises them and raises
+`FirmwareError` naming the command, its status and the firmware's own sentence.
+
+The firmware model is pure: with a cost model (`SevFirmware.timing`) it only adds up each
+command's modelled time (`busy_s`). Here real time follows it: the PSP stays held until the
+command's modelled end on a `Timeline` of back-to-back commands, so a lab host runs at a real
+PSP's rate (about 400 pages/s). The firmware's introspection (`log`, `counts`, ...) does not
+go through this lock, so it answers while a long batch holds the PSP.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar, overload
 
+from sevconsole.sev.firmware import SevFirmware
 from sevconsole.sev.status import STATUS_MEANING, Status
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+PSP_SLACK_S = 0.01  # how far behind its timeline a busy PSP may catch up
 
 
 class FirmwareError(Exception):
@@ -23,12 +38,44 @@ class FirmwareError(Exception):
         super().__init__(f"{host}: {command} failed with {status.name}: {why}")
 
 
+@dataclass
+class Timeline:
+    """Real time for modelled PSP time: commands end back to back, as on one busy PSP.
+
+    A command queued right behind another starts where that one ended on the timeline, not
+    when its thread woke up, so sleep overshoot (often ~1 ms on a loaded host) does not add
+    up; after an idle gap longer than PSP_SLACK_S the timeline restarts at now.
+    """
+
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    free_at: float = 0.0  # when the modelled PSP finishes its last command
+
+    def hold(self, began: float, cost: float) -> None:
+        """A command that began at `began` and costs `cost`: wait for its modelled end."""
+        start = max(self.free_at, began - PSP_SLACK_S)
+        self.free_at = start + cost
+        delay = self.free_at - self.clock()
+        if delay > 0:
+            self.sleep(delay)
+
+
 class Psp:
-    def __init__(self, host: str, firmware: Any) -> None:
+    def __init__(
+        self, host: str, firmware: SevFirmware, *, timeline: Timeline | None = None
+    ) -> None:
         self.host = host
         self.fw = firmware
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # one command in flight, held for its modelled time
+        if timeline is None and firmware.timing is not None:
+            timeline = Timeline()
+        self.timeline = timeline
         self._sessions: set[bytes] = set()
+
+    @property
+    def paced(self) -> bool:
+        """Whether commands take a real PSP's time (the "realistic PSP")."""
+        return self.timeline is not None
 
     def claim_session(self, nonce: bytes) -> bool:
         """The hypervisor's replay guard: a session (by its nonce) is received once per host.
@@ -39,16 +86,35 @@ class Psp:
             self._sessions.add(nonce)
             return True
 
-    def call(self, command: str, *args: Any, **kwargs: Any) -> Any:
-        """Runs `firmware.<command>(...)`; raises FirmwareError unless the status is SUCCESS."""
-        with self.lock:
-            result = getattr(self.fw, command)(*args, **kwargs)
+    # A command is given as the firmware's bound method (`psp.call(psp.fw.send_start, ...)`),
+    # so its arguments and result are typed. Naming it by string is the old form, kept until
+    # every caller has moved.
+    @overload
+    def call(self, command: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R: ...
+    @overload
+    def call(self, command: str, /, *args: Any, **kwargs: Any) -> Any: ...
+
+    def call(self, command: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
+        """Runs the command; raises FirmwareError unless its status is SUCCESS."""
+        result = self.raw(command, *args, **kwargs)
         status = getattr(result, "status", Status.SUCCESS)
         if status != Status.SUCCESS:
-            raise FirmwareError(self.host, command.upper(), Status(status), getattr(result, "detail", ""))
+            name = command if isinstance(command, str) else command.__name__
+            raise FirmwareError(self.host, name.upper(), Status(status), getattr(result, "detail", ""))
         return result
 
-    def raw(self, command: str, *args: Any, **kwargs: Any) -> Any:
-        """Runs a command and returns its result whatever the status (for probes)."""
+    @overload
+    def raw(self, command: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R: ...
+    @overload
+    def raw(self, command: str, /, *args: Any, **kwargs: Any) -> Any: ...
+
+    def raw(self, command: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
+        """Runs the command and returns its result whatever the status (for probes)."""
+        run = getattr(self.fw, command) if isinstance(command, str) else command
         with self.lock:
-            return getattr(self.fw, command)(*args, **kwargs)
+            if self.timeline is None:
+                return run(*args, **kwargs)
+            began, before = self.timeline.clock(), self.fw.busy_s
+            result = run(*args, **kwargs)
+            self.timeline.hold(began, self.fw.busy_s - before)
+            return result

@@ -23,6 +23,7 @@ is bound to the key and the address) and costs one AES call per contiguous run.
 from __future__ import annotations
 
 import operator
+from typing import TypeVar, overload
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -33,6 +34,7 @@ MAX_GPA = 1 << 64  # guest physical addresses are below 2^64
 
 Buffer = bytes | bytearray | memoryview | np.ndarray
 WritableBuffer = bytearray | memoryview | np.ndarray
+W = TypeVar("W", bound=WritableBuffer)  # encrypt/decrypt return the `out` they are given
 
 
 def _byte_view(data: Buffer, name: str) -> memoryview:
@@ -91,12 +93,22 @@ class GuestMemoryCipher:
             target[head:] = enc.update(view[head:])
         return out
 
+    @overload
+    def encrypt(self, gpa: int, plaintext: Buffer, out: None = None) -> bytes: ...
+    @overload
+    def encrypt(self, gpa: int, plaintext: Buffer, out: W) -> W: ...
+
     def encrypt(self, gpa: int, plaintext: Buffer, out: WritableBuffer | None = None) -> Buffer:
         """Ciphertext of `plaintext` stored at `gpa` (a run of any length, one AES call).
 
         With `out`, the result is written there (it may be the input itself) and `out` is returned.
         """
         return self._apply(gpa, plaintext, out)
+
+    @overload
+    def decrypt(self, gpa: int, ciphertext: Buffer, out: None = None) -> bytes: ...
+    @overload
+    def decrypt(self, gpa: int, ciphertext: Buffer, out: W) -> W: ...
 
     def decrypt(self, gpa: int, ciphertext: Buffer, out: WritableBuffer | None = None) -> Buffer:
         """Plaintext of `ciphertext` read at `gpa` (CTR: the same operation as encrypt)."""

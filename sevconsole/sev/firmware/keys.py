@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from .certs import Algo, AmdCert, SevCert, Usage, sign_sev_cert
+from ..certs import Algo, AmdCert, SevCert, Usage, sign_sev_cert
 
 # Slots of the PEK's two signatures, as AMD's exported PEKs have them.
 PEK_OCA_SLOT = 0

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .certs import ECDH_ALGOS, AmdCert, SevCert, Usage, split_amd_chain, split_platform_chain
-from .chain import check_link
-from .errors import SevFormatError
-from .firmware_keys import same_key
-from .policy import GuestPolicy, PolicyFlag
-from .status import Status
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ..certs import ECDH_ALGOS, AmdCert, SevCert, Usage, split_amd_chain, split_platform_chain
+from ..chain import check_link
+from ..errors import SevFormatError
+from ..policy import GuestPolicy, PolicyFlag
+from ..status import Status
+from .keys import same_key
 
 
 @dataclass(frozen=True)
@@ -39,10 +41,18 @@ def parse_pdh(data: bytes, name: str) -> tuple[SevCert | None, str]:
             return None, f"{name}: key usage is {pdh.usage.name}, a PDH has usage PDH (0x1003)"
         if pdh.algo not in ECDH_ALGOS:
             return None, f"{name}: key algorithm is {pdh.algo.name}, a PDH is an ECDH key"
-        pdh.public_key()
+        pdh_public_key(pdh)
     except SevFormatError as exc:
         return None, str(exc)
     return pdh, ""
+
+
+def pdh_public_key(pdh: SevCert) -> ec.EllipticCurvePublicKey:
+    """The ECDH key of a PDH (parse_pdh has checked it is one)."""
+    key = pdh.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise SevFormatError(pdh.name, 0x0C, "a PDH holds an EC key")
+    return key
 
 
 def _link_failure(
@@ -52,6 +62,17 @@ def _link_failure(
     if link.ok:
         return None
     return f"{rule}: the target's {what} does not verify ({link.detail or link.reason})"
+
+
+Link = tuple[SevCert | AmdCert, SevCert | AmdCert, str]  # signer, subject, what it is
+
+
+def _first_failure(rule: str, links: tuple[Link, ...]) -> str | None:
+    for signer, subject, what in links:
+        failure = _link_failure(rule, signer, subject, what)
+        if failure:
+            return failure
+    return None
 
 
 def check_target(
@@ -79,13 +100,11 @@ def check_target(
     if failure:
         return _fail(Status.POLICY_FAILURE, failure)
     if need_domain:
-        for signer, subject, what in (
-            (oca, oca, "OCA self-signature"),
-            (oca, pek, "OCA -> PEK signature"),
-        ):
-            failure = _link_failure("DOMAIN", signer, subject, what)
-            if failure:
-                return _fail(Status.POLICY_FAILURE, failure)
+        failure = _first_failure(
+            "DOMAIN", ((oca, oca, "OCA self-signature"), (oca, pek, "OCA -> PEK signature"))
+        )
+        if failure:
+            return _fail(Status.POLICY_FAILURE, failure)
         if not same_key(oca, own_oca):
             return _fail(
                 Status.POLICY_FAILURE,
@@ -103,15 +122,17 @@ def check_target(
                 f"SEV: the target's chain ends at ARK {ark.key_id.hex()}, not at this platform's "
                 f"root ARK {own_ark.key_id.hex()}",
             )
-        for signer, subject, what in (
-            (ark, ark, "ARK self-signature"),
-            (ark, ask, "ARK -> ASK signature"),
-            (ask, cek, "ASK -> CEK signature"),
-            (cek, pek, "CEK -> PEK signature"),
-        ):
-            failure = _link_failure("SEV", signer, subject, what)
-            if failure:
-                return _fail(Status.POLICY_FAILURE, failure)
+        failure = _first_failure(
+            "SEV",
+            (
+                (ark, ark, "ARK self-signature"),
+                (ark, ask, "ARK -> ASK signature"),
+                (ask, cek, "ASK -> CEK signature"),
+                (cek, pek, "CEK -> PEK signature"),
+            ),
+        )
+        if failure:
+            return _fail(Status.POLICY_FAILURE, failure)
         if (pek.api_major, pek.api_minor) < (policy.api_major, policy.api_minor):
             return _fail(
                 Status.POLICY_FAILURE,
