@@ -344,7 +344,7 @@ def _chain(plan: MigrationPlan, policy: Any, trust: Any, pdh: Any, pek: Any, oca
 
 def _verify(dst: HostReport, trust: Any, pdh: Any, pek: Any, oca: Any, cek: Any) -> Any:
     """A ChainReport, or a sentence saying why the chain could not be checked."""
-    from sevconsole.sev.certs import AmdCert, split_amd_chain
+    from sevconsole.sev.certs import split_amd_chain
     from sevconsole.sev.chain import verify_chain
     from sevconsole.sev.errors import SevFormatError
     from sevconsole.sev.trust import TrustStore
@@ -358,9 +358,7 @@ def _verify(dst: HostReport, trust: Any, pdh: Any, pek: Any, oca: Any, cek: Any)
         return (f"{dst.name}'s chain cannot be checked to an AMD root ({why}); "
                 "import the AMD chain of its generation.")
     try:
-        ask_raw, ark_raw = split_amd_chain(caps.amd_chain)
-        ask = ask_raw if not isinstance(ask_raw, bytes | bytearray) else AmdCert.from_bytes(ask_raw, "ask.cert")
-        ark = ark_raw if not isinstance(ark_raw, bytes | bytearray) else AmdCert.from_bytes(ark_raw, "ark.cert")
+        ask, ark = split_amd_chain(caps.amd_chain)
     except (SevFormatError, ValueError) as exc:
         return f"{dst.name}: its AMD chain (ASK || ARK) cannot be read: {exc}"
     store = trust if trust is not None else TrustStore.amd()

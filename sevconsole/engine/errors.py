@@ -13,7 +13,3 @@ class LinkError(EngineError):
     def __init__(self, host: str, message: str) -> None:
         super().__init__(f"{host}: {message}")
         self.host = host
-
-
-class MigrationFailed(EngineError):
-    """QEMU or the firmware reported a failure; the rollback outcome is in the engine's result."""

@@ -451,13 +451,6 @@ def generate_lab_root(bits: int = 2048) -> LabRoot:
     return LabRoot(ark_key, ark, ask_key, ask)
 
 
-def describe_usage(value: int) -> str:
-    try:
-        return Usage(value).name
-    except ValueError:
-        return f"{value:#x}"
-
-
 def curve_name(curve: int) -> str:
     return CURVE_NAMES.get(curve, f"curve {curve}")
 
