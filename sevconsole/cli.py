@@ -64,25 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(func=_run_console)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 
 def _run_console(args: argparse.Namespace) -> int:
-    try:
-        from sevconsole.tui.main import run_console
-    except ModuleNotFoundError as exc:
-        if not (exc.name or "").startswith("sevconsole.tui"):
-            raise
-        print("sevconsole: the console is not part of this build yet; see `sevconsole --help`.",
-              file=sys.stderr)
-        return 2
+    from sevconsole.tui.main import run_console
+
     if args.inventory is None and args.lab is None:
         args.lab_starter = _embedded_lab  # the console never imports the lab itself
     return run_console(args)
