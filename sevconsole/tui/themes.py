@@ -1,5 +1,5 @@
-"""Colour themes: TOML files holding Textual Theme arguments, from the project's themes/ folder
-and the user's config folder (a user file of the same label wins)."""
+"""Colour themes: TOML files holding Textual Theme arguments, from the package's builtin_themes/
+folder and the user's config folder (a user file of the same label wins)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from textual.theme import Theme
 from sevconsole import paths
 from sevconsole.boundedio import CONFIG_LIMIT, BoundedReadError, read_text_bounded
 
-# A link to the project's themes/ folder in a checkout; a real folder in an installed copy.
+# Package data (pyproject.toml), so a checkout and an installed copy read the same files.
 PROJECT_THEMES = Path(__file__).resolve().parent / "builtin_themes"
 DEFAULT = "dark"
 THEME_KEYS = ("primary", "secondary", "warning", "error", "success", "accent", "foreground",
