@@ -21,7 +21,7 @@ GB/s (1e9), over the CPU time of the benchmark's thread (the machine is shared: 
 what the work cost even while another process holds the core); wall-clock figures are given
 too. Ratios are model / raw; the target is model >= 50% of raw.
 
-    python benchmarks/crypto.py [--mib 64] [--rounds 5] [--page-size 4096]
+    python -m benchmarks.crypto [--mib 64] [--rounds 5] [--page-size 4096]
 """
 
 from __future__ import annotations
@@ -31,10 +31,8 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import cryptography
 import numpy as np
@@ -42,10 +40,8 @@ from cryptography.hazmat.backends.openssl import backend
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sevconsole.sev.memory import GuestMemoryCipher  # noqa: E402
-from sevconsole.sev.transport import open_pages, seal_pages  # noqa: E402
+from sevconsole.sev.memory import GuestMemoryCipher
+from sevconsole.sev.transport import open_pages, seal_pages
 
 TARGET = 0.5
 

@@ -6,7 +6,7 @@ once) and one at a time. Prints JSON: wall times, per-host median, the ratio of 
 the sum of per-host times (1.0 = no overlap; lower = concurrency at work), and the speed-up
 over the sequential pass.
 
-    python benchmarks/discovery.py [--hosts 32] [--workers 16] [--repeat 3]
+    python -m benchmarks.discovery [--hosts 32] [--workers 16] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -19,11 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sevconsole.hosts.discovery import DiscoveryOptions, discover  # noqa: E402
-from sevconsole.hosts.labdir import load_lab  # noqa: E402
-from sevconsole.lab.control import Lab  # noqa: E402  (a benchmark may start a lab, like tests)
+from sevconsole.hosts.discovery import DiscoveryOptions, discover
+from sevconsole.hosts.labdir import load_lab
+from sevconsole.lab.control import Lab  # a benchmark may start a lab, like tests
 
 
 def one_pass(hosts: list, options: DiscoveryOptions) -> dict:

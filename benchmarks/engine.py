@@ -6,7 +6,7 @@
 2. Folding: one exact page-map poll (decode + snapshot copy + to_json) for a 64 MiB and a
    64 GiB guest, against decoding alone.
 
-    python3 benchmarks/engine.py [--runs N]
+    python -m benchmarks.engine [--runs N]
 """
 
 from __future__ import annotations
@@ -18,21 +18,18 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sevconsole.engine.fold import ProgressFolder  # noqa: E402
-from sevconsole.engine.local import LocalHost, accepts  # noqa: E402
-from sevconsole.engine.plan import MigrationPlan  # noqa: E402
-from sevconsole.engine.run import Migration  # noqa: E402
-from sevconsole.hosts.report import HostReport, VmInfo  # noqa: E402
-from sevconsole.sev.pagestate import decode_states, encode_states  # noqa: E402
+from sevconsole.engine.fold import ProgressFolder
+from sevconsole.engine.local import LocalHost, accepts
+from sevconsole.engine.plan import MigrationPlan
+from sevconsole.engine.run import Migration
+from sevconsole.hosts.report import HostReport, VmInfo
+from sevconsole.sev.pagestate import decode_states, encode_states
 
 MIB = 64
 

@@ -19,7 +19,7 @@ Prints JSON: faults by kind, outcomes, invariant violations (must be 0), digest 
 0), the same per kind, the longest time from a fault to the engine's verified end, and every
 violation with its fault so it can be replayed (same seed, same K).
 
-    python benchmarks/faults.py [--k 40] [--seed 1] [--mem 16] [--kinds cut-stream,flip-header]
+    python -m benchmarks.faults [--k 40] [--seed 1] [--mem 16] [--kinds cut-stream,flip-header]
                                 [--durable-mem 8]
 """
 
@@ -41,13 +41,11 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sevconsole.hosts.discovery import endpoint_for  # noqa: E402
-from sevconsole.lab.stream import Frame  # noqa: E402
-from sevconsole.sev.policy import PolicyFlag  # noqa: E402
-from tests.reliability.proxy import Fault, StreamProxy  # noqa: E402
-from tests.reliability.rig import (  # noqa: E402
+from sevconsole.hosts.discovery import endpoint_for
+from sevconsole.lab.stream import Frame
+from sevconsole.sev.policy import PolicyFlag
+from tests.reliability.proxy import Fault, StreamProxy
+from tests.reliability.rig import (
     RUNNER_POINTS,
     Attempt,
     Console,

@@ -1,6 +1,6 @@
 """Lab SEV migration vs real QEMU plain migration, side by side in one run; prints JSON.
 
-    python benchmarks/migration.py [--mem 1024] [--repeat 1] [--psp-mem 8] [--skip-qemu]
+    python -m benchmarks.migration [--mem 1024] [--repeat 1] [--psp-mem 8] [--skip-qemu]
 
 Measured, each the same way (wall clock from `migrate` to `completed`, polled by QMP):
 - lab: an SEV guest of MEM MiB of random memory, all private, no dirtying, between two lab
@@ -24,17 +24,14 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from qemu.qmp import QMPClient
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sevconsole.lab import Lab  # noqa: E402
-from sevconsole.lab.layout import DB_POLICY, HostSpec, VmSpec  # noqa: E402
+from sevconsole.lab import Lab
+from sevconsole.lab.layout import DB_POLICY, HostSpec, VmSpec
 
 UNLIMITED = 1 << 40  # bytes/s: no rate limit on either side
 MB = 1_000_000

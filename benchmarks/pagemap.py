@@ -5,7 +5,7 @@ pixels + build the Strips of every row. The state changes between frames the way
 pass does: a sending frontier advances (1000 MB/s at 10 snapshots/s by default) and the
 workload dirties scattered pages (50k pages/s by default). Also timed:
 the first frame (full count) and a redraw with an unchanged snapshot (cache hit).
-Usage: python benchmarks/pagemap.py [--frames N] [--size COLSxROWS]
+Usage: python -m benchmarks.pagemap [--frames N] [--size COLSxROWS]
 """
 
 from __future__ import annotations

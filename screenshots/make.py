@@ -1,6 +1,6 @@
 """Run the real console on a real lab and save SVG screenshots of its screens into screenshots/.
 
-    python screenshots/make.py [--size 120x36] [--out DIR]
+    python -m screenshots.make [--size 120x36] [--out DIR]
 
 Starts a 4-host lab (lab-4 with a realistic PSP), drives the app headless by keys, and saves:
 hosts, host (certificate chain), preflight, refused (NOSEND), live migration mid-way, result,
@@ -12,23 +12,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from sevconsole.lab.control import Lab  # noqa: E402  (a script: the lab is another machine here)
-from sevconsole.lab.layout import default_layout  # noqa: E402
-from sevconsole.tui.app import SevConsoleApp  # noqa: E402
-from sevconsole.tui.live_backend import LiveBackend, open_backend  # noqa: E402
-from sevconsole.tui.screens.guide import GuideScreen  # noqa: E402
-from sevconsole.tui.screens.live import LiveScreen  # noqa: E402
-from sevconsole.tui.screens.migrate import MigrateScreen  # noqa: E402
-from sevconsole.tui.screens.result import ResultScreen  # noqa: E402
+from sevconsole.lab.control import Lab  # a script: the lab is another machine here
+from sevconsole.lab.layout import default_layout
+from sevconsole.tui.app import SevConsoleApp
+from sevconsole.tui.live_backend import LiveBackend, open_backend
+from sevconsole.tui.screens.guide import GuideScreen
+from sevconsole.tui.screens.live import LiveScreen
+from sevconsole.tui.screens.migrate import MigrateScreen
+from sevconsole.tui.screens.result import ResultScreen
 
 MIDWAY_BPS = 8_000_000
 

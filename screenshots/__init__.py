@@ -1,0 +1,1 @@
+"""The README's screenshots; `python -m screenshots.make` from the repository root."""
