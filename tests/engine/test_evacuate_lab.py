@@ -28,13 +28,24 @@ def sev_vm(name: str) -> VmSpec:
     return VmSpec(name, True, DB_POLICY, mem_mib=MEM_MIB)
 
 
-@pytest.fixture(scope="module")
-def mixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """lab-1: web (SEV, DOMAIN, API >= 0.24), vault (NOSEND), plain (no SEV), sev-a, sev-b; lab-2 and
-    lab-4 take SEV guests; lab-3 (another OCA domain, API 0.17) takes only the plain one."""
+def mixed_layout() -> tuple[HostSpec, ...]:
+    """lab-1: the default lab's guests (web: SEV, DOMAIN, API >= 0.24; vault: NOSEND; plain: no SEV;
+    and any guest that never enabled migration) plus sev-a and sev-b; lab-2 and lab-4 take SEV
+    guests; lab-3 (another OCA domain, API 0.17) takes only the plain one."""
     specs = list(default_layout(4, mem_mib=MEM_MIB))
     specs[0] = replace(specs[0], vms=specs[0].vms + (sev_vm("sev-a"), sev_vm("sev-b")))
-    lab = Lab.start(tmp_path_factory.mktemp("evac") / "lab", layout=tuple(specs))
+    return tuple(specs)
+
+
+LAB1 = mixed_layout()[0].vms
+# what the plan must say cannot move: NOSEND, and QEMU's blocker of a guest that never enabled migration
+BLOCKED = {"vault": "nosend", **{v.name: "blocked" for v in LAB1 if not getattr(v, "migration_ready", True)}}
+MOVABLE = [v.name for v in LAB1 if v.name not in BLOCKED]
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    lab = Lab.start(tmp_path_factory.mktemp("evac") / "lab", layout=mixed_layout())
     try:
         yield lab
     finally:
@@ -75,7 +86,8 @@ def one_copy_each(lab: Lab, before: dict[str, str], hosts: tuple[str, ...]) -> d
 
 def test_plan_cordons_skip_blocked_and_exit_codes(mixed: Lab, console: Console) -> None:
     lab = str(mixed.paths.root)
-    guests = ["web", "vault", "plain", "sev-a", "sev-b"]
+    guests = [v.name for v in LAB1]
+    assert {"web", "vault", "plain", "sev-a", "sev-b"} <= set(guests)
     before = digests(mixed, guests)
 
     # unknown host, bad usage: 3
@@ -89,10 +101,11 @@ def test_plan_cordons_skip_blocked_and_exit_codes(mixed: Lab, console: Console) 
     lines = events(out.stdout)
     plan = lines[0]
     assert plan["event"] == "plan" and plan["host"] == "lab-1"
-    assert [(b["vm"], b["kind"]) for b in plan["blockers"]] == [("vault", "nosend")]
-    assert "NOSEND" in plan["blockers"][0]["sentence"]
+    assert {b["vm"]: b["kind"] for b in plan["blockers"]} == BLOCKED
+    sentences = {b["vm"]: b["sentence"] for b in plan["blockers"]}
+    assert "NOSEND" in sentences["vault"]
     moves = {m["vm"]: m for m in plan["moves"]}
-    assert set(moves) == {"web", "plain", "sev-a", "sev-b"}
+    assert set(moves) == set(MOVABLE)
     for vm in ("web", "sev-a", "sev-b"):  # lab-3 is another OCA domain: DOMAIN refuses it
         assert moves[vm]["allowed"] == ["lab-2", "lab-4"] and moves[vm]["target"] in ("lab-2", "lab-4")
         assert [r["target"] for r in moves[vm]["refusals"]] == ["lab-3"]
@@ -114,14 +127,15 @@ def test_plan_cordons_skip_blocked_and_exit_codes(mixed: Lab, console: Console) 
         why = dict((r["target"], r["why"]) for r in moves[vm]["refusals"])
         assert "lab-4 is cordoned since" in why["lab-4"] and "sevconsole uncordon lab-4" in why["lab-4"]
     final = {e["vm"]: e for e in lines if e["event"] == "guest"}
-    assert {vm: final[vm]["status"] for vm in guests} == {
-        "web": "moved", "vault": "blocked", "plain": "moved", "sev-a": "moved", "sev-b": "moved"}
+    assert {vm: final[vm]["status"] for vm in guests} == {vm: "blocked" if vm in BLOCKED else "moved" for vm in guests}
     end = lines[-1]
     assert end["event"] == "end" and end["exit"] == 0
-    assert (end["summary"]["moved"], end["summary"]["blocked"], end["summary"]["failed"]) == (4, 1, 0)
+    summary = end["summary"]
+    assert (summary["moved"], summary["blocked"], summary["failed"]) == (len(MOVABLE), len(BLOCKED), 0)
 
     where = one_copy_each(mixed, before, ("lab-1", "lab-2", "lab-3", "lab-4"))
-    assert where["vault"] == "lab-1" and "lab-4" not in where.values()
+    assert {vm for vm, host in where.items() if host == "lab-1"} == set(BLOCKED)
+    assert "lab-4" not in where.values()
     assert {where[vm] for vm in ("web", "sev-a", "sev-b")} == {"lab-2"}
 
     # the evacuated host stays cordoned; discover says so
@@ -129,7 +143,7 @@ def test_plan_cordons_skip_blocked_and_exit_codes(mixed: Lab, console: Console) 
     assert (found["lab-1"]["cordoned"], found["lab-2"]["cordoned"], found["lab-4"]["cordoned"]) == (True, False, True)
     assert "lab-1 (lab) cordoned" in console.run("discover", "--lab", lab).stdout
 
-    # again: only vault is left, it cannot move: refused, even with --skip-blocked
+    # again: only the blocked guests are left: refused, even with --skip-blocked
     again = console.run("evacuate", "lab-1", "--lab", lab, "--yes", "--skip-blocked")
     assert again.returncode == 2 and "no guest on lab-1 can move" in again.stdout
 
