@@ -13,6 +13,7 @@ import binascii
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -99,12 +100,12 @@ def _read(path: Path) -> bytes:
         raise InputError(f"{path}: {exc.reason}") from None
 
 
-def _parse(kind: Any, data: bytes, path: Path) -> Any:
+def _parse(parse: Callable[[bytes, str], Any], data: bytes, path: Path) -> Any:
     """Parse with the full path in any error; the parsed certificates are named by file name only."""
     from sevconsole.sev.errors import SevFormatError
 
     try:
-        parsed = kind.from_bytes(data, str(path)) if isinstance(kind, type) else kind(data, str(path))
+        parsed = parse(data, str(path))
     except SevFormatError as exc:
         raise InputError(str(exc)) from None
     if isinstance(parsed, tuple):
@@ -115,13 +116,13 @@ def _parse(kind: Any, data: bytes, path: Path) -> Any:
 def _read_sev(path: Path) -> Any:
     from sevconsole.sev.certs import SevCert
 
-    return _parse(SevCert, _read(path), path)
+    return _parse(SevCert.from_bytes, _read(path), path)
 
 
 def _read_amd(path: Path) -> Any:
     from sevconsole.sev.certs import AmdCert
 
-    return _parse(AmdCert, _read(path), path)
+    return _parse(AmdCert.from_bytes, _read(path), path)
 
 
 def _maybe_base64(data: bytes, lengths: tuple[int, ...]) -> bytes:
@@ -163,12 +164,12 @@ def _decode_any(path: Path) -> list[tuple[str, Any]]:
 
     data = _maybe_base64(_read(path), (SEV_LEN, CHAIN_LEN))
     if len(data) == SEV_LEN:
-        return [("", _parse(SevCert, data, path))]
+        return [("", _parse(SevCert.from_bytes, data, path))]
     if len(data) == CHAIN_LEN:
         pek, oca, cek = _parse(split_platform_chain, data, path)
         return [("PEK", pek), ("OCA", oca), ("CEK", cek)]
     if len(data) in (576, 832, 1600):
-        return [("", _parse(AmdCert, data, path))]
+        return [("", _parse(AmdCert.from_bytes, data, path))]
     if len(data) in (1408, 1664, 3200):  # ASK || ARK (Naples short ARK, Naples, Rome onward)
         ask, ark = _parse(split_amd_chain, data, path)
         return [("ASK", ask), ("ARK", ark)]
