@@ -65,6 +65,7 @@ def preflight(plan: MigrationPlan, trust: Any = None) -> list[Check]:
     checks += _qemu_support(vm, src, dst)
     checks.append(_memory(vm, dst))
     checks += _cordon(dst)
+    checks += _guest_consent(vm, src, dst)
     if not vm.sev_enabled:
         checks.append(_c("sev", "Guest kind", CheckStatus.PASS,
                          f"{vm.name} is not an SEV guest: plain QEMU migration, no firmware involved."))
@@ -160,9 +161,9 @@ def _qemu_support(vm: VmInfo, src: HostReport, dst: HostReport) -> list[Check]:
     if not vm.sev_enabled:
         return out
     # An SEV guest is never migrated in plain: both QEMUs must carry the SEV migration commands.
-    if vm.migration_blocker:
+    if _qemu_blockers(vm):
         out.append(_c("qemu-source", "Source QEMU supports SEV migration", CheckStatus.FAIL,
-                      f"{src.name}: QEMU blocks the migration of {vm.name}: {vm.migration_blocker}"))
+                      f"{src.name}: QEMU blocks the migration of {vm.name}: {'; '.join(_qemu_blockers(vm))}"))
     elif vm.migration_support is True:
         out.append(_c("qemu-source", "Source QEMU supports SEV migration", CheckStatus.PASS,
                       f"{src.name}: QEMU offers the SEV migration parameters or migrate-set-sev-info."))
@@ -192,12 +193,37 @@ def _target_qemu_support(dst: HostReport) -> bool | None:
     explicit = dst.extra.get("qemu_sev_migration")
     if isinstance(explicit, bool):
         return explicit
-    if any(v.migration_blocker for v in dst.vms):
+    if any(_qemu_blockers(v) for v in dst.vms):
         return False
     known = [v.migration_support for v in dst.vms if v.migration_support is not None]
     if known:
         return all(known)
     return True if dst.lab else None  # the lab's QMP servers implement the series' commands
+
+
+def _consent_missing(vm: VmInfo) -> bool:
+    """The guest's own refusal: QEMU offers the SEV migration series' commands yet keeps
+    upstream's SEV blocker, which the series lifts only when the guest enables migration."""
+    return bool(vm.sev_enabled and vm.migration_support and vm.migration_blocker
+                and UPSTREAM_SEV_BLOCKER in vm.migration_blocker.split("; "))
+
+
+def _qemu_blockers(vm: VmInfo) -> list[str]:
+    """QEMU's blocked-reasons, less the one that is the guest's (the consent check's)."""
+    reasons = vm.migration_blocker.split("; ") if vm.migration_blocker else []
+    return [r for r in reasons if not (r == UPSTREAM_SEV_BLOCKER and _consent_missing(vm))]
+
+
+def _guest_consent(vm: VmInfo, src: HostReport, dst: HostReport) -> list[Check]:
+    """No line when the guest enabled migration (or is not an SEV guest)."""
+    if not _consent_missing(vm):
+        return []
+    return [_c("consent", "Guest enabled migration", CheckStatus.FAIL,
+               f"{vm.name}'s guest never enabled migration itself (its firmware and kernel set the "
+               "KVM migration control MSR; its dmesg would say \"live migration enabled in EFI\"), "
+               f"so QEMU on {src.name} keeps blocking it: {UPSTREAM_SEV_BLOCKER}. Forced through, "
+               f"{dst.name} would only reboot the guest from its firmware; update the guest's OVMF "
+               "and kernel, reboot it, then probe again.")]
 
 
 def _memory(vm: VmInfo, dst: HostReport) -> Check:

@@ -14,7 +14,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .layout import PAGE_SIZE
-from .qmp import Arg, QmpError
+from .qapi import Enum, Int, struct
+from .qmp import QmpError
 
 if TYPE_CHECKING:
     from .vm import LabVm
@@ -23,7 +24,7 @@ MODES = ("page-sampling", "dirty-ring", "dirty-bitmap")
 MIN_CALC_S, MAX_CALC_S = 1, 60
 MIN_SAMPLE, MAX_SAMPLE, DEFAULT_SAMPLE = 128, 4096, 512
 MIN_RAMBLOCK_MIB = 128  # QEMU's MIN_RAMBLOCK_SIZE: smaller blocks are not sampled
-ARGS = {"calc-time": Arg("int", True), "sample-pages": Arg("int"), "mode": Arg("str")}
+ARGS = struct(("calc-time", Int(), False), ("sample-pages", Int()), ("mode", Enum(MODES)))
 
 
 class DirtyRateMeter:
@@ -42,8 +43,6 @@ class DirtyRateMeter:
     def calc(self, args: dict[str, Any]) -> dict:
         calc_time = args["calc-time"]
         mode = args.get("mode", "page-sampling")
-        if mode not in MODES:  # QAPI refuses a bad enum before the command runs
-            raise QmpError(f"Parameter 'mode' does not accept value '{mode}'")
         with self.lock:
             if self.status == "measuring":
                 raise QmpError("the dirty rate is already being measured.")

@@ -114,10 +114,14 @@ class LabHost:
         def emit(event: str, data: dict | None) -> None:
             if event in ("MIGRATION", "MIGRATION_PASS") and not vm.capabilities.get("events"):
                 return  # QEMU sends these only with the `events` capability on
-            server = self.servers.get(vm.pid)
-            if server is not None:
-                server.emit_threadsafe(event, data)
+            self.emit(vm, event, data)
         return emit
+
+    def emit(self, vm: LabVm, event: str, data: dict | None = None) -> None:
+        """An event on the VM's monitor, from any thread, whatever its capabilities."""
+        server = self.servers.get(vm.pid)
+        if server is not None:
+            server.emit(event, data)
 
     async def remove_vm(self, vm: LabVm) -> None:
         server = self.servers.pop(vm.pid, None)

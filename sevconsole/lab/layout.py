@@ -2,7 +2,8 @@
 
 Docs, screenshots and tests rely on these names, so the layout is fixed:
 - lab-1 (API 1.55, OCA domain "a"): `web` (SEV, NODBG|NOKS|DOMAIN|SEV, minimum API 0.24),
-  `vault` (SEV, NOSEND: may never leave) and `plain` (no SEV).
+  `vault` (SEV, NOSEND: may never leave), `plain` (no SEV) and `legacy` (SEV, but its guest
+  never enabled migration itself: QEMU keeps the SEV migration blocker, so it may not leave).
 - lab-2 (API 1.55, domain "a"): `db` (SEV). `web` migrates here.
 - lab-3 (API 0.17, domain "b"): `web` is refused here for two reasons: another OCA domain
   (DOMAIN) and a firmware older than web's minimum API (SEV).
@@ -43,6 +44,9 @@ class VmSpec:
     shared: tuple[tuple[int, int], ...] | None = None  # None: a default few ranges
     dirty_rate: float = 0.0  # pages/s the guest's workload dirties while it runs
     seed: int | None = None  # memory contents; None: random
+    # The guest's consent (SEV migration series): its firmware and kernel enabled migration
+    # through the KVM migration control MSR. False: QEMU keeps its SEV migration blocker.
+    migration_ready: bool = True
 
 
 @dataclass(frozen=True)
@@ -87,14 +91,16 @@ def default_layout(hosts: int = 3, *, vms_per_host: int = 0, mem_mib: int = DEFA
     if mem_mib < 1:
         raise ValueError("guest memory must be at least 1 MiB (--mem)")
 
-    def vm(name: str, sev: bool, policy: int = 0) -> VmSpec:
-        return VmSpec(name=name, sev=sev, policy=policy, mem_mib=mem_mib, dirty_rate=dirty_rate)
+    def vm(name: str, sev: bool, policy: int = 0, *, ready: bool = True) -> VmSpec:
+        return VmSpec(name=name, sev=sev, policy=policy, mem_mib=mem_mib, dirty_rate=dirty_rate,
+                      migration_ready=ready)
 
     specs = []
     for i in range(1, hosts + 1):
         name = f"lab-{i}"
         if i == 1:
-            vms = [vm("web", True, WEB_POLICY), vm("vault", True, VAULT_POLICY), vm("plain", False)]
+            vms = [vm("web", True, WEB_POLICY), vm("vault", True, VAULT_POLICY), vm("plain", False),
+                   vm("legacy", True, DB_POLICY, ready=False)]
             api, domain = RECENT_API, "a"
         elif i == 2:
             vms, api, domain = [vm("db", True, DB_POLICY)], RECENT_API, "a"

@@ -6,6 +6,12 @@ COMPLETE/READY/FINISHED/DONE handshake around SEND_FINISH and RECEIVE_FINISH. An
 `migrate_cancel` before SEND_FINISH: SEND_CANCEL and the source runs on; the target discards
 its incoming VM. Both sides run in plain threads with blocking sockets: big buffers, few
 syscalls, and the firmware's crypto in between.
+
+What a client sees is QEMU 7.2's: events in its order (source: setup, MIGRATION_PASS 1, active,
+STOP, the last pass, completed; target: setup, active, RESUME, completed, and no passes), the
+target's run state taken from the source's (a paused source arrives paused whatever the
+target's -S), and query-migrate's shapes (failed and cancelled carry only their status and
+error-desc; a target lists its socket-address and has no status until the source connects).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import base64
 import contextlib
 import json
 import queue
+import selectors
 import socket
 import struct
 import threading
@@ -26,7 +33,7 @@ import numpy as np
 
 from sevconsole.sev.pagestate import PageState
 
-from . import stream
+from . import stream, uri
 from .layout import PAGE_SIZE
 from .psp import FirmwareError
 from .stream import Frame, StreamError
@@ -57,13 +64,8 @@ class Fault:
     fired: bool = False
 
 
-def parse_tcp_uri(uri: str) -> tuple[str, int]:
-    if not uri.startswith("tcp:"):
-        raise MigrationError(f"unsupported migration URI '{uri}': the lab speaks tcp:HOST:PORT only")
-    host, sep, port = uri[4:].rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise MigrationError(f"invalid migration URI '{uri}': expected tcp:HOST:PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
+# Run states a source may hand over (QEMU's global state); anything else in a STATE frame is refused.
+HANDED_OVER_STATES = ("paused", "prelaunch", "suspended")
 
 
 def _tune(sock: socket.socket) -> None:
@@ -75,9 +77,9 @@ def _tune(sock: socket.socket) -> None:
 class Stats:
     """query-migrate's MigrationInfo, kept up to date by the migration thread."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, status: str = "setup") -> None:
         self.lock = threading.Lock()
-        self.status = "setup"
+        self.status = status
         self.started = time.monotonic()
         self.setup_time_ms = 0
         self.total_time_ms: int | None = None
@@ -97,6 +99,10 @@ class Stats:
     def info(self) -> dict[str, Any]:
         with self.lock:
             info: dict[str, Any] = {"status": self.status}
+            if self.status in ("failed", "cancelled"):  # QEMU keeps no figures of an ended attempt
+                if self.error_desc:
+                    info["error-desc"] = self.error_desc
+                return info
             if self.status == "setup":
                 return info
             total_time = self.total_time_ms
@@ -129,8 +135,6 @@ class Stats:
                 "postcopy-bytes": 0,
                 "dirty-sync-missed-zero-copy": 0,
             }
-            if self.error_desc:
-                info["error-desc"] = self.error_desc
             return info
 
 
@@ -147,11 +151,13 @@ def _sev_param(params: dict[str, Any], key: str, vm: str) -> bytes:
 
 
 class OutgoingMigration:
-    def __init__(self, vm: LabVm, uri: str, params: dict[str, Any], emit: Emit,
-                 fault: Fault | None = None) -> None:
+    """Created by `migrate` in status setup (its event sent at once, before the answer, as QEMU
+    does); `start(address)` runs it, `fail_at_once` ends one whose URI was refused."""
+
+    def __init__(self, vm: LabVm, params: dict[str, Any], emit: Emit, fault: Fault | None = None) -> None:
         self.vm = vm
-        self.uri = uri
-        self.params = dict(params)
+        self.address: uri.Address | None = None
+        self.params = params  # the monitor's own: max-bandwidth set mid-way counts from the next pass
         self.emit = emit
         self.fault = fault or Fault()
         self.stats = Stats(vm.mem_bytes)
@@ -161,9 +167,19 @@ class OutgoingMigration:
         self.thread = threading.Thread(target=self._run, name=f"migrate-out-{vm.name}", daemon=True)
         self._pages_sent = 0
 
-    def start(self) -> None:
+    def announce(self) -> None:
         self.emit("MIGRATION", {"status": "setup"})
+
+    def start(self, address: uri.Address) -> None:
+        self.address = address
         self.thread.start()
+
+    def fail_at_once(self, reason: str | None) -> None:
+        """The URI was refused before the answer: setup then failed, as QEMU's migrate_fd_error."""
+        with self.stats.lock:
+            self.stats.error_desc = reason
+            self.stats.total_time_ms = 0
+        self._set_status("failed")
 
     def request_cancel(self) -> None:
         with self.stats.lock:
@@ -187,18 +203,17 @@ class OutgoingMigration:
         started = time.monotonic()
         in_send = finished = stopped = False
         try:
-            host, port = parse_tcp_uri(self.uri)
+            assert self.address is not None
             if vm.sev:
                 pdh = _sev_param(self.params, "sev-pdh", vm.name)
                 plat = _sev_param(self.params, "sev-plat-cert", vm.name)
                 amd = _sev_param(self.params, "sev-amd-cert", vm.name)
             try:
-                sock = socket.create_connection((host, port), timeout=HANDSHAKE_TIMEOUT_S)
-            except OSError as exc:
-                raise MigrationError(f"Failed to connect to '{host}:{port}': {exc.strerror or exc}") from None
+                sock = uri.connect(self.address)
+            except uri.ConnectError as exc:
+                raise MigrationError(str(exc)) from None
             self.sock = sock
             _tune(sock)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             hello = {"vm": vm.name, "mem": vm.mem_bytes, "page-size": PAGE_SIZE, "sev": vm.sev,
                      "shared": _ranges(vm.shared), "dirty-rate": vm.workload.rate}
             self._send([stream.MAGIC], "setup")
@@ -212,21 +227,18 @@ class OutgoingMigration:
                 self._send_frame(Frame.SEV_START,
                                  stream.pack_sev_start(started_res.policy, own_pdh, started_res.session), "setup")
             threading.Thread(target=self._read_replies, name=f"migrate-replies-{vm.name}", daemon=True).start()
+            with vm.lock:
+                vm.dirty[:] = True  # the first pass sends everything
+            # QEMU syncs the dirty bitmap (MIGRATION_PASS 1) while still in setup, then goes active
+            pass_no = 1
+            pages = self._sync(pass_no)
             with self.stats.lock:
                 self.stats.setup_time_ms = int((time.monotonic() - started) * 1000)
             self._set_status("active")
-            with vm.lock:
-                vm.dirty[:] = True  # the first pass sends everything
-            limit_s = self.params.get("downtime-limit", 300) / 1000.0
-            pass_no = 0
             while True:
-                pass_no += 1
-                pages = vm.sync_dirty()
-                self.emit("MIGRATION_PASS", {"pass": pass_no})
+                limit_s = self.params.get("downtime-limit", 300) / 1000.0
                 self._send_frame(Frame.PASS, struct.pack(">I", pass_no), "precopy")
                 t0, d0 = time.monotonic(), vm.dirtied_total
-                with self.stats.lock:
-                    self.stats.dirty_sync_count += 1
                 sent = self._send_pages(pages, "precopy")
                 dt = max(time.monotonic() - t0, 1e-6)
                 left = int(np.count_nonzero(vm.dirty)) * PAGE_SIZE
@@ -237,21 +249,24 @@ class OutgoingMigration:
                     self.stats.expected_downtime_ms = int(left / bandwidth * 1000) if bandwidth else 0
                 if left <= bandwidth * limit_s:
                     break
+                pass_no += 1
+                pages = self._sync(pass_no)
             # stop-and-copy
             stop_at = time.monotonic()
-            before = vm.status  # QEMU: a guest paused before the migration stays paused after a failure
+            # QEMU's global state: a guest paused before stays paused after a failure, and the
+            # target takes this state over (paused arrives paused)
+            before = vm.status
             vm.set_status("finish-migrate")
             stopped = True
-            pages = vm.sync_dirty()
-            with self.stats.lock:
-                self.stats.dirty_sync_count += 1
             # QEMU sends MIGRATION_PASS at every dirty-bitmap sync, the last one included.
-            self.emit("MIGRATION_PASS", {"pass": pass_no + 1})
+            pages = self._sync(pass_no + 1)
             self._send_pages(pages, "downtime")
             if vm.sev and vm.digest_on_send:
                 # While the guest is stopped and still readable (SUPDATE): once SENT its memory
                 # never changes again, and x-query-guest-digest answers with this.
                 vm.final_digest = vm.digest()
+            if before != "running":
+                self._send_frame(Frame.STATE, before.encode(), "downtime")
             self._send_frame(Frame.COMPLETE, b"", "downtime")
             self._await(Frame.READY, "to accept every page")
             if vm.sev:
@@ -292,6 +307,14 @@ class OutgoingMigration:
             if self.sock is not None:
                 with contextlib.suppress(OSError):
                     self.sock.close()
+
+    def _sync(self, pass_no: int) -> np.ndarray:
+        """KVM's dirty-log sync, announced as QEMU does."""
+        pages = self.vm.sync_dirty()
+        with self.stats.lock:
+            self.stats.dirty_sync_count += 1
+        self.emit("MIGRATION_PASS", {"pass": pass_no})
+        return pages
 
     def _finish(self, status: str, started: float) -> None:
         with self.stats.lock:
@@ -506,19 +529,23 @@ def _reason(exc: Exception) -> str:
 
 
 class IncomingMigration:
-    """Listens (port 0 allowed), accepts one source, and rebuilds the guest through RECEIVE_*."""
+    """Listens (port 0 allowed; tcp: IPv4/IPv6 or unix:), accepts one source, and rebuilds the
+    guest through RECEIVE_*. `where` is a URI or the listening sockets `uri.listen` made."""
 
-    def __init__(self, vm: LabVm, uri: str, emit: Emit, discard: Callable[[LabVm], None]) -> None:
+    def __init__(self, vm: LabVm, where: str | list[socket.socket], emit: Emit,
+                 discard: Callable[[LabVm], None]) -> None:
         self.vm = vm
         self.emit = emit
         self.discard = discard
-        host, port = parse_tcp_uri(uri)
-        try:
-            self.listener = socket.create_server((host, port), reuse_port=False)
-        except OSError as exc:
-            raise MigrationError(f"Failed to listen on '{host}:{port}': {exc.strerror or exc}") from None
-        self.address = self.listener.getsockname()[:2]
-        self.stats = Stats(vm.mem_bytes)
+        if isinstance(where, str):
+            try:
+                where = uri.listen(uri.parse(where, incoming=True))
+            except (uri.UriError, uri.ConnectError) as exc:
+                raise MigrationError(str(exc)) from None
+        self.listeners = where
+        self.socket_address = uri.describe_listeners(where)
+        self.source_state = "running"  # QEMU's global state of the source, until it says otherwise
+        self.stats = Stats(vm.mem_bytes, status="none")
         self.thread = threading.Thread(target=self._run, name=f"migrate-in-{vm.name}", daemon=True)
         # READY sent: every page is in. If the link dies before FINISHED, the source may already be
         # SENT (it got READY) or may have cancelled (it did not): only someone who can ask the
@@ -527,22 +554,34 @@ class IncomingMigration:
         self.held = False
 
     def start(self) -> None:
-        self.emit("MIGRATION", {"status": "setup"})
         self.thread.start()
 
     def info(self) -> dict[str, Any]:
         with self.stats.lock:
-            info: dict[str, Any] = {"status": self.stats.status}
-            if self.stats.status in ("setup", "active"):
-                info["socket-address"] = [{"port": str(self.address[1]), "ipv4": True,
-                                           "host": self.address[0], "type": "inet"}]
+            status = self.stats.status
+            info: dict[str, Any] = {} if status == "none" else {"status": status}
+            if status in ("none", "active"):
+                info["socket-address"] = [dict(a) for a in self.socket_address]
             if self.stats.error_desc:
                 info["error-desc"] = self.stats.error_desc
             return info
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.listener.close()
+        for listener in self.listeners:
+            with contextlib.suppress(OSError):
+                listener.close()
+
+    def _accept(self) -> socket.socket:
+        """The first source to connect to any listener (OSError once they are closed)."""
+        with selectors.DefaultSelector() as sel:
+            for listener in self.listeners:
+                sel.register(listener, selectors.EVENT_READ)
+            while True:
+                for key, _ in sel.select(timeout=1.0):
+                    sock, _ = key.fileobj.accept()  # type: ignore[union-attr]
+                    return sock
+                if all(listener.fileno() < 0 for listener in self.listeners):
+                    raise OSError("the incoming migration was closed")
 
     def _set_status(self, status: str, error: str | None = None) -> None:
         with self.stats.lock:
@@ -555,8 +594,8 @@ class IncomingMigration:
         sock = None
         try:
             try:
-                sock, _ = self.listener.accept()
-            except OSError:
+                sock = self._accept()
+            except (OSError, ValueError):
                 return  # the VM was closed while waiting
             finally:
                 self.close()
@@ -639,7 +678,12 @@ class IncomingMigration:
                 vm.memory[gpa:gpa + n] = np.frombuffer(payload, dtype=np.uint8, offset=8)
                 self._mark(gpa, n, PageState.SHARED_SENT)
             elif kind is Frame.PASS:
-                self.emit("MIGRATION_PASS", {"pass": struct.unpack(">I", payload)[0] if len(payload) == 4 else 0})
+                pass  # a QEMU target announces no passes; the frame only marks the stream
+            elif kind is Frame.STATE:
+                state = bytes(payload).decode("ascii", "replace")
+                if state not in HANDED_OVER_STATES:
+                    raise StreamError(f"the source handed over an unknown run state {state[:40]!r}")
+                self.source_state = state
             elif kind is Frame.COMPLETE:
                 self.ready_sent = True
                 stream.send_frame(conn, Frame.READY)
@@ -661,9 +705,14 @@ class IncomingMigration:
         vm = self.vm
         if vm.sev:
             vm.psp.call("receive_finish", vm.handle)
-        self._set_status("completed")
         vm.incoming = False
-        vm.set_status("running" if vm.autostart else "paused")
+        # QEMU: a running source means "run if autostart" (-S, stop and cont decide); any other
+        # state is taken over as it was. The run state is set (RESUME) before "completed".
+        if self.source_state == "running":
+            vm.set_status("running" if vm.autostart else "paused")
+        else:
+            vm.set_status(self.source_state)
+        self._set_status("completed")
 
     def finish_held(self) -> None:
         """x-sev-receive-finish: the caller has seen the source SENT (or stopped, plain)."""

@@ -1,67 +1,39 @@
-"""The QMP commands of one lab VM: QEMU's, the SEV migration series', and the lab's `x-` ones.
+"""The QMP commands of one lab VM: QEMU's generic ones, the SEV ones (`sev_commands`), the
+evacuation's dirty-rate pair (`dirtyrate`) and the lab's `x-` extensions.
 
-Answers follow QEMU 7.2 (shapes, error classes and sentences); the SEV migration inputs follow
-the never-merged patch series (`migrate-set-parameters` sev-pdh/sev-plat-cert/sev-amd-cert and
-the older `migrate-set-sev-info`). The lab's extensions are documented in docs/internals.md.
+Generic commands answer as QEMU 7.2 (shapes, error classes and sentences, the order of its
+checks); argument checks are the QAPI visitor's (`qapi`), migration parameters and
+capabilities QEMU's rules (`params`), URIs QEMU's parsing (`uri`). The lab's extensions and
+what differs on purpose are documented in docs/internals.md.
 """
 
 from __future__ import annotations
 
-import base64
 from typing import TYPE_CHECKING, Any
 
 from sevconsole.sev.pagestate import ENCODING, encode_states
 from sevconsole.sev.status import Command, GuestState
 
+from . import params as mp
+from . import uri
 from .dirtyrate import ARGS as DIRTY_RATE_ARGS
 from .dirtyrate import DirtyRateMeter
 from .layout import PAGE_SIZE
 from .migration import Fault, IncomingMigration, MigrationError, OutgoingMigration
 from .psp import FirmwareError
-from .qmp import QEMU_VERSION, Arg, CommandSpec, QmpError
+from .qapi import Bool, Enum, QapiError, Str, Uint, struct
+from .qmp import QEMU_VERSION, CommandSpec, QmpError
+from .sev_commands import SevCommands, check_base64
 
 if TYPE_CHECKING:
     from .host import LabHost
     from .vm import LabVm
 
-# QEMU's SevState names; the firmware's SENT has no QEMU name (the series left it out).
-SEV_STATE = {
-    GuestState.UNINIT: "uninit",
-    GuestState.LUPDATE: "launch-update",
-    GuestState.LSECRET: "launch-secret",
-    GuestState.RUNNING: "running",
-    GuestState.SUPDATE: "send-update",
-    GuestState.RUPDATE: "receive-update",
-    GuestState.SENT: "send-update",
-}
-
-DEFAULT_PARAMS: dict[str, Any] = {
-    "announce-initial": 50, "announce-max": 550, "announce-rounds": 5, "announce-step": 100,
-    "compress-level": 1, "compress-threads": 8, "compress-wait-thread": True, "decompress-threads": 2,
-    "cpu-throttle-initial": 20, "cpu-throttle-increment": 10, "cpu-throttle-tailslow": False,
-    "max-cpu-throttle": 99, "throttle-trigger-threshold": 50, "tls-creds": "", "tls-hostname": "",
-    "tls-authz": "", "max-bandwidth": 134217728, "downtime-limit": 300, "x-checkpoint-delay": 20000,
-    "block-incremental": False, "multifd-channels": 2, "xbzrle-cache-size": 67108864,
-    "max-postcopy-bandwidth": 0, "multifd-compression": "none", "multifd-zlib-level": 1,
-    "multifd-zstd-level": 1, "sev-pdh": "", "sev-plat-cert": "", "sev-amd-cert": "",
-}
-SETTABLE: dict[str, Arg] = {
-    "downtime-limit": Arg("uint"), "max-bandwidth": Arg("uint"), "x-checkpoint-delay": Arg("uint"),
-    "multifd-channels": Arg("uint"), "max-postcopy-bandwidth": Arg("uint"),
-    "sev-pdh": Arg("str"), "sev-plat-cert": Arg("str"), "sev-amd-cert": Arg("str"),
-}
-MAX_DOWNTIME_MS = 2_000_000  # QEMU's MAX_MIGRATE_DOWNTIME
-# QEMU 7.2's MigrationCapability names. The lab implements `events` (MIGRATION and
-# MIGRATION_PASS are sent only with it on, as QEMU does); the others may only stay off.
-CAPABILITIES = (
-    "xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress", "events", "postcopy-ram",
-    "x-colo", "release-ram", "block", "return-path", "pause-before-switchover", "multifd",
-    "dirty-bitmaps", "postcopy-blocktime", "late-block-activate", "x-ignore-shared", "validate-uuid",
-    "background-snapshot", "zero-copy-send", "postcopy-preempt",
-)
-IMPLEMENTED_CAPABILITIES = ("events",)
 FAULTS = ("none", "tamper-packet", "cut-link")
 MAX_DIRTY_RATE = 1_000_000  # pages/s, about 4 GB/s: beyond any guest the lab can model
+ACTIVE = ("setup", "active", "cancelling")  # QEMU's migration_is_running(), as the lab has them
+MIGRATE_ARGS = struct(("uri", Str(), False), ("blk", Bool()), ("inc", Bool()), ("detach", Bool()),
+                      ("resume", Bool()))
 
 
 class Monitor:
@@ -70,9 +42,10 @@ class Monitor:
     def __init__(self, host: LabHost, vm: LabVm) -> None:
         self.host = host
         self.vm = vm
-        self.params: dict[str, Any] = dict(DEFAULT_PARAMS)
+        self.params: dict[str, Any] = dict(mp.DEFAULT_PARAMS)
         self.fault = Fault()
         self.dirty_rate = DirtyRateMeter(vm)  # calc-dirty-rate / query-dirty-rate (lab/dirtyrate.py)
+        self.sev = SevCommands(host, vm, self.params)
         vm.params = self.params
 
     def commands(self) -> dict[str, CommandSpec]:
@@ -82,20 +55,14 @@ class Monitor:
             c("query-name", self.query_name),
             c("query-commands", self.query_commands),
             c("query-version", self.query_version),
-            c("query-sev", self.query_sev),
-            c("query-sev-capabilities", self.query_sev_capabilities),
-            c("migrate-set-parameters", self.migrate_set_parameters, dict(SETTABLE)),
+            *self.sev.specs(),
+            c("migrate-set-parameters", self.migrate_set_parameters, mp.SET_PARAMETERS),
             c("query-migrate-parameters", self.query_migrate_parameters),
-            c("migrate-set-capabilities", self.migrate_set_capabilities, {"capabilities": Arg("list", True)}),
+            c("migrate-set-capabilities", self.migrate_set_capabilities, mp.SET_CAPABILITIES),
             c("query-migrate-capabilities", self.query_migrate_capabilities),
             c("query-memory-size-summary", self.query_memory_size_summary),
-            c("migrate-set-sev-info", self.migrate_set_sev_info,
-              {"pdh": Arg("str", True), "plat-cert": Arg("str", True), "amd-cert": Arg("str", True)}),
-            c("migrate-sev-set-info", self.migrate_set_sev_info,
-              {"pdh": Arg("str", True), "plat-cert": Arg("str", True), "amd-cert": Arg("str", True)}),
-            c("migrate", self.migrate, {"uri": Arg("str", True), "blk": Arg("bool"), "inc": Arg("bool"),
-                                        "detach": Arg("bool"), "resume": Arg("bool")}),
-            c("migrate-incoming", self.migrate_incoming, {"uri": Arg("str", True)}),
+            c("migrate", self.migrate, MIGRATE_ARGS),
+            c("migrate-incoming", self.migrate_incoming, struct(("uri", Str(), False))),
             c("migrate_cancel", self.migrate_cancel),
             c("query-migrate", self.query_migrate),
             c("stop", self.stop),
@@ -106,9 +73,10 @@ class Monitor:
             c("x-query-sev-page-state", self.x_page_state),
             c("x-query-sev-firmware", self.x_firmware),
             c("x-query-guest-digest", self.x_digest),
-            c("x-lab-inject-fault", self.x_inject_fault, {"fault": Arg("str", True), "after-pages": Arg("uint")}),
+            c("x-lab-inject-fault", self.x_inject_fault,
+              struct(("fault", Enum(FAULTS), False), ("after-pages", Uint()))),
             c("x-sev-receive-finish", self.x_receive_finish),
-            c("x-lab-set", self.x_lab_set, {"dirty-rate": Arg("uint"), "digest-on-send": Arg("bool")}),
+            c("x-lab-set", self.x_lab_set, struct(("dirty-rate", Uint()), ("digest-on-send", Bool()))),
         ]
         return {s.name: s for s in specs}
 
@@ -126,16 +94,20 @@ class Monitor:
     def query_version(self, args: dict) -> dict:
         return dict(QEMU_VERSION)
 
+    def query_memory_size_summary(self, args: dict) -> dict:
+        return {"base-memory": self.vm.mem_bytes, "plugged-memory": 0}
+
     def stop(self, args: dict) -> dict:
         if self.vm.incoming:
             self.vm.autostart = False  # QEMU: stays paused once the incoming migration completes
-            return {}
-        if self.vm.status == "running":
-            self.vm.set_status("paused")
+        elif self.vm.status == "running":
+            self.vm.set_status("paused")  # STOP goes out before this answer, as in QEMU
         return {}
 
     def cont(self, args: dict) -> dict:
         vm = self.vm
+        if vm.status == "finish-migrate":
+            raise QmpError("Migration is not finalized yet")
         if vm.incoming:
             vm.autostart = True  # QEMU: runs once the incoming migration completes
             return {}
@@ -150,99 +122,82 @@ class Monitor:
         self.host.quit_vm(self.vm)
         return {}
 
-    # --- SEV ------------------------------------------------------------------------------
-
-    def _require_sev(self) -> None:
-        if not self.vm.sev:
-            raise QmpError("SEV feature is not available")
-
-    def query_sev(self, args: dict) -> dict:
-        self._require_sev()
-        vm, fw = self.vm, self.host.psp.fw
-        handle = vm.handle or 0
-        state = fw.guest_state(handle) if handle else GuestState.UNINIT
-        return {"enabled": True, "api-major": fw.api[0], "api-minor": fw.api[1], "build-id": fw.build,
-                "policy": vm.policy, "state": SEV_STATE[state], "handle": handle, "sev-type": "sev"}
-
-    def query_sev_capabilities(self, args: dict) -> dict:
-        if not self.vm.sev:
-            raise QmpError("SEV is not enabled in KVM")
-        res = self.host.psp.call("pdh_cert_export")
-        return {"pdh": base64.b64encode(res.pdh).decode(), "cert-chain": base64.b64encode(res.cert_chain).decode(),
-                "cpu0-id": base64.b64encode(self.host.cpu0_id).decode(),
-                "cbitpos": self.host.cbitpos, "reduced-phys-bits": self.host.reduced_phys_bits}
-
     # --- migration ------------------------------------------------------------------------
 
+    def _outgoing_active(self) -> bool:
+        mig = self.vm.migration
+        return isinstance(mig, OutgoingMigration) and mig.stats.status in ACTIVE
+
     def migrate_set_parameters(self, args: dict) -> dict:
-        if "downtime-limit" in args and args["downtime-limit"] > MAX_DOWNTIME_MS:
-            raise QmpError("Parameter 'downtime_limit' expects an integer in the range of 0 to "
-                           f"{MAX_DOWNTIME_MS} milliseconds")
-        for key in ("sev-pdh", "sev-plat-cert", "sev-amd-cert"):
+        for key in mp.SEV_PARAMS:
             if args.get(key):
-                _b64(args[key], key)
-        self.params.update(args)
+                check_base64(args[key], key)
+        try:
+            self.params.update(mp.apply_parameters(self.params, args, self.vm.capabilities))
+        except QapiError as exc:
+            raise QmpError(str(exc)) from None
         return {}
 
+    def query_migrate_parameters(self, args: dict) -> dict:
+        return mp.query_parameters(self.params)
+
     def migrate_set_capabilities(self, args: dict) -> dict:
-        wanted: dict[str, bool] = {}
-        for i, item in enumerate(args["capabilities"]):
-            where = f"capabilities[{i}]"
-            if not isinstance(item, dict) or set(item) != {"capability", "state"}:
-                raise QmpError(f"Parameter '{where}' expects MigrationCapabilityStatus")
-            name, state = item["capability"], item["state"]
-            if name not in CAPABILITIES:
-                raise QmpError(f"Parameter '{where}.capability' does not accept value '{name}'")
-            if not isinstance(state, bool):
-                raise QmpError(f"Parameter '{where}.state' expects boolean")
-            if state and name not in IMPLEMENTED_CAPABILITIES:
-                raise QmpError(f"{self.vm.name}: the lab does not implement the migration capability '{name}'")
-            wanted[name] = state
-        mig = self.vm.migration
-        if isinstance(mig, OutgoingMigration) and mig.stats.status in ("setup", "active", "cancelling"):
+        if self._outgoing_active():
             raise QmpError("There's a migration process in progress")
-        self.vm.capabilities.update(wanted)
+        try:
+            caps = mp.apply_capabilities(self.vm.capabilities, args["capabilities"], self.params)
+        except QapiError as exc:
+            raise QmpError(str(exc)) from None
+        self.vm.capabilities.clear()
+        self.vm.capabilities.update(caps)
         return {}
 
     def query_migrate_capabilities(self, args: dict) -> list:
-        return [{"capability": name, "state": bool(self.vm.capabilities.get(name, False))} for name in CAPABILITIES]
-
-    def query_memory_size_summary(self, args: dict) -> dict:
-        return {"base-memory": self.vm.mem_bytes}
-
-    def query_migrate_parameters(self, args: dict) -> dict:
-        return dict(self.params)
-
-    def migrate_set_sev_info(self, args: dict) -> dict:
-        for qkey, pkey in (("pdh", "sev-pdh"), ("plat-cert", "sev-plat-cert"), ("amd-cert", "sev-amd-cert")):
-            _b64(args[qkey], qkey)
-            self.params[pkey] = args[qkey]
-        return {}
+        return mp.query_capabilities(self.vm.capabilities)
 
     def migrate(self, args: dict) -> dict:
+        """qmp_migrate: migrate_prepare's checks in QEMU's order, then the URI; a refused URI
+        still leaves a failed migration behind (setup, failed), as in QEMU."""
         vm = self.vm
+        if args.get("resume"):
+            raise QmpError("Cannot resume if there is no paused migration")
+        if self._outgoing_active():
+            raise QmpError("There's a migration process in progress")
         if vm.incoming:
             raise QmpError("Guest is waiting for an incoming migration")
-        current = vm.migration
-        if isinstance(current, OutgoingMigration) and current.stats.status in ("setup", "active", "cancelling"):
-            raise QmpError("There's a migration process in progress")
-        if vm.status == "postmigrate" and vm.sev:
-            raise QmpError(f"{vm.name} was already migrated away (SENT): only DECOMMISSION is left for it here")
-        mig = OutgoingMigration(vm, args["uri"], self.params, self.host.emitter(vm), self.fault)
+        if vm.status == "postmigrate":
+            raise QmpError("Can't migrate the vm that was paused due to previous migration")
+        if vm.blockers:
+            raise QmpError(vm.blockers[-1])
+        if (args.get("blk") or args.get("inc")) and self.vm.capabilities.get("block"):
+            raise QmpError("Command options are incompatible with current migration capabilities")
+        unmodelled = [c for c in mp.UNMODELLED_AT_MIGRATE if vm.capabilities.get(c)]
+        if unmodelled:
+            raise QmpError(f"{vm.name}: the lab does not model the migration capability '{unmodelled[0]}'; "
+                           "turn it off to migrate")
+        mig = OutgoingMigration(vm, self.params, self.host.emitter(vm), self.fault)
         vm.migration = mig
-        mig.start()
+        mig.announce()
+        try:
+            address = uri.parse(args["uri"], incoming=False)
+        except uri.UriError as exc:
+            mig.fail_at_once(str(exc) if exc.recorded else None)
+            raise QmpError(str(exc)) from None
+        mig.start(address)
         return {}
 
     def migrate_incoming(self, args: dict) -> dict:
         vm = self.vm
+        if isinstance(vm.migration, IncomingMigration):
+            raise QmpError("The incoming migration has already been started")
         if not vm.incoming:
             raise QmpError("'-incoming' was not specified on the command line")
-        if vm.migration is not None:
-            raise QmpError("The incoming migration has already been started")
+        self.host.emit(vm, "MIGRATION", {"status": "setup"})  # QEMU sends it whatever the capabilities
         try:
-            mig = IncomingMigration(vm, args["uri"], self.host.emitter(vm), self.host.discard_vm)
-        except MigrationError as exc:
+            listeners = uri.listen(uri.parse(args["uri"], incoming=True))
+        except (uri.UriError, uri.ConnectError) as exc:
             raise QmpError(str(exc)) from None
+        mig = IncomingMigration(vm, listeners, self.host.emitter(vm), self.host.discard_vm)
         vm.migration = mig
         mig.start()
         return {}
@@ -250,14 +205,19 @@ class Monitor:
     def migrate_cancel(self, args: dict) -> dict:
         mig = self.vm.migration
         if isinstance(mig, OutgoingMigration):
-            mig.request_cancel()
+            mig.request_cancel()  # "cancelling" goes out before this answer
         return {}
 
     def query_migrate(self, args: dict) -> dict:
         mig = self.vm.migration
-        if mig is None:
-            return {}
-        return mig.info() if isinstance(mig, IncomingMigration) else mig.stats.info()
+        info: dict[str, Any] = {}
+        if isinstance(mig, IncomingMigration):
+            info = mig.info()
+        elif isinstance(mig, OutgoingMigration):
+            info = mig.stats.info()
+        if self.vm.blockers:
+            info["blocked-reasons"] = list(self.vm.blockers)
+        return info
 
     # --- lab extensions -------------------------------------------------------------------
 
@@ -288,13 +248,10 @@ class Monitor:
             raise QmpError(f"{self.vm.name}: the guest's memory cannot be read now: {exc}") from None
 
     def x_inject_fault(self, args: dict) -> dict:
-        if args["fault"] not in FAULTS:
-            raise QmpError(f"Parameter 'fault' expects one of {', '.join(FAULTS)}")
         self.fault.kind = args["fault"]
         self.fault.after_pages = args.get("after-pages", 0)
         self.fault.fired = False
         return {}
-
 
     def x_receive_finish(self, args: dict) -> dict:
         """Runs an incoming guest held after its link died between READY and FINISHED."""
@@ -320,9 +277,3 @@ class Monitor:
             self.vm.digest_on_send = args["digest-on-send"]
         return {}
 
-
-def _b64(value: str, name: str) -> bytes:
-    try:
-        return base64.b64decode(value, validate=True)
-    except ValueError:
-        raise QmpError(f"Parameter '{name}' is not valid base64") from None

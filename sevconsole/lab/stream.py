@@ -17,6 +17,9 @@ Source -> target:
     COMPLETE   nothing: every page is sent and the source is stopped; target checks and answers READY
     FINISHED   nothing: SEND_FINISH succeeded on the source; the target may RECEIVE_FINISH
     ABORT      utf-8 reason: the source gives up (cancel or failure); the target discards its copy
+    STATE      utf-8 run state of a source that was not running when it stopped (QEMU's global
+               state: the target then ends in that state, e.g. paused, whatever its -S); sent
+               just before COMPLETE, only when the state is not "running"
 Target -> source:
     READY      every packet was accepted (MACs checked) and the target waits for FINISHED
     DONE       RECEIVE_FINISH succeeded: the guest runs on the target
@@ -52,6 +55,7 @@ class Frame(IntEnum):
     COMPLETE = 0x06
     FINISHED = 0x07
     ABORT = 0x08
+    STATE = 0x09
     READY = 0x81
     DONE = 0x82
     ERROR = 0x83

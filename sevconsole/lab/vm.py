@@ -23,6 +23,10 @@ from .layout import PAGE_SIZE, VmSpec, default_shared_ranges
 from .psp import Psp
 
 RUN_STATES = ("running",)
+# QEMU's blocker for an SEV guest, added at LAUNCH_FINISH. With the SEV migration series it stays
+# until the guest itself writes KVM_MIGRATION_READY to the KVM migration control MSR (its
+# firmware and kernel enable migration; dmesg says "live migration enabled in EFI").
+SEV_BLOCKER = "SEV: Migration is not implemented"
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,10 @@ class LabVm:
         self.capabilities: dict[str, bool] = {}  # migrate-set-capabilities (only `events` acts)
         self.workload = Workload(self, spec.dirty_rate)
         self.on_status = None  # callback(event, data) for STOP/RESUME events
+        self.measurement: bytes | None = None  # LAUNCH_MEASURE's answer (query-sev-launch-measure)
+        self.launch_digest: bytes | None = None  # SHA-256 of what LAUNCH_UPDATE_DATA measured
+        # query-migrate's blocked-reasons; `migrate` is refused with the first
+        self.blockers: list[str] = []
 
     # --- launch --------------------------------------------------------------------------
 
@@ -105,12 +113,18 @@ class LabVm:
         if self.sev:
             res = self.psp.call("launch_start", self.policy, self.memory)
             self.handle = res.handle
+            digest = hashlib.sha256()
             for run in runs_of(np.arange(self.pages), self.shared, self.pages):
                 if not run.shared:
-                    self.psp.call("launch_update_data", self.handle, run.first * PAGE_SIZE, run.count * PAGE_SIZE)
-            self.psp.call("launch_measure", self.handle)
+                    gpa, n = run.first * PAGE_SIZE, run.count * PAGE_SIZE
+                    digest.update(self.memory[gpa:gpa + n])  # the plaintext, before it is encrypted
+                    self.psp.call("launch_update_data", self.handle, gpa, n)
+            self.launch_digest = digest.digest()
+            self.measurement = self.psp.call("launch_measure", self.handle).measurement
             self.psp.call("launch_finish", self.handle)
             self.psp.call("activate", self.handle, asid)
+            if not self.spec.migration_ready:
+                self.blockers.append(SEV_BLOCKER)
         self.status = "running"
         self.workload.start()
 

@@ -68,7 +68,11 @@ def test_lab_capabilities_and_chains_verify_with_the_lab_root(lab: Lab, tmp_path
     assert web.migration_support is True and web.memory_mib == 64
     plain = one.vm("plain")
     assert plain is not None and not plain.sev_enabled and plain.policy in (None, 0)
-    assert {v.name for v in one.vms} == {"web", "vault", "plain"}
+    assert {v.name for v in one.vms} == {"web", "vault", "plain", "legacy"}
+    # the guest's consent, as QEMU with the SEV migration series reports it: its blocker stays
+    legacy = one.vm("legacy")
+    assert legacy is not None and legacy.sev_enabled and legacy.migration_support is True
+    assert legacy.migration_blocker == "SEV: Migration is not implemented" and web.migration_blocker is None
 
 
 def test_lab_root_not_given_means_the_chain_is_not_trusted(lab: Lab, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sevconsole.lab import Lab
-from sevconsole.lab.layout import WEB_POLICY, default_layout
+from sevconsole.lab.layout import DB_POLICY, WEB_POLICY, default_layout
 from sevconsole.sev.certs import AmdCert, is_lab_key_id
 from sevconsole.sev.policy import GuestPolicy
 
@@ -69,7 +69,7 @@ def test_start_writes_state_and_stop_leaves_nothing(tmp_path: Path) -> None:
 
 def test_default_layout_names_and_policies() -> None:
     hosts = {h.name: h for h in default_layout(3)}
-    assert [v.name for v in hosts["lab-1"].vms] == ["web", "vault", "plain"]
+    assert [v.name for v in hosts["lab-1"].vms] == ["web", "vault", "plain", "legacy"]
     assert [v.name for v in hosts["lab-2"].vms] == ["db"] and hosts["lab-3"].vms == ()
     web = GuestPolicy.from_u32(WEB_POLICY)
     assert web.flag_names() == "NODBG|NOKS|DOMAIN|SEV" and (web.api_major, web.api_minor) == (0, 24)
@@ -78,6 +78,9 @@ def test_default_layout_names_and_policies() -> None:
     assert hosts["lab-1"].oca_domain == hosts["lab-2"].oca_domain != hosts["lab-3"].oca_domain
     assert "NOSEND" in GuestPolicy.from_u32(hosts["lab-1"].vms[1].policy).flag_names()
     assert not hosts["lab-1"].vms[2].sev
+    legacy = hosts["lab-1"].vms[3]  # an SEV guest that never enabled migration itself
+    assert legacy.sev and not legacy.migration_ready and legacy.policy == DB_POLICY
+    assert all(v.migration_ready for h in hosts.values() for v in h.vms if v.name != "legacy")
     assert len(default_layout(2, vms_per_host=3)[1].vms) == 3
     with pytest.raises(ValueError, match="--hosts"):
         default_layout(0)

@@ -126,7 +126,7 @@ async def test_nosend_guest_is_refused_before_a_page_leaves(lab2: Lab) -> None:
         assert status == "failed"
         info = await pair.src.execute("query-migrate")
         assert "POLICY_FAILURE" in info["error-desc"] and "NOSEND" in info["error-desc"]
-        assert info["ram"]["normal"] == 0
+        assert set(info) == {"status", "error-desc"}  # QEMU keeps no figures of a failed attempt
         fw = await firmware(pair.src)
         assert "SEND_UPDATE_DATA" not in fw["counts"] and fw["guest-state-name"] == "RUNNING"
         await wait_disconnected(pair.tgt)
@@ -230,8 +230,7 @@ async def test_plain_guest_migrates_in_clear(lab2: Lab) -> None:
         await pair.src.execute("migrate", {"uri": f"tcp:127.0.0.1:{pair.port}"})
         await wait_query_status(pair.src, "completed")
         assert await pair.src.execute("x-query-guest-digest") == await pair.tgt.execute("x-query-guest-digest")
-        with pytest.raises(ExecuteError, match="SEV feature is not available"):
-            await pair.tgt.execute("query-sev")
+        assert (await pair.tgt.execute("query-sev"))["enabled"] is False  # QEMU 7.2 without SEV
         # Events before the answer that said "completed" are already here: STOP, but no MIGRATION.
         seen = []
         while not pair.src_events.empty():

@@ -67,8 +67,8 @@ def test_probe_reports_the_lab_host(lab3: Lab) -> None:
     assert p1["kvm_amd"] == {"sev": "Y", "sev_es": "Y"} and p1["dev_sev"] is True and p1["errors"] == []
     assert (p1["platform_status"]["api_major"], p1["platform_status"]["api_minor"]) == (1, 55)
     assert p1["platform_status"]["state"] == 2  # WORKING: guests run
-    assert {v["name"] for v in p1["vms"]} == {"web", "vault", "plain"}
-    assert p1["memory"] == {"total_mib": 65536, "available_mib": 65536 - 3 * 64}
+    assert {v["name"] for v in p1["vms"]} == {"web", "vault", "plain", "legacy"}
+    assert p1["memory"] == {"total_mib": 65536, "available_mib": 65536 - 4 * 64}
     web = next(v for v in p1["vms"] if v["name"] == "web")
     assert "sev-guest,id=sev0,policy=0x18000033,cbitpos=51,reduced-phys-bits=1" in web["argv"]
     assert web["qmp"] in web["argv"][web["argv"].index("-qmp") + 1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 
@@ -11,9 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sevconsole.lab import stream
+from sevconsole.lab import stream, uri
 from sevconsole.lab.argv import ArgvError, build_argv, parse_argv
-from sevconsole.lab.migration import MigrationError, fill_gaps, parse_tcp_uri
+from sevconsole.lab.migration import fill_gaps
 from sevconsole.lab.stream import Frame, StreamError
 from sevconsole.lab.vm import runs_of
 
@@ -83,12 +84,27 @@ def test_argv_round_trip_and_errors() -> None:
             parse_argv(bad)
 
 
-def test_tcp_uri() -> None:
-    assert parse_tcp_uri("tcp:127.0.0.1:4444") == ("127.0.0.1", 4444)
-    assert parse_tcp_uri("tcp:[::1]:5") == ("::1", 5)
-    for bad in ("unix:/x", "tcp:host", "tcp:h:99999", "exec:cat"):
-        with pytest.raises(MigrationError):
-            parse_tcp_uri(bad)
+def test_migration_uris_read_as_qemu_reads_them() -> None:
+    assert uri.parse("tcp:127.0.0.1:4444", incoming=False) == uri.Address("inet", "127.0.0.1", "4444")
+    assert uri.parse("tcp:[::1]:5,ipv6", incoming=False) == uri.Address("inet", "::1", "5")
+    assert uri.parse("unix:/run/x.sock", incoming=True) == uri.Address("unix", path="/run/x.sock")
+    assert uri.parse("tcp::7", incoming=True) == uri.Address("inet", "", "7")
+    refused = {
+        "foo:bar": "Parameter 'uri' expects a valid migration protocol",
+        "tcp:host": "error parsing address 'host'",
+        "tcp:[::1]": "error parsing IPv6 address '[::1]'",
+        "unix:": "invalid Unix socket address",
+        "fd:x": "File descriptor named 'x' has not been found",
+        "vsock:1:2x": "trailing characters in address '1:2x'",
+        "rdma:x": "RDMA ERROR: bad RDMA migration address 'x'",
+        "exec:cat": "the lab does not run exec: migration commands; use tcp: or unix:",
+    }
+    for text, sentence in refused.items():
+        with pytest.raises(uri.UriError, match=re.escape(sentence)) as exc:
+            uri.parse(text, incoming=False)
+        assert exc.value.recorded is (text != "foo:bar")  # QEMU keeps no error-desc for that one
+    with pytest.raises(uri.UriError, match="unknown migration protocol: foo:bar"):
+        uri.parse("foo:bar", incoming=True)
 
 
 @given(st.sets(st.integers(0, 499), max_size=200), st.integers(0, 20))
