@@ -184,7 +184,7 @@ def render_table(reports: list[Any], cordoned: Any = ()) -> str:
         lines += ["", f"{escape_controls(r.name)}:"]
         vm_rows = [["VM", "PID", "STATUS", "MEM", "SEV", "POLICY", "STATE", "MIGRATION", "QMP"]]
         for vm in r.vms:
-            migration = ("blocked: " + vm.migration_blocker if vm.migration_blocker
+            migration = (vm.stale if vm.stale else "blocked: " + vm.migration_blocker if vm.migration_blocker
                          else "no (NOSEND)" if vm.sev_enabled and vm.policy is not None and vm.policy & 0x8
                          else {True: "sev ok", False: "no sev migration", None: "-"}[vm.migration_support])
             vm_rows.append([vm.name, str(vm.pid or "-"), vm.status or "?",

@@ -60,6 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         help="warn when no byte moved for S seconds (default 10)")
     parser.add_argument("--stall-timeout", type=float, default=60.0, metavar="S",
                         help="cancel when no byte moved for S seconds (default 60)")
+    parser.add_argument("--keep-source", action="store_true",
+                        help="leave the source QEMU (stopped, postmigrate or SENT) after a confirmed "
+                             "migration; by default it is quit")
     parser.add_argument("--json", action="store_true", help="one Progress JSON object per line on stdout")
     parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
 
@@ -140,11 +143,15 @@ def _plan(args: argparse.Namespace, fleet: Any, pool: Any) -> Any:
         source = reports[args.source]
         if pick_vm([source], args.vm) is None:
             why = "; ".join(source.errors) or f"its VMs: {', '.join(v.name for v in source.vms) or 'none'}"
+            stale = next((v.stale for v in source.vms if v.name == args.vm and v.stale), None)
+            if stale:  # a migration's leftover is never a source
+                why = f"it holds only a {stale}"
             raise _UsageError(f"{args.source} runs no VM named {args.vm} ({why})")
     vm = pick_vm([source], args.vm)
     return MigrationPlan(vm=vm, source=source, target=reports[args.to], downtime_limit_ms=args.downtime_ms,
                          bandwidth_bps=None if args.bandwidth is None else int(args.bandwidth * 1e6),
-                         stall_warn_s=args.stall_warn, stall_timeout_s=args.stall_timeout)
+                         stall_warn_s=args.stall_warn, stall_timeout_s=args.stall_timeout,
+                         keep_source=args.keep_source)
 
 
 def _runs(report: Any, vm: str) -> bool:
@@ -187,7 +194,8 @@ def _migrate(args: argparse.Namespace, fleet: Any, plan: Any) -> int:
         return EXIT_FAILED
     job = {"vm": plan.vm.name, "source": plan.source.name, "target": plan.target.name,
            "where": fleet.where(), "downtime_ms": plan.downtime_limit_ms, "bandwidth_bps": plan.bandwidth_bps,
-           "stall_warn_s": plan.stall_warn_s, "stall_timeout_s": plan.stall_timeout_s}
+           "stall_warn_s": plan.stall_warn_s, "stall_timeout_s": plan.stall_timeout_s,
+           "keep_source": bool(args.keep_source)}
     try:
         migration_id = spawn(job)
     except (RunnerError, OSError) as exc:

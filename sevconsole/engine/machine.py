@@ -185,7 +185,8 @@ def _forward(step: Step, facts: Facts, obs: Observation) -> Decision:
         return Decision(Step.SEND_FINISHED, (Action.CONT_TARGET,), "the target holds the guest, paused: "
                         "resume it")
     # the target does not hold the guest
-    if not facts.sev and source_resumable(facts, src) and step != Step.TARGET_CONFIRMED:
+    if not facts.sev and source_resumable(facts, src) and \
+            step not in (Step.TARGET_CONFIRMED, Step.SOURCE_RETIRED):
         # a plain source still holds every page after "completed"; the target never ran it
         stop = (Action.STOP_TARGET,) if not dst.gone else ()
         return Decision(Step.ROLLBACK_CHOSEN, (*stop, Action.CONT_SOURCE),

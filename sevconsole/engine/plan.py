@@ -18,6 +18,7 @@ class MigrationPlan:
     bandwidth_bps: int | None = None  # bytes/s cap (QEMU max-bandwidth); None keeps QEMU's
     stall_warn_s: float = 10.0
     stall_timeout_s: float = 60.0
+    keep_source: bool = False  # leave the source QEMU (postmigrate/SENT) after a confirmed migration
 
     @property
     def sev(self) -> bool:

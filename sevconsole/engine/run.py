@@ -531,16 +531,29 @@ class Migration:
         for text in problems:
             f.error(text)
         ok = not problems
+        retired = ok and not self.plan.keep_source and await self._retire_source()
         f.phase(Phase.DONE if ok else Phase.FAILED)
         kind = "SENT" if self.plan.sev else "stopped"
         where = f"{self.plan.vm.name} now runs on {self.plan.target.name}"
         if dst_status == "paused":
             where = f"{self.plan.vm.name} is now on {self.plan.target.name} (paused, as it was)"
-        msg = (f"{where}; the source copy is {kind}" if ok
+        msg = (f"{where}; the source copy is {kind}" + (" and its QEMU quit" if retired else "") if ok
                else f"migration completed, but: {'; '.join(problems)}")
         return Outcome("done" if ok else "failed", msg, runnable=runnable, source_status=src_status,
                        target_status=dst_status, source_guest_state=src_state, target_guest_state=dst_state,
                        digest_source=digest_src, digest_target=digest_dst)
+
+    async def _retire_source(self) -> bool:
+        """The target runs the guest alone: the source QEMU (plain: postmigrate, SEV: SENT) is quit,
+        so no stale copy is left to be picked, listed or resumed. Journaled before the quit."""
+        vm = self.plan.vm
+        self._record(Step.SOURCE_RETIRED, source_pid=vm.pid, source_qmp=vm.qmp_path)
+        await self.src.quit()
+        if vm.pid is not None:  # a QEMU that ignored quit; the helper stops only a QEMU
+            with contextlib.suppress(LinkError):
+                await self.source.stop(vm.pid)
+        self.folder.event(f"{self.plan.source.name}: the source QEMU of {vm.name} was retired (quit)")
+        return True
 
     async def _target_settled(self, want: tuple[str, ...]) -> str | None:
         """The target's run state once it has the guest (in `want`), has failed, or is gone; a target

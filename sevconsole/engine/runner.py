@@ -301,7 +301,8 @@ class Runner:
                                  downtime_limit_ms=int(job.get("downtime_ms", 300)),
                                  bandwidth_bps=job.get("bandwidth_bps"),
                                  stall_warn_s=float(job.get("stall_warn_s", 10.0)),
-                                 stall_timeout_s=float(job.get("stall_timeout_s", 60.0)))
+                                 stall_timeout_s=float(job.get("stall_timeout_s", 60.0)),
+                                 keep_source=bool(job.get("keep_source", False)))
         except BaseException:
             pool.close()
             raise

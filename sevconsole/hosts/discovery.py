@@ -34,6 +34,7 @@ from sevconsole.hosts.remote import probe
 from sevconsole.hosts.report import Capabilities, HostKeyInfo, HostReport, SevSupport, VmInfo
 from sevconsole.hosts.ssh import Endpoint, SshConnection, SshPool, Timeouts, resolve
 from sevconsole.sev.certs import AmdCert
+from sevconsole.sev.status import GuestState
 
 VM_CONCURRENCY = 4  # QMP links per host at once; each is one SSH channel
 MIB = 1024 * 1024
@@ -112,7 +113,7 @@ def discover(hosts: Iterable[HostSpec], options: DiscoveryOptions | None = None,
             done[report.name] = report
             if on_report is not None:
                 on_report(report)
-        reports = [done[h.name] for h in hosts]
+        reports = mark_stale([done[h.name] for h in hosts])
         return storage.seen_disks(reports, hosts, lambda spec: pool.get(endpoint_for(spec, hosts, options.ssh_config)))
     finally:
         if own_pool:
@@ -302,14 +303,32 @@ async def _ask_vm(qmp: QmpLink, vm: VmInfo, *, lab: bool, caps_out: list[dict[st
                or bool({"migrate-set-sev-info", "migrate-sev-set-info"} & commands))
     reasons = migrate.get("blocked-reasons") or []
     base_memory = memory.get("base-memory")
+    guest_state = (firmware or {}).get("guest-state")
+    stale = status.get("status") == "postmigrate" or guest_state == GuestState.SENT
     return replace(
-        vm, name=name, status=status.get("status"),
+        vm, name=name, status=status.get("status"), stale=f"stale copy of VM {name}" if stale else None,
         memory_mib=memory_from_argv(vm.argv) if base_memory is None else int(base_memory) // MIB,
         sev_enabled=bool(sev.get("enabled")), policy=sev.get("policy"), sev_state=sev.get("state"),
         handle=sev.get("handle"),
         firmware_guest_state=(firmware or {}).get("guest-state"),
         migration_support=support if sev.get("enabled") else None,
         migration_blocker="; ".join(str(r) for r in reasons) or None)
+
+
+def mark_stale(reports: list[HostReport]) -> list[HostReport]:
+    """A stale copy (a migration's leftover: postmigrate, or SENT) says where its guest went: the host
+    whose copy of that name runs or is paused."""
+    live = {}
+    for report in reports:
+        for vm in report.vms:
+            if vm.stale is None and vm.status in ("running", "paused"):
+                live.setdefault(vm.name, report.name)
+    out = []
+    for report in reports:
+        vms = tuple(replace(vm, stale=f"stale copy of VM {vm.name} (now on {live[vm.name]})")
+                    if vm.stale is not None and vm.name in live else vm for vm in report.vms)
+        out.append(replace(report, vms=vms) if vms != report.vms else report)
+    return out
 
 
 def memory_from_argv(argv: Sequence[str]) -> int | None:

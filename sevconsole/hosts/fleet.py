@@ -84,8 +84,9 @@ def open_where(where: dict[str, Any]) -> Fleet:
 
 def pick_vm(reports: Sequence[Any], vm: str) -> Any:
     """The VM's copy that runs, or is paused, preferring a running one (a host may also list the
-    SENT copy a migration left, or a failed incoming one, under the same name)."""
-    matches = [v for r in reports for v in r.vms if v.name == vm]
+    SENT copy a migration left, or a failed incoming one, under the same name). A stale copy (a
+    migration's leftover) is never picked: None when it is all there is."""
+    matches = [v for r in reports for v in r.vms if v.name == vm and getattr(v, "stale", None) is None]
     for wanted in (("running",), ("paused",)):
         hit = next((v for v in matches if v.status in wanted), None)
         if hit is not None:

@@ -58,6 +58,8 @@ class VmInfo:
     migration_support: bool | None = None  # QEMU offers the SEV migration parameters or command
     migration_blocker: str | None = None  # e.g. upstream's "SEV: Migration is not implemented"
     errors: tuple[str, ...] = ()
+    # "stale copy of VM web (now on hv-b)": a copy a migration left (postmigrate, SENT); never a source
+    stale: str | None = None
 
 
 @dataclass(frozen=True)

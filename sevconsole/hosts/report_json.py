@@ -22,7 +22,7 @@ def vm_to_dict(vm: VmInfo) -> dict[str, Any]:
             "policy": None if vm.policy is None else f"0x{vm.policy:08x}", "sev_state": vm.sev_state,
             "firmware_guest_state": vm.firmware_guest_state, "handle": vm.handle,
             "migration_support": vm.migration_support, "migration_blocker": vm.migration_blocker,
-            "argv": list(redact_argv(vm.argv)), "errors": list(vm.errors)}
+            "argv": list(redact_argv(vm.argv)), "errors": list(vm.errors), "stale": vm.stale}
 
 
 def report_to_dict(report: HostReport) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from sevconsole.engine.run import Migration
 from sevconsole.engine.ssh import SshHost
 from sevconsole.hosts.discovery import DiscoveryOptions, discover
 from sevconsole.hosts.ssh import SshPool, Timeouts
-from tests.hosts.conftest import Sshd, kill_pid
+from tests.hosts.conftest import Sshd, kill_pid, pid_gone
 
 pytestmark = [pytest.mark.needs_sshd, pytest.mark.needs_qemu, pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -64,7 +64,7 @@ async def test_plain_migration_over_sshd(sshd: Sshd, pool: SshPool, qemu_vm, tmp
         assert outcome.target_status == "running" and outcome.source_status == "postmigrate"
         assert outcome.target_pid is not None and outcome.target_pid != source_vm.pid
         assert await _status(dst, outcome.target_qmp) == "running"
-        assert await _status(src, str(source_vm.qmp)) == "postmigrate"
+        assert pid_gone(source_vm.pid, 10)  # the stopped source was retired (quit)
         assert [p.bytes_transferred for p in seen] == sorted(p.bytes_transferred for p in seen)
         assert seen[-1].phase is Phase.DONE
     finally:
@@ -122,3 +122,28 @@ async def test_clean_cancel_over_sshd_says_nothing_of_refused_sockets(sshd: Sshd
     assert not any("refused" in e.lower() for e in outcome.errors), outcome.errors
     folder = Path(launched[0]).parent  # the incoming VM's socket and log went with it
     assert not list(folder.glob(f"{source_vm.name}-incoming-*"))
+
+
+async def test_keep_source_leaves_a_stale_copy_that_is_never_picked(sshd: Sshd, pool: SshPool, qemu_vm,
+                                                                     tmp_path: Path) -> None:
+    from sevconsole.hosts.fleet import pick_vm
+
+    source_vm = qemu_vm(f"kep{uuid.uuid4().hex[:6]}")
+    plan = _plan(sshd, pool, tmp_path, source_vm.name, keep_source=True)
+    src, dst = _links(sshd, pool, plan)
+    outcome = await Migration(plan, src, dst, checks=preflight(plan), poll_interval_s=0.05).run()
+    try:
+        assert outcome.result == "done" and "QEMU quit" not in outcome.message, outcome
+        assert await _status(src, str(source_vm.qmp)) == "postmigrate"
+        reports = discover([sshd.spec("h1"), sshd.spec("h2")], _options(tmp_path), pool=pool)
+        copies = [(r.name, v) for r in reports for v in r.vms if v.name == source_vm.name]
+        stale = [v.stale for _, v in copies if v.stale]
+        # one sshd serves both names, so each lists both QEMUs: the stale one says where the guest went
+        assert stale and all(s == f"stale copy of VM {source_vm.name} (now on h1)" for s in stale), copies
+        assert pick_vm(reports, source_vm.name).pid == outcome.target_pid
+        assert pick_vm([r for r in reports if r.name == "h1"], source_vm.name).stale is None
+    finally:
+        if outcome.target_pid:
+            kill_pid(outcome.target_pid)
+        await src.close()
+        await dst.close()
