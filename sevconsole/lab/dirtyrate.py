@@ -59,13 +59,16 @@ class DirtyRateMeter:
             self.status, self.mode, self.sample_pages = "measuring", mode, sample
             self.start_time, self.calc_time, self.rate = int(time.time()), calc_time, -1
         start = (time.monotonic(), self.vm.dirtied_total)
-        timer = threading.Timer(calc_time, self._measured, args=(start,))
+        timer = threading.Timer(calc_time, self._measured, args=(start, calc_time))
         timer.daemon = True
         timer.start()
         return {}
 
-    def _measured(self, start: tuple[float, int]) -> None:
-        ms = max(int((time.monotonic() - start[0]) * 1000), 1)
+    def _measured(self, start: tuple[float, int], calc_time: int) -> None:
+        # QEMU divides by the period it asked for when its sleep ended on time (dirty_stat_wait),
+        # by the time spent only when it overran: a timer a few ms late is on time here
+        spent = int((time.monotonic() - start[0]) * 1000)
+        ms = spent if spent > calc_time * 1000 + 100 else calc_time * 1000
         mib = (self.vm.dirtied_total - start[1]) * PAGE_SIZE >> 20
         small = self.vm.mem_bytes < MIN_RAMBLOCK_MIB << 20
         with self.lock:
