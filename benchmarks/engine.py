@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from sevconsole.engine.fold import ProgressFolder
-from sevconsole.engine.local import LocalHost, accepts
 from sevconsole.engine.plan import MigrationPlan
 from sevconsole.engine.run import Migration
 from sevconsole.hosts.report import HostReport, VmInfo
 from sevconsole.sev.pagestate import decode_states, encode_states
+from tests.engine.local import LocalHost, accepts
 
 MIB = 64
 

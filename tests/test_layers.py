@@ -96,3 +96,14 @@ def test_engine_and_hosts_load_without_textual() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PKG.parent)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_test_doubles_ship_in_the_package() -> None:
+    """Scripted backends, local hosts and other doubles live in tests/: the package is the product."""
+    doubles = [p for p in PKG.rglob("*.py") if p.stem in ("local", "scripted", "fake", "fakes", "mock", "mocks",
+                                                           "stub", "stubs", "testing")]
+    assert doubles == []
+    for path in sorted(PKG.rglob("*.py")):
+        for lineno, name in _imports(path):
+            assert not (name == "tests" or name.startswith("tests.")), \
+                f"{path.relative_to(PKG.parent)}:{lineno} imports {name}"

@@ -24,7 +24,7 @@ other path allowed: `-bios` naming a plain file name or a file under the system 
 (read-only, public, and its contents are overwritten by the migration stream anyway).
 
 Pure: no I/O, standard library only. The engine applies it before any launch (the HostLinks in
-engine/local.py and engine/ssh.py); preflight reports the same verdict (engine/checks.py).
+tests/engine/local.py and engine/ssh.py); preflight reports the same verdict (engine/checks.py).
 """
 
 from __future__ import annotations

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from sevconsole.engine.local import LocalHost, accepts
 from sevconsole.hosts.report import HostReport, VmInfo
 from tests.conftest import require_binary
+from tests.engine.local import LocalHost, accepts
 
 # the hosts tests' real sshd and TCG QEMU fixtures, shared rather than copied
-from tests.hosts.conftest import pool, qemu_vm, sshd, trusting_keys  # noqa: F401, E402
+from tests.hosts.conftest import machine_b, pool, pool2, qemu_vm, sshd, trusting_keys  # noqa: F401, E402
 
 MEMORY_MIB = 64
 

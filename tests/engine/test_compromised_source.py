@@ -14,7 +14,6 @@ import pytest
 from qemu.qmp import QMPClient
 
 from sevconsole.engine.checks import CheckStatus, preflight, refused
-from sevconsole.engine.local import LocalHost
 from sevconsole.engine.plan import MigrationPlan
 from sevconsole.engine.run import Migration
 from sevconsole.engine.ssh import SshHost
@@ -25,6 +24,7 @@ from sevconsole.hosts.report import VmInfo
 from sevconsole.hosts.ssh import SshPool, Timeouts, resolve
 from tests.conftest import require_binary
 from tests.engine.conftest import plain_reports
+from tests.engine.local import LocalHost
 from tests.hosts.conftest import Sshd
 
 pytestmark = [pytest.mark.needs_qemu, pytest.mark.timeout(90)]

@@ -18,12 +18,12 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from sevconsole.engine.checks import preflight, refused
-from sevconsole.engine.local import LocalHost
 from sevconsole.engine.plan import MigrationPlan
 from sevconsole.engine.run import Migration
 from sevconsole.hosts.report import VmInfo
 from tests.conftest import require_binary
 from tests.engine.conftest import plain_reports, qemu_argv
+from tests.engine.local import LocalHost
 
 from .proxy import Fault, StreamProxy
 from .rig import ProxiedTarget

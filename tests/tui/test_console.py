@@ -23,8 +23,8 @@ from sevconsole.tui.screens.live import LiveScreen
 from sevconsole.tui.screens.migrate import MigrateScreen
 from sevconsole.tui.screens.modals import ConfirmScreen, HostKeyScreen
 from sevconsole.tui.screens.result import ResultScreen
-from sevconsole.tui.scripted import ScriptedBackend, sample_progress, sample_reports
 from sevconsole.tui.widgets.page_map import PageMap
+from tests.tui.scripted import ScriptedBackend, sample_progress, sample_reports
 
 SIZE = (80, 24)
 
@@ -353,7 +353,7 @@ async def test_same_name_twice_after_a_migration(backend: ScriptedBackend) -> No
     running one is what m migrates."""
     from dataclasses import replace
 
-    from sevconsole.tui.scripted import POLICY_RECOMMENDED, sample_vm
+    from tests.tui.scripted import POLICY_RECOMMENDED, sample_vm
 
     sent = sample_vm("web", 4096, POLICY_RECOMMENDED, state=6, status="postmigrate")
     running = replace(sample_vm("web", 4096, POLICY_RECOMMENDED), pid=5001)

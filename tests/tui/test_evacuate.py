@@ -16,7 +16,7 @@ from sevconsole.tui.live_backend import LiveBackend, open_backend
 from sevconsole.tui.screens.evacuate import EvacuateScreen
 from sevconsole.tui.screens.hosts import HostsScreen
 from sevconsole.tui.screens.modals import ConfirmScreen
-from sevconsole.tui.scripted import ScriptedBackend, sample_reports
+from tests.tui.scripted import ScriptedBackend, sample_reports
 
 try:
     from sevconsole.lab.control import Lab

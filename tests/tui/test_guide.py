@@ -12,7 +12,7 @@ from sevconsole.tui.app import SevConsoleApp
 from sevconsole.tui.guide_steps import PHASE_NOTES, STEPS
 from sevconsole.tui.screens.guide import GuideScreen
 from sevconsole.tui.screens.hosts import HostsScreen
-from sevconsole.tui.scripted import (
+from tests.tui.scripted import (
     POLICY_RECOMMENDED,
     ScriptedBackend,
     sample_progress,

@@ -33,7 +33,8 @@ from sevconsole.tui.screens.live import LiveScreen
 from sevconsole.tui.screens.migrate import MigrateScreen
 from sevconsole.tui.screens.modals import ConfirmScreen, HostKeyScreen
 from sevconsole.tui.screens.result import ResultScreen
-from sevconsole.tui.scripted import (
+from sevconsole.tui.widgets.migration_view import MigrationView
+from tests.tui.scripted import (
     POLICY_NOSEND,
     POLICY_RECOMMENDED,
     ScriptedBackend,
@@ -41,7 +42,6 @@ from sevconsole.tui.scripted import (
     sample_reports,
     sample_vm,
 )
-from sevconsole.tui.widgets.migration_view import MigrationView
 
 # what a terminal must never receive from host data: C0, DEL, C1, line separators, bidi overrides
 RAW_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")

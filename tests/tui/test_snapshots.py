@@ -12,7 +12,7 @@ from sevconsole.tui.app import SevConsoleApp
 from sevconsole.tui.screens.live import LiveScreen
 from sevconsole.tui.screens.migrate import MigrateScreen
 from sevconsole.tui.screens.result import ResultScreen
-from sevconsole.tui.scripted import ScriptedBackend, sample_progress, sample_reports, sample_result
+from tests.tui.scripted import ScriptedBackend, sample_progress, sample_reports, sample_result
 
 
 def make_app(rome: Capabilities, naples: Capabilities, theme: str | None = None) -> SevConsoleApp:
