@@ -172,14 +172,16 @@ def render_table(reports: list[Any], cordoned: Any = ()) -> str:
     rows = [["HOST", "ADDRESS", "LATENCY", "SEV", "FIRMWARE", "CHAIN", "VMS"]]
     for r in reports:
         support, fw = _sev_words(r)
-        rows.append([r.name + (" (lab)" if r.lab else "") + (" cordoned" if r.name in cordoned else ""),
+        alias = r.extra.get("same_machine_as")
+        rows.append([r.name + (" (lab)" if r.lab else "") + (" cordoned" if r.name in cordoned else "")
+                     + (f" = {alias}" if alias else ""),
                      f"{r.address}:{r.port}",
                      "-" if r.latency_ms is None else f"{r.latency_ms:.1f} ms",
                      support if r.hostname else "-", fw, _chain_words(r),
                      str(len(r.vms)) if r.hostname else "-"])
     lines = _table(rows)
     for r in reports:
-        if not r.vms:
+        if not r.vms or r.extra.get("same_machine_as"):  # one machine's VMs are listed once
             continue
         lines += ["", f"{escape_controls(r.name)}:"]
         vm_rows = [["VM", "PID", "STATUS", "MEM", "SEV", "POLICY", "STATE", "MIGRATION", "QMP"]]
@@ -199,6 +201,9 @@ def render_table(reports: list[Any], cordoned: Any = ()) -> str:
                  if r.capabilities is not None and r.capabilities.chain_error]
     if problems:
         lines += ["", "problems:"] + [f"  - {escape_controls(p)}" for p in problems]
+    notes = [r.extra["same_machine_note"] for r in reports if r.extra.get("same_machine_note")]
+    if notes:
+        lines += ["", "notes:"] + [f"  - {escape_controls(n)}" for n in notes]
     return "\n".join(lines)
 
 

@@ -57,6 +57,7 @@ def preflight(plan: MigrationPlan, trust: Any = None) -> list[Check]:
     if src.name == dst.name:
         checks.append(_c("hosts", "Distinct hosts", CheckStatus.FAIL,
                          f"{vm.name} already runs on {src.name}; pick another target host."))
+    checks += _one_machine(src, dst)
     checks.append(_vm_state(vm, src))
     argv = _argv(vm, src, dst)
     if argv is not None:
@@ -121,6 +122,18 @@ def _argv(vm: VmInfo, src: HostReport, dst: HostReport) -> Check | None:
     if verdict.rewritten:
         return _c("argv", title, CheckStatus.WARN, f"{dst.name}: " + "; ".join(verdict.rewritten) + ".")
     return None
+
+
+def _one_machine(src: HostReport, dst: HostReport) -> list[Check]:
+    """Two inventory names for one machine (same host key or machine id) are never each other's
+    target: the guest would stay where it is. No line when they are two machines."""
+    from sevconsole.hosts.identity import same_machine
+
+    why = same_machine(src, dst)
+    if why is None:
+        return []
+    return [_c("hosts", "Distinct hosts", CheckStatus.FAIL,
+               f"{src.name} and {dst.name} are one machine ({why}); pick a target on another machine.")]
 
 
 def target_storage(dst: HostReport) -> tuple[str, ...]:

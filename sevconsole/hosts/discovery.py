@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from sevconsole import paths
-from sevconsole.hosts import storage
+from sevconsole.hosts import identity, storage
 from sevconsole.hosts.chains import Roots, check_host_chain, load_roots, roots_from_blob
 from sevconsole.hosts.errors import HostError, HostKeyChanged, HostKeyError, QmpCommandError
-from sevconsole.hosts.hostkeys import HostKeyStore
+from sevconsole.hosts.hostkeys import HostKeyStore, fingerprint
 from sevconsole.hosts.inventory import HostSpec, load_ssh_config
 from sevconsole.hosts.qmp import QmpLink, open_qmp
 from sevconsole.hosts.remote import probe
@@ -113,7 +113,7 @@ def discover(hosts: Iterable[HostSpec], options: DiscoveryOptions | None = None,
             done[report.name] = report
             if on_report is not None:
                 on_report(report)
-        reports = mark_stale([done[h.name] for h in hosts])
+        reports = identity.mark_aliases(mark_stale([done[h.name] for h in hosts]))
         return storage.seen_disks(reports, hosts, lambda spec: pool.get(endpoint_for(spec, hosts, options.ssh_config)))
     finally:
         if own_pool:
@@ -167,6 +167,11 @@ def _discover(spec: HostSpec, ctx: _Context, last: list[HostReport]) -> HostRepo
              "host_claims_lab": bool(data.get("lab"))}
     if spec.shared_storage:
         extra["shared_storage"] = list(spec.shared_storage)
+    # who this machine is, whatever name reached it (hosts/identity.py)
+    extra["host_key_fingerprint"] = fingerprint(conn.transport.get_remote_server_key())
+    for key in ("machine_id", "boot_id"):
+        if isinstance(data.get(key), str):
+            extra[key] = data[key][:64]
     memory = data.get("memory") if isinstance(data.get("memory"), dict) else {}
     for key in ("total_mib", "available_mib"):
         value = memory.get(key)

@@ -86,6 +86,12 @@ def kvm_amd_param(name):
     return "Y" if value in ("Y", "y", "1") else "N"
 
 
+def one_line_id(path):
+    """A machine or boot id: one line of hex (and dashes), else None."""
+    text = (read_text(path) or "").strip()[:64]
+    return text if text and all(ch in "0123456789abcdef-" for ch in text) else None
+
+
 def cpu_model():
     text = read_text("/proc/cpuinfo") or ""
     for line in text.splitlines():
@@ -345,6 +351,9 @@ def cmd_probe(args):
         "cpu": cpu_model(), "kvm_amd": {"sev": kvm_amd_param("sev"), "sev_es": kvm_amd_param("sev_es")},
         "dev_sev": False, "platform_status": None, "pdh": None, "cert_chain": None, "errors": [],
         "python": "{}.{}".format(*sys.version_info[:2]), "memory": memory_mib(),
+        # which machine this is, whatever name the console reached it by
+        "machine_id": one_line_id("/etc/machine-id") or one_line_id("/var/lib/dbus/machine-id"),
+        "boot_id": one_line_id("/proc/sys/kernel/random/boot_id"),
     }
     probe_dev_sev(result)
     result["vms"] = find_vms(globs)

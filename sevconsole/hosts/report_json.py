@@ -50,5 +50,7 @@ def report_to_dict(report: HostReport) -> dict[str, Any]:
             "fingerprint": report.host_key.fingerprint, "status": report.host_key.status,
             "known_fingerprint": report.host_key.known_fingerprint},
         "probed_at": report.probed_at,
+        "machine": {k: report.extra.get(k) for k in ("host_key_fingerprint", "machine_id", "same_machine_as",
+                                                       "same_machine_note")},
     }
     return data

@@ -33,12 +33,14 @@ def console(tmp_path: Path) -> Iterator[Console]:
     made.close()
 
 
-def inventory(sshd: Sshd, tmp_path: Path) -> Path:
-    """Two hosts, h1 and h2, both this machine through the test sshd."""
+def inventory(sshd: Sshd, tmp_path: Path, other: Sshd) -> Path:
+    """Two hosts: h1 through the test sshd, h2 through a second machine's (its own host key and
+    machine id: two names of one machine are never each other's target)."""
     known = tmp_path / "known_hosts"
-    known.write_text(sshd.known_hosts_line())
-    hosts = "".join(f'[[host]]\nname = "{name}"\naddress = "127.0.0.1"\nport = {sshd.port}\n'
-                    f'user = "{sshd.user}"\nidentity = "{sshd.client_key}"\n\n' for name in ("h1", "h2"))
+    known.write_text(sshd.known_hosts_line() + other.known_hosts_line())
+    hosts = "".join(f'[[host]]\nname = "{name}"\naddress = "127.0.0.1"\nport = {server.port}\n'
+                    f'user = "{server.user}"\nidentity = "{server.client_key}"\n\n'
+                    for name, server in (("h1", sshd), ("h2", other)))
     path = tmp_path / "inventory.toml"
     path.write_text(f'known_hosts = "{known}"\n\n{hosts}')
     return path
@@ -74,10 +76,10 @@ async def run_state(path: str) -> str:
 
 
 def test_runner_killed_mid_precopy_then_recover_leaves_one_running_qemu(
-        sshd: Sshd, guests: LocalGuests, console: Console, tmp_path: Path) -> None:
+        sshd: Sshd, machine_b: Sshd, guests: LocalGuests, console: Console, tmp_path: Path) -> None:
     name = f"dur{uuid.uuid4().hex[:8]}"
     source = asyncio.run(guests.start(name, MEM_MIB, random_memory=True))
-    inv = inventory(sshd, tmp_path)
+    inv = inventory(sshd, tmp_path, machine_b)
     client = console.start("migrate", name, "--to", "h2", "--inventory", str(inv), "--yes", "--json",
                            "--bandwidth", BANDWIDTH_MBPS)
     try:

@@ -16,6 +16,7 @@ from sevconsole.engine.progress import Phase, Progress
 from sevconsole.engine.run import Migration
 from sevconsole.engine.ssh import SshHost
 from sevconsole.hosts.discovery import DiscoveryOptions, discover
+from sevconsole.hosts.inventory import HostSpec
 from sevconsole.hosts.ssh import SshPool, Timeouts
 from tests.hosts.conftest import Sshd, kill_pid, pid_gone
 
@@ -28,17 +29,23 @@ def _options(tmp_path: Path) -> DiscoveryOptions:
                             timeouts=Timeouts(connect=3, banner=5, handshake=5, auth=5, channel=10))
 
 
-def _plan(sshd: Sshd, pool: SshPool, tmp_path: Path, name: str, **kw: object) -> MigrationPlan:
-    src, dst = discover([sshd.spec("h1"), sshd.spec("h2")], _options(tmp_path), pool=pool)
+@pytest.fixture
+def hosts(sshd: Sshd, machine_b: Sshd) -> dict[str, HostSpec]:
+    """h1 on this machine's sshd, h2 on another machine (its own host key and machine id)."""
+    return {"h1": sshd.spec("h1"), "h2": machine_b.spec("h2")}
+
+
+def _plan(hosts: dict[str, HostSpec], pool: SshPool, tmp_path: Path, name: str, **kw: object) -> MigrationPlan:
+    src, dst = discover([hosts["h1"], hosts["h2"]], _options(tmp_path), pool=pool)
     vm = src.vm(name)
     assert vm is not None and vm.status == "running", [v.name for v in src.vms]
     return MigrationPlan(vm=vm, source=src, target=dst, **kw)  # type: ignore[arg-type]
 
 
-def _links(sshd: Sshd, pool: SshPool, plan: MigrationPlan) -> tuple[SshHost, SshHost]:
+def _links(hosts: dict[str, HostSpec], pool: SshPool, plan: MigrationPlan) -> tuple[SshHost, SshHost]:
     from sevconsole.hosts.ssh import resolve
 
-    return tuple(SshHost(r.name, "127.0.0.1", pool.get(resolve(sshd.spec(r.name))))  # type: ignore[return-value]
+    return tuple(SshHost(r.name, "127.0.0.1", pool.get(resolve(hosts[r.name])))  # type: ignore[return-value]
                  for r in (plan.source, plan.target))
 
 
@@ -50,12 +57,12 @@ async def _status(link: SshHost, qmp: str) -> str:
         await client.disconnect()
 
 
-async def test_plain_migration_over_sshd(sshd: Sshd, pool: SshPool, qemu_vm, tmp_path: Path) -> None:
+async def test_plain_migration_over_sshd(hosts: dict[str, HostSpec], pool2: SshPool, qemu_vm, tmp_path: Path) -> None:
     source_vm = qemu_vm(f"mig{uuid.uuid4().hex[:6]}")
-    plan = _plan(sshd, pool, tmp_path, source_vm.name)
+    plan = _plan(hosts, pool2, tmp_path, source_vm.name)
     checks = preflight(plan)
     assert not refused(checks), checks
-    src, dst = _links(sshd, pool, plan)
+    src, dst = _links(hosts, pool2, plan)
     seen: list[Progress] = []
     outcome = await Migration(plan, src, dst, checks=checks, on_progress=seen.append, poll_interval_s=0.05).run()
     try:
@@ -74,10 +81,10 @@ async def test_plain_migration_over_sshd(sshd: Sshd, pool: SshPool, qemu_vm, tmp
         await dst.close()
 
 
-async def test_target_killed_over_sshd(sshd: Sshd, pool: SshPool, qemu_vm, tmp_path: Path) -> None:
+async def test_target_killed_over_sshd(hosts: dict[str, HostSpec], pool2: SshPool, qemu_vm, tmp_path: Path) -> None:
     source_vm = qemu_vm(f"mig{uuid.uuid4().hex[:6]}")
-    plan = _plan(sshd, pool, tmp_path, source_vm.name, bandwidth_bps=100_000)
-    src, dst = _links(sshd, pool, plan)
+    plan = _plan(hosts, pool2, tmp_path, source_vm.name, bandwidth_bps=100_000)
+    src, dst = _links(hosts, pool2, plan)
     killed: list[int] = []
     mig: Migration
 
@@ -99,11 +106,11 @@ async def test_target_killed_over_sshd(sshd: Sshd, pool: SshPool, qemu_vm, tmp_p
     assert outcome.progress is not None and any("has already exited" in e for e in outcome.progress.events)
 
 
-async def test_clean_cancel_over_sshd_says_nothing_of_refused_sockets(sshd: Sshd, pool: SshPool, qemu_vm,
+async def test_clean_cancel_over_sshd_says_nothing_of_refused_sockets(hosts: dict[str, HostSpec], pool2: SshPool, qemu_vm,
                                                                        tmp_path: Path) -> None:
     source_vm = qemu_vm(f"can{uuid.uuid4().hex[:6]}")
-    plan = _plan(sshd, pool, tmp_path, source_vm.name, bandwidth_bps=100_000)
-    src, dst = _links(sshd, pool, plan)
+    plan = _plan(hosts, pool2, tmp_path, source_vm.name, bandwidth_bps=100_000)
+    src, dst = _links(hosts, pool2, plan)
     launched: list[str] = []
     mig: Migration
 
@@ -124,21 +131,21 @@ async def test_clean_cancel_over_sshd_says_nothing_of_refused_sockets(sshd: Sshd
     assert not list(folder.glob(f"{source_vm.name}-incoming-*"))
 
 
-async def test_keep_source_leaves_a_stale_copy_that_is_never_picked(sshd: Sshd, pool: SshPool, qemu_vm,
+async def test_keep_source_leaves_a_stale_copy_that_is_never_picked(hosts: dict[str, HostSpec], pool2: SshPool, qemu_vm,
                                                                      tmp_path: Path) -> None:
     from sevconsole.hosts.fleet import pick_vm
 
     source_vm = qemu_vm(f"kep{uuid.uuid4().hex[:6]}")
-    plan = _plan(sshd, pool, tmp_path, source_vm.name, keep_source=True)
-    src, dst = _links(sshd, pool, plan)
+    plan = _plan(hosts, pool2, tmp_path, source_vm.name, keep_source=True)
+    src, dst = _links(hosts, pool2, plan)
     outcome = await Migration(plan, src, dst, checks=preflight(plan), poll_interval_s=0.05).run()
     try:
         assert outcome.result == "done" and "QEMU quit" not in outcome.message, outcome
         assert await _status(src, str(source_vm.qmp)) == "postmigrate"
-        reports = discover([sshd.spec("h1"), sshd.spec("h2")], _options(tmp_path), pool=pool)
+        reports = discover([hosts["h1"], hosts["h2"]], _options(tmp_path), pool=pool2)
         copies = [(r.name, v) for r in reports for v in r.vms if v.name == source_vm.name]
         stale = [v.stale for _, v in copies if v.stale]
-        # one sshd serves both names, so each lists both QEMUs: the stale one says where the guest went
+        # both test machines see every process of this one: the stale copy says where the guest went
         assert stale and all(s == f"stale copy of VM {source_vm.name} (now on h1)" for s in stale), copies
         assert pick_vm(reports, source_vm.name).pid == outcome.target_pid
         assert pick_vm([r for r in reports if r.name == "h1"], source_vm.name).stale is None

@@ -133,7 +133,7 @@ def _start_with_disk(tmp_path: Path, name: str, image: Path) -> tuple[int, Path,
 @pytest.mark.needs_qemu
 @pytest.mark.timeout(90)
 async def test_a_guest_with_a_disk_on_shared_storage_migrates_and_a_missing_one_is_named(
-        sshd, pool, tmp_path: Path) -> None:
+        sshd, machine_b, pool2, tmp_path: Path) -> None:
     import asyncio
     import uuid
 
@@ -156,7 +156,8 @@ async def test_a_guest_with_a_disk_on_shared_storage_migrates_and_a_missing_one_
     options = DiscoveryOptions(known_hosts=tmp_path / "kh", system_known_hosts=(), amd_roots=tmp_path / "none",
                                ssh_config=tmp_path / "none", use_agent=False,
                                timeouts=Timeouts(connect=3, banner=5, handshake=5, auth=5, channel=10))
-    target_spec = sshd.spec("h2", shared_storage=(str(shared),))
+    pool = pool2
+    target_spec = machine_b.spec("h2", shared_storage=(str(shared),))
     src, dst = discover([sshd.spec("h1"), target_spec], options, pool=pool)
     assert dst.extra["files"] == {str(image): "present"}  # discovery asked the target
     vm = src.vm(name)

@@ -208,6 +208,98 @@ def pool(trusting_keys: HostKeyStore) -> Iterator[SshPool]:
         yield p
 
 
+# ---------------------------------------------------------------- a second machine
+
+
+def _read_until_listening(proc: subprocess.Popen[bytes], log: list[str], what: str) -> None:
+    """Block until sshd says it listens (its own log line), failing with its output otherwise."""
+    assert proc.stderr is not None
+    fd, pending = proc.stderr.fileno(), b""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+        if not ready:
+            proc.kill()
+            pytest.fail(f"{what} did not start listening within {START_TIMEOUT} s: {log}")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            pytest.fail(f"{what} exited at start (code {proc.wait()}): {log}")
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        log.extend(line.decode(errors="replace") for line in lines)
+        if any("Server listening on" in line for line in log):
+            break
+
+    def drain() -> None:
+        while chunk := os.read(fd, 4096):
+            log.extend(chunk.decode(errors="replace").splitlines())
+            del log[:-200]
+
+    threading.Thread(target=drain, daemon=True).start()
+
+
+def start_other_machine(base: Path, first: Sshd) -> Sshd:
+    """Another "machine" on this one: its own sshd and host key, in a mount namespace of its own
+    whose /etc/machine-id differs (hosts/identity.py tells machines apart by both). The file
+    system, processes and network are shared, as they are for the first sshd."""
+    sshd = require_binary("sshd")
+    unshare = require_binary("unshare")
+    if os.geteuid() != 0:
+        pytest.skip("a second test machine needs root (a mount namespace with its own /etc/machine-id)")
+    base.mkdir(parents=True, exist_ok=True)
+    host_public = write_ed25519(base / "host_ed25519")
+    (base / "machine-id").write_text(uuid.uuid4().hex + "\n")
+    port = free_port()
+    config = base / "sshd_config"
+    config.write_text(f"""\
+Port {port}
+ListenAddress 127.0.0.1
+HostKey {base / 'host_ed25519'}
+PidFile {base / 'sshd.pid'}
+AuthorizedKeysFile {first.dir / 'authorized_keys'}
+StrictModes no
+UsePAM no
+PermitRootLogin yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+MaxSessions 100
+MaxStartups 100:30:200
+LogLevel INFO
+""")
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    script = f"mount --bind {base / 'machine-id'} /etc/machine-id && exec {sshd} -D -e -f {config}"
+    proc = subprocess.Popen([unshare, "-m", "--propagation", "private", "sh", "-c", script],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    other = Sshd(base, port, port, port, port, port, first.client_key, host_public.strip(), proc)
+    _read_until_listening(proc, other.log, "the second machine's sshd")
+    return other
+
+
+@pytest.fixture(scope="session")
+def machine_b(sshd: Sshd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    """A second machine's sshd (see start_other_machine); `machine_b.spec("h2")` is that host."""
+    other = start_other_machine(tmp_path_factory.mktemp("machine-b"), sshd)
+    yield other
+    other.proc.send_signal(signal.SIGTERM)
+    try:
+        other.proc.wait(10)
+    except subprocess.TimeoutExpired:
+        other.proc.kill()
+        other.proc.wait()
+
+
+@pytest.fixture
+def pool2(sshd: Sshd, machine_b: Sshd, tmp_path: Path) -> Iterator[SshPool]:
+    """A pool that knows both machines' host keys (the first one also as localhost)."""
+    own = tmp_path / "known_hosts2"
+    own.write_text(sshd.known_hosts_line() + machine_b.known_hosts_line()
+                   + f"[localhost]:{sshd.port} {sshd.host_public}\n")
+    with SshPool(HostKeyStore(own, system_files=()), Timeouts(connect=3, banner=5, handshake=5, auth=5,
+                                                                channel=10), use_agent=False) as p:
+        yield p
+
+
 # ---------------------------------------------------------------- QEMU
 
 

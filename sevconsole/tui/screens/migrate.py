@@ -63,7 +63,11 @@ class MigrateScreen(Screen[None]):
         return vm
 
     def targets(self) -> list[HostReport]:
-        return [r for n, r in self.app.reports.items() if n != self.source_name]  # type: ignore[attr-defined]
+        from sevconsole.hosts.identity import same_machine
+
+        # another name of the source's own machine is never offered as a target
+        return [r for n, r in self.app.reports.items()  # type: ignore[attr-defined]
+                if n != self.source_name and same_machine(self.source, r) is None]
 
     def compose(self) -> ComposeResult:
         yield Header()
