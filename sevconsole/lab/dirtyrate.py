@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 MODES = ("page-sampling", "dirty-ring", "dirty-bitmap")
 MIN_CALC_S, MAX_CALC_S = 1, 60
-MIN_SAMPLE, MAX_SAMPLE, DEFAULT_SAMPLE = 128, 4096, 512
+MIN_SAMPLE, MAX_SAMPLE, DEFAULT_SAMPLE = 128, 16384, 512  # QEMU 7.2: [128, 16384]
 MIN_RAMBLOCK_MIB = 128  # QEMU's MIN_RAMBLOCK_SIZE: smaller blocks are not sampled
 ARGS = struct(("calc-time", Int(), False), ("sample-pages", Int()), ("mode", Enum(MODES)))
 

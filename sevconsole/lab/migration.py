@@ -182,12 +182,18 @@ class OutgoingMigration:
         self._set_status("failed")
 
     def request_cancel(self) -> None:
+        if self.mark_cancelling():
+            self.cancel.set()
+
+    def mark_cancelling(self) -> bool:
+        """migrate_cancel's own part: "cancelling", announced before its answer. The thread is
+        told afterwards (`cancel.set()`), as QEMU's migration thread notices it later."""
         with self.stats.lock:
             if self.stats.status in ("completed", "failed", "cancelled"):
-                return
+                return False
             self.stats.status = "cancelling"
         self.emit("MIGRATION", {"status": "cancelling"})
-        self.cancel.set()
+        return True
 
     def _set_status(self, status: str) -> None:
         with self.stats.lock:

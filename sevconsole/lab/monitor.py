@@ -9,6 +9,7 @@ what differs on purpose are documented in docs/internals.md.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 from sevconsole.sev.pagestate import ENCODING, encode_states
@@ -183,7 +184,8 @@ class Monitor:
         except uri.UriError as exc:
             mig.fail_at_once(str(exc) if exc.recorded else None)
             raise QmpError(str(exc)) from None
-        mig.start(address)
+        # QEMU connects from its main loop, after this answer: start once the answer is out
+        asyncio.get_running_loop().call_soon(mig.start, address)
         return {}
 
     def migrate_incoming(self, args: dict) -> dict:
@@ -204,8 +206,8 @@ class Monitor:
 
     def migrate_cancel(self, args: dict) -> dict:
         mig = self.vm.migration
-        if isinstance(mig, OutgoingMigration):
-            mig.request_cancel()  # "cancelling" goes out before this answer
+        if isinstance(mig, OutgoingMigration) and mig.mark_cancelling():  # before this answer
+            asyncio.get_running_loop().call_soon(mig.cancel.set)
         return {}
 
     def query_migrate(self, args: dict) -> dict:

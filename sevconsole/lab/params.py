@@ -120,26 +120,30 @@ def check_parameters(p: dict[str, Any], new: dict[str, Any], caps: dict[str, boo
 def check_bitmap_mapping(mapping: list[dict[str, Any]]) -> None:
     """check_dirty_bitmap_mig_alias_map(): lengths and duplicates (the lab has no block nodes to
     look up, like a QEMU without disks)."""
+    def bad(why: str) -> QapiError:
+        return QapiError(f"Invalid mapping given for block-bitmap-mapping: {why}")
+
     nodes: set[str] = set()
     node_aliases: set[str] = set()
     for node in mapping:
-        if len(node["alias"].encode()) > 255:
-            raise QapiError(f"The node alias '{node['alias']}' is longer than 255 bytes")
-        if node["node-name"] in nodes:
-            raise QapiError(f"The node name '{node['node-name']}' is mapped twice")
-        if node["alias"] in node_aliases:
-            raise QapiError(f"The node alias '{node['alias']}' is used twice")
-        nodes.add(node["node-name"])
-        node_aliases.add(node["alias"])
+        name, alias = node["node-name"], node["alias"]
+        if len(alias.encode()) > 255:
+            raise bad(f"The node alias '{alias}' is longer than 255 bytes")
+        if name in nodes:
+            raise bad(f"The node name '{name}' is mapped twice")
+        if alias in node_aliases:
+            raise bad(f"The node alias '{alias}' is used twice")
+        nodes.add(name)
+        node_aliases.add(alias)
         names: set[str] = set()
         aliases: set[str] = set()
         for bitmap in node["bitmaps"]:
             if len(bitmap["alias"].encode()) > 255:
-                raise QapiError(f"The bitmap alias '{bitmap['alias']}' is longer than 255 bytes")
+                raise bad(f"The bitmap alias '{name}'/'{bitmap['alias']}' is longer than 255 bytes")
             if bitmap["name"] in names:
-                raise QapiError(f"The bitmap '{bitmap['name']}' is mapped twice")
+                raise bad(f"The bitmap '{name}'/'{bitmap['name']}' is mapped twice")
             if bitmap["alias"] in aliases:
-                raise QapiError(f"The bitmap alias '{bitmap['alias']}' is used twice")
+                raise bad(f"The bitmap alias '{alias}'/'{bitmap['alias']}' is used twice")
             names.add(bitmap["name"])
             aliases.add(bitmap["alias"])
 

@@ -20,6 +20,7 @@ outside printable ASCII, doubles as `%.17g`.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -29,6 +30,9 @@ MAX_TOKEN_SIZE = 1 << 20  # QEMU allows 64 MiB; a lab host keeps its memory smal
 MAX_TOKEN_COUNT = 2 << 20
 MAX_NESTING = 1 << 10
 INT64_MIN, UINT64_MAX = -(1 << 63), (1 << 64) - 1
+# The parser and writer recurse once per level (a few frames each); QEMU takes 1024 levels, so
+# Python's default limit of 1000 frames must grow. Python-to-Python calls use no C stack (3.11+).
+sys.setrecursionlimit(max(sys.getrecursionlimit(), 8 * MAX_NESTING))
 
 
 class Tok(Enum):

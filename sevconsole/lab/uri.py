@@ -47,7 +47,7 @@ class Address:
 _HOST_PORT = re.compile(r"([^:]{1,64}):([^,]{1,32})")
 _V6 = re.compile(r"\[([^\]]{1,64})\]:([^,]{1,32})")
 _NO_HOST = re.compile(r":([^,]{1,32})")
-_VSOCK = re.compile(r"([0-9]{1,32}):([0-9]{1,32})")
+_VSOCK = re.compile(r"([^:]{1,32}):([^,]{1,32})")
 
 
 def inet_parse(text: str) -> Address:
@@ -120,7 +120,10 @@ def connect(addr: Address) -> socket.socket:
             sock.close()
             raise ConnectError(f"Failed to connect to '{addr.path}': {exc.strerror or exc}") from None
         return sock
-    if addr.kind == "vsock":
+    if addr.kind == "vsock":  # QEMU reads the numbers only now
+        for what, text in (("cid", addr.host), ("port", addr.port)):
+            if not text.isdigit() or int(text) > 0xFFFFFFFF:
+                raise ConnectError(f"Failed to parse {what} '{text}'")
         raise ConnectError(f"Failed to connect to '{addr.describe()}': the lab does not model vsock")
     try:
         infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM,

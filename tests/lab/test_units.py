@@ -95,7 +95,7 @@ def test_migration_uris_read_as_qemu_reads_them() -> None:
         "tcp:[::1]": "error parsing IPv6 address '[::1]'",
         "unix:": "invalid Unix socket address",
         "fd:x": "File descriptor named 'x' has not been found",
-        "vsock:1:2x": "trailing characters in address '1:2x'",
+        "vsock:1:2,x": "trailing characters in address '1:2,x'",
         "rdma:x": "RDMA ERROR: bad RDMA migration address 'x'",
         "exec:cat": "the lab does not run exec: migration commands; use tcp: or unix:",
     }
