@@ -484,7 +484,8 @@ class Evacuation:
         if first:
             self.notes.append(f"{self.host}'s PSP measured at {rate:.0f} pages/s ({flight.move.vm}'s pre-copy)")
 
-    def _ended(self, flight: _Flight, runnable: tuple[str, ...], message: str, result: str) -> None:
+    def _ended(self, flight: _Flight, runnable: tuple[str, ...], message: str, result: str, *,
+               target_at_fault: bool = True) -> None:
         m = flight.move
         p = flight.progress
         if m.sev and not flight.sampled and flight.solo and flight.stream_t0 is not None and p is not None:
@@ -496,7 +497,9 @@ class Evacuation:
             self._set(m.vm, save=True, status="moved", phase="done", percent=100.0, eta_s=None,
                       pages_per_s=None, note=f"runs on {m.target}")
         elif tuple(runnable) == (self.host,):
-            self._attempt_failed(flight, f"{result}: {message}", drop_target=True)
+            # a cancel (the operator's) is nobody's fault: the target stays in the plan
+            self._attempt_failed(flight, f"{result}: {message}",
+                                 drop_target=target_at_fault and self.cancel_reason is None)
         else:
             where = ", ".join(runnable) or "no host"
             self.committed[m.target] = self.committed.get(m.target, 0) - m.mem_mib
@@ -518,13 +521,15 @@ class Evacuation:
         if not entry.finished:
             results = await asyncio.to_thread(recover.recover_all, self.p.fleet)
             mine = next((r for r in results if r.id == mid), None)
-            if mine is not None and mine.result == "reconciled":
-                self._ended(flight, tuple(mine.runnable), f"{sentence}; recovered: {mine.sentence}", "recovered")
+            if mine is not None and mine.result == "reconciled":  # our runner died, not the target
+                self._ended(flight, tuple(mine.runnable), f"{sentence}; recovered: {mine.sentence}", "recovered",
+                            target_at_fault=False)
                 return
             entry = journal.entry(mid)
         outcome = entry.outcome or {}
         runnable = tuple(outcome.get("runnable") or ())
-        self._ended(flight, runnable, str(outcome.get("message") or sentence), str(outcome.get("result") or "gone"))
+        self._ended(flight, runnable, str(outcome.get("message") or sentence), str(outcome.get("result") or "gone"),
+                    target_at_fault=entry.finished)
 
     def _attempt_failed(self, flight: _Flight, why: str, *, drop_target: bool) -> None:
         m = flight.move

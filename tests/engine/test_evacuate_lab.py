@@ -182,31 +182,46 @@ def in_pre_copy(e: dict) -> bool:
 
 
 def test_a_re_run_continues_an_evacuation_whose_command_died(psp: Lab, console: Console) -> None:
-    """SIGKILL `evacuate` mid pre-copy: the runner finishes that guest; `evacuate` again follows
-    it (not started twice), moves the rest, and counts it in the same evacuation."""
+    """`evacuate` SIGKILLed mid pre-copy: the runner finishes that guest and `evacuate` again
+    follows it (never started twice). That run SIGKILLed in turn, with the runner of its guest in
+    pre-copy: the next run reconciles that migration first (`recover`: back to one copy), then
+    moves what is left. One evacuation (same id), every guest on the target, memory unchanged."""
     before = digests(psp, GUESTS)
-    client = console.start("evacuate", "lab-1", "--to", "lab-4", "--lab", str(psp.paths.root), "--yes", "--json")
+    argv = ("evacuate", "lab-1", "--to", "lab-4", "--lab", str(psp.paths.root), "--yes", "--json")
+    client = console.start(*argv)
     try:
         plan = client.until(lambda e: e.get("event") == "plan", timeout=60)
         assert plan is not None
-        hit = client.until(in_pre_copy, timeout=60)
-        assert hit is not None
+        first = client.until(in_pre_copy, timeout=60)
+        assert first is not None
         client.kill(signal.SIGKILL)
         client.proc.wait(10)
     finally:
         client.close()
-    out = console.run("evacuate", "lab-1", "--to", "lab-4", "--lab", str(psp.paths.root), "--yes", "--json",
-                      timeout=120)
+
+    client = console.start(*argv)
+    try:
+        again = client.until(lambda e: e.get("event") == "plan", timeout=60)
+        assert again is not None and again["id"] == plan["id"]
+        assert first["vm"] not in {m["vm"] for m in again["moves"]}  # followed or moved: never planned twice
+        second = client.until(lambda e: in_pre_copy(e) and e["vm"] != first["vm"], timeout=60)
+        assert second is not None
+        runner = Console.runner_pid(console.migrations / second["migration_id"])
+        client.kill(signal.SIGKILL)
+        os.kill(runner, signal.SIGKILL)
+        client.proc.wait(10)
+    finally:
+        client.close()
+    Console.wait_runner_gone(console.migrations / second["migration_id"], timeout=10)
+
+    out = console.run(*argv, timeout=120)
     assert out.returncode == 0, out.stderr
+    assert "recovering the unfinished migrations of lab-1" in out.stderr
     lines = events(out.stdout)
-    again = lines[0]
-    assert again["event"] == "plan" and again["id"] == plan["id"]
-    moved_before = hit["vm"] not in {m["vm"] for m in again["moves"]}
-    assert moved_before  # followed or already moved: never planned a second time
+    assert lines[0]["event"] == "plan" and lines[0]["id"] == plan["id"]
     assert lines[-1]["summary"]["moved"] == 3, lines[-1]
-    ids = [e["migration_id"] for e in lines if e.get("event") == "guest" and e["vm"] == hit["vm"]
-           and e.get("migration_id")]
-    assert len(set(ids)) <= 1 and (not ids or ids[0] == hit["migration_id"])
+    final = {e["vm"]: e for e in lines if e.get("event") == "guest"}
+    assert {vm: final[vm]["status"] for vm in GUESTS} == {vm: "moved" for vm in GUESTS}
     assert one_copy_each(psp, before, ("lab-1", "lab-4")) == {vm: "lab-4" for vm in GUESTS}
 
 
