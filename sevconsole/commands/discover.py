@@ -173,8 +173,10 @@ def render_table(reports: list[Any], cordoned: Any = ()) -> str:
     for r in reports:
         support, fw = _sev_words(r)
         alias = r.extra.get("same_machine_as")
+        key = r.host_key.status if r.host_key is not None else None
         rows.append([r.name + (" (lab)" if r.lab else "") + (" cordoned" if r.name in cordoned else "")
-                     + (f" = {alias}" if alias else ""),
+                     + (f" = {alias}" if alias else "")
+                     + {"changed": " REFUSED: host key changed", "unknown": " unknown host key"}.get(key or "", ""),
                      f"{r.address}:{r.port}",
                      "-" if r.latency_ms is None else f"{r.latency_ms:.1f} ms",
                      support if r.hostname else "-", fw, _chain_words(r),

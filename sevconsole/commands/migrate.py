@@ -60,6 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         help="warn when no byte moved for S seconds (default 10)")
     parser.add_argument("--stall-timeout", type=float, default=60.0, metavar="S",
                         help="cancel when no byte moved for S seconds (default 60)")
+    parser.add_argument("--accept-host-key", action="append", default=[], metavar="FINGERPRINT",
+                        help="trust this SSH host key (SHA256:..., as the unknown-key message shows it, "
+                             "checked out of band); it is saved in the console's known_hosts")
     parser.add_argument("--keep-source", action="store_true",
                         help="leave the source QEMU (stopped, postmigrate or SENT) after a confirmed "
                              "migration; by default it is quit")
@@ -86,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         _validate(args)
         fleet = open_fleet(inventory=args.inventory, lab=args.lab)
         _check_names(args, fleet)
+        fleet = _with_keys(args, fleet)
     except (_UsageError, FleetError) as exc:
         print(f"sevconsole migrate: {escape_controls(exc)}", file=sys.stderr)
         return EXIT_USAGE
@@ -111,6 +115,25 @@ def _validate(args: argparse.Namespace) -> None:
         raise _UsageError("--stall-warn must be positive and at most --stall-timeout")
 
 
+def _with_keys(args: argparse.Namespace, fleet: Any) -> Any:
+    """--accept-host-key fingerprints (saved on first use, so the runner finds them known) and, on a
+    terminal, a passphrase prompt for a protected identity the ssh-agent does not hold."""
+    from dataclasses import replace
+
+    from sevconsole.commands.discover import FINGERPRINT
+    from sevconsole.hosts import passphrases
+
+    bad = [fp for fp in args.accept_host_key if not FINGERPRINT.match(fp)]
+    if bad:
+        raise _UsageError(f"--accept-host-key {bad[0]!r} is not a host key fingerprint; expected SHA256: and "
+                          "43 base64 characters, as shown in the unknown-key message")
+    if sys.stdin.isatty():
+        passphrases.set_asker(passphrases.tty_asker)
+    if not args.accept_host_key:
+        return fleet
+    return replace(fleet, options=replace(fleet.options, accept_fingerprints=frozenset(args.accept_host_key)))
+
+
 def _check_names(args: argparse.Namespace, fleet: Any) -> None:
     names = set(fleet.names)
     for role, name in (("--to", args.to), ("--from", args.source)):
@@ -133,8 +156,11 @@ def _plan(args: argparse.Namespace, fleet: Any, pool: Any) -> Any:
         if not found:
             if _runs(reports.get(args.to), args.vm):
                 raise _UsageError(f"{args.vm} already runs on {args.to}; nothing to migrate")
-            unreachable = [r.name for r in reports.values() if not r.reachable]
+            unreachable = [r.name for r in reports.values() if not r.reachable or r.host_key is not None]
             hint = f" ({', '.join(unreachable)} could not be probed)" if unreachable else ""
+            keys = [r.errors[0] for r in reports.values() if r.host_key is not None and r.errors]
+            if keys:  # the sentence names the fingerprint and --accept-host-key
+                hint += ": " + " ".join(keys)
             raise _UsageError(f"no host runs a VM named {args.vm}{hint}; see `sevconsole discover`")
         if len(found) > 1:
             raise _UsageError(f"{args.vm} runs on {', '.join(r.name for r in found)}; say which with --from")

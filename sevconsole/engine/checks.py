@@ -80,7 +80,7 @@ def _reachable(host: HostReport, role: str) -> Check:
     if key is not None:
         return _c(f"reach-{role}", f"{role.title()} reachable", CheckStatus.FAIL,
                   f"{host.name}: its SSH host key is {key.status} ({key.fingerprint}); "
-                  + ("check it and accept it with discover --accept-host-key first."
+                  + (f"check it and accept it with --accept-host-key {key.fingerprint}."
                      if key.status == "unknown" else "refused: a changed host key is never accepted."))
     if host.reachable and (host.hostname is not None or not host.errors):
         return _c(f"reach-{role}", f"{role.title()} reachable", CheckStatus.PASS,

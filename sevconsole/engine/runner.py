@@ -81,13 +81,16 @@ def spawn(job: dict[str, Any]) -> str:
     cmd = [sys.executable, "-m", "sevconsole.engine.runner", str(where)]
     lab = (job.get("where") or {}).get("lab")
     lease = leases.take_if_kept(Path(lab), "runner") if lab else None
+    from sevconsole.hosts import passphrases
+
+    env, secret_fds = passphrases.spawn_env()  # identity passphrases this process learnt, by pipe
     try:
         if lease is not None:
             cmd += ["--lease-fd", str(lease.fd)]
         with open(where / "runner.log", "ab") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    start_new_session=True, close_fds=True,
-                                    pass_fds=(lease.fd,) if lease is not None else ())
+                                    start_new_session=True, close_fds=True, env={**os.environ, **env},
+                                    pass_fds=((lease.fd,) if lease is not None else ()) + secret_fds)
         try:
             proc.wait(timeout=START_TIMEOUT_S)  # the intermediate exits once the runner is forked
         except subprocess.TimeoutExpired:
@@ -95,6 +98,8 @@ def spawn(job: dict[str, Any]) -> str:
             raise RunnerError(f"the runner for {job.get('vm')} did not start (see {where / 'runner.log'})") \
                 from None
     finally:
+        for fd in secret_fds:
+            os.close(fd)
         if lease is not None:
             lease.detach()  # the runner holds it now
     sock = socket_path(migration_id)
@@ -328,6 +333,9 @@ def main(argv: list[str]) -> int:
         print("usage: python -m sevconsole.engine.runner FOLDER [--lease-fd N]", file=sys.stderr)
         return 2
     where = Path(argv[0])
+    from sevconsole.hosts import passphrases
+
+    passphrases.adopt_from_env()  # the passphrases the starter handed over (a pipe), if any
     lease_fd = int(argv[2]) if len(argv) >= 3 and argv[1] == "--lease-fd" else None
     if lease_fd is not None:
         from sevconsole import leases

@@ -138,7 +138,8 @@ def _discover_host(spec: HostSpec, ctx: _Context) -> HostReport:
         changed = isinstance(exc, HostKeyChanged)
         info = HostKeyInfo(exc.host_id, exc.key_type, exc.fingerprint, "changed" if changed else "unknown",
                            getattr(exc, "known_fingerprint", None), exc.key_base64)
-        return replace(last[0], reachable=True, errors=(str(exc),), host_key=info)
+        # a changed key is refused, always: that host is not up, whatever answered on its port
+        return replace(last[0], reachable=not changed, errors=(str(exc),), host_key=info)
     except HostError as exc:
         return replace(last[0], errors=(str(exc),))
     except Exception as exc:  # a bug must cost one host, not the whole discovery

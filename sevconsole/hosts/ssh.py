@@ -18,6 +18,7 @@ from pathlib import Path
 
 import paramiko
 
+from sevconsole.hosts import passphrases
 from sevconsole.hosts.errors import (
     HelperError,
     HostUnreachable,
@@ -341,13 +342,14 @@ def _open_socket(endpoint: Endpoint, timeouts: Timeouts, via: SshConnection | No
     return sock
 
 
-def _identity_keys(endpoint: Endpoint) -> tuple[list[tuple[str, paramiko.PKey]], list[str]]:
-    """Keys from the endpoint's identity files, or the default ~/.ssh ones when none are named."""
+def _identity_keys(endpoint: Endpoint) -> tuple[list[tuple[str, paramiko.PKey]], list[Path], list[str]]:
+    """Keys from the endpoint's identity files, or the default ~/.ssh ones when none are named;
+    the passphrase-protected ones apart (unlocked only if nothing else gets in)."""
     paths = list(endpoint.identities)
     explicit = bool(paths)
     if not paths:
         paths = [Path.home() / ".ssh" / n for n in DEFAULT_IDENTITIES]
-    keys, notes = [], []
+    keys, locked, notes = [], [], []
     for path in paths:
         if not path.is_file():
             if explicit:
@@ -355,17 +357,20 @@ def _identity_keys(endpoint: Endpoint) -> tuple[list[tuple[str, paramiko.PKey]],
             continue
         try:
             keys.append((str(path), paramiko.PKey.from_path(str(path))))
-        except paramiko.PasswordRequiredException:
-            notes.append(f"identity {path} is passphrase-protected (load it into ssh-agent)")
+        except (paramiko.PasswordRequiredException, TypeError):  # paramiko 3 raises TypeError for these
+            locked.append(path)
         except (paramiko.SSHException, OSError, ValueError) as exc:
             notes.append(f"identity {path} cannot be read: {exc}")
-    return keys, notes
+    return keys, locked, notes
 
 
 def _authenticate(transport: paramiko.Transport, endpoint: Endpoint, timeouts: Timeouts,
                   use_agent: bool) -> None:
+    """Plain identity files, then the agent's keys, then the passphrase-protected identities
+    (hosts/passphrases.py: a known passphrase, else asked), so nobody is asked for a passphrase
+    when the agent holds the key."""
     where = endpoint.where()
-    keys, notes = _identity_keys(endpoint)
+    keys, locked, notes = _identity_keys(endpoint)
     tried: list[str] = []
     agent = None
     if use_agent:
@@ -374,26 +379,34 @@ def _authenticate(transport: paramiko.Transport, endpoint: Endpoint, timeouts: T
             keys += [(f"agent key {k.fingerprint}", k) for k in agent.get_keys()]
         except paramiko.SSHException as exc:
             notes.append(f"ssh-agent unusable: {exc}")
-    deadline = time.monotonic() + timeouts.auth
+    deadline = [time.monotonic() + timeouts.auth]
+
+    def accepted(label: str, key: paramiko.PKey) -> bool:
+        if time.monotonic() > deadline[0]:
+            raise SshTimeout(endpoint.name, f"{where}: authentication took more than {timeouts.auth:g} s")
+        tried.append(label)
+        try:
+            transport.auth_publickey(endpoint.user, key)
+        except paramiko.BadAuthenticationType as exc:
+            raise SshAuthError(endpoint.name, f"{where}: the server does not accept public keys for "
+                               f"{endpoint.user!r} (it allows: {', '.join(exc.allowed_types)}).") from None
+        except paramiko.AuthenticationException as exc:
+            if "timeout" in str(exc).lower():
+                raise SshTimeout(endpoint.name, f"{where}: authentication took more than "
+                                 f"{timeouts.auth:g} s") from None
+            return False
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise SshError(endpoint.name, f"{where}: the connection failed during authentication: "
+                           f"{exc or type(exc).__name__}") from None
+        return transport.is_authenticated()
+
     try:
-        for label, key in keys:
-            if time.monotonic() > deadline:
-                raise SshTimeout(endpoint.name, f"{where}: authentication took more than {timeouts.auth:g} s")
-            tried.append(label)
-            try:
-                transport.auth_publickey(endpoint.user, key)
-            except paramiko.BadAuthenticationType as exc:
-                raise SshAuthError(endpoint.name, f"{where}: the server does not accept public keys for "
-                                   f"{endpoint.user!r} (it allows: {', '.join(exc.allowed_types)}).") from None
-            except paramiko.AuthenticationException as exc:
-                if "timeout" in str(exc).lower():
-                    raise SshTimeout(endpoint.name, f"{where}: authentication took more than "
-                                     f"{timeouts.auth:g} s") from None
-                continue
-            except (paramiko.SSHException, EOFError, OSError) as exc:
-                raise SshError(endpoint.name, f"{where}: the connection failed during authentication: "
-                               f"{exc or type(exc).__name__}") from None
-            if transport.is_authenticated():
+        if any(accepted(label, key) for label, key in keys):
+            return
+        for path in locked:
+            key = passphrases.unlock(path, notes)
+            deadline[0] = time.monotonic() + timeouts.auth  # a person may have taken a while
+            if key is not None and accepted(f"{path} (unlocked)", key):
                 return
     finally:
         if agent is not None:

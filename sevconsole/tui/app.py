@@ -75,6 +75,10 @@ class SevConsoleApp(App[int]):
             self.set_keymap(self.config.keys)
         for problem in (*self.config.problems, *self.theme_problems):
             self.notify(problem, severity="warning", timeout=8)
+        from sevconsole.hosts import passphrases
+        from sevconsole.tui.screens.passphrase import asker_for
+
+        passphrases.set_asker(asker_for(self))  # a protected identity the agent lacks: asked here
         from sevconsole.tui.screens.hosts import HostsScreen
 
         self.push_screen(HostsScreen())

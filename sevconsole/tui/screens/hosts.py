@@ -36,6 +36,9 @@ def row_cells(report: HostReport) -> list[Content]:
     api = "-" if sev is None or sev.api is None else f"{sev.api[0]}.{sev.api[1]}"
     platform = "-" if sev is None else fmt.platform_state(sev.platform_state)
     state = safe.show("[$success]up[/]" if report.reachable else "[$error]down[/]")
+    key = getattr(report, "host_key", None)
+    if key is not None:  # a changed key is refused, never up; an unknown one waits for the operator
+        state = safe.show("[$error]refused[/]" if key.status == "changed" else "[$warning]key?[/]")
     if report.lab:
         state += " lab"
     latency = "-" if report.latency_ms is None else f"{report.latency_ms:.0f} ms"
