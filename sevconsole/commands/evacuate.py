@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import json
 import math
-import os
+import shutil
 import signal
 import sys
 import time
@@ -287,7 +287,7 @@ class _Table:
     def _draw(self, view: Any) -> None:
         from sevconsole.engine.evac_view import table_lines
 
-        width = os.get_terminal_size(sys.stdout.fileno()).columns if sys.stdout.isatty() else 120
+        width = max(40, shutil.get_terminal_size((120, 40)).columns)
         lines = [escape_controls(line)[:width - 1] for line in table_lines(view, width=width - 1)]
         lines += [escape_controls(f"note: {n}")[:width - 1] for n in view.notes[-3:]]
         out = (f"\x1b[{self.drawn}F\x1b[J" if self.drawn else "") + "\n".join(lines) + "\n"
