@@ -1,6 +1,6 @@
-"""The engine on the lab over real SSH and QMP: SEV refusals, a cancelled SEV migration, and a
-full SEV migration with the guest digest compared. Tests run in file order on one lab: the last
-one moves `web` to lab-2."""
+"""The engine on the lab over real SSH and QMP: SEV refusals (the guest's consent among them), a
+cancelled SEV migration, a full SEV migration with the guest digest compared, and a paused guest
+that arrives paused. Tests run in file order on one lab: `web` goes to lab-2 and back paused."""
 
 from __future__ import annotations
 
@@ -73,6 +73,26 @@ async def test_sev_guest_is_never_migrated_in_plain(lab_session) -> None:
     assert outcome.bytes_transferred == 0 and outcome.runnable == ("lab-1",)
     after = lab_session.reports("lab-1", "lab-2", need=("web",))
     assert after["lab-1"].vm("web").status == "running" and after["lab-2"].vm("web") is None
+
+
+async def test_a_guest_that_never_enabled_migration_is_refused(lab_session) -> None:
+    """lab-1's legacy guest never set the KVM migration control MSR, so QEMU keeps the SEV
+    blocker: preflight says why (its own check, QEMU's support still passes), and an engine run
+    without checks meets QEMU's refusal of `migrate`: nothing moves, the guest runs on."""
+    plan = _plan(lab_session, "legacy", "lab-1", "lab-2")
+    checks = {c.key: c for c in preflight(plan, lab_session.trust)}
+    consent = checks["consent"]
+    assert consent.status is CheckStatus.FAIL
+    assert "live migration enabled in EFI" in consent.sentence and "SEV: Migration is not implemented" in consent.sentence
+    assert checks["qemu-source"].status is CheckStatus.PASS and checks["qemu-target"].status is CheckStatus.PASS
+    src, dst = lab_session.link(plan.source), lab_session.link(plan.target)
+    outcome = await Migration(plan, src, dst).run()
+    await src.close()
+    await dst.close()
+    assert outcome.result == "failed" and "SEV: Migration is not implemented" in outcome.message
+    assert outcome.bytes_transferred == 0 and outcome.runnable == ("lab-1",)
+    after = lab_session.reports("lab-1", "lab-2", need=("legacy",))
+    assert after["lab-1"].vm("legacy").status == "running" and after["lab-2"].vm("legacy") is None
 
 
 async def test_sev_cancel_mid_way_sends_cancel(lab_session) -> None:
@@ -188,6 +208,29 @@ async def test_sev_migration_end_to_end(lab_session) -> None:
     assert Phase.PRECOPY in phases and phases[-1] is Phase.DONE
     after = lab_session.reports("lab-1", "lab-2", need=("web",))
     assert after["lab-2"].vm("web") is not None and after["lab-2"].vm("web").status == "running"
+
+
+async def test_a_paused_sev_guest_arrives_paused(lab_session) -> None:
+    """QEMU's rule: a guest paused on the source is paused on the target (its run state travels
+    with it); the engine leaves it so, and calls that done with one runnable copy."""
+    plan = _plan(lab_session, "web", "lab-2", "lab-1")
+    src, dst = lab_session.link(plan.source), lab_session.link(plan.target)
+    client = await src.open_qmp(plan.vm.qmp_path)
+    await client.execute("stop")
+    await client.disconnect()  # one QMP client per monitor: the engine opens its own
+    plan = _plan(lab_session, "web", "lab-2", "lab-1")
+    assert plan.vm.status == "paused"
+    checks = preflight(plan, lab_session.trust)
+    assert not refused(checks), [c for c in checks if c.status is CheckStatus.FAIL]
+    outcome = await Migration(plan, src, dst, checks=checks, poll_interval_s=0.05).run()
+    await src.close()
+    await dst.close()
+    assert outcome.result == "done", outcome
+    assert outcome.target_status == "paused" and "paused, as it was" in outcome.message
+    assert outcome.runnable == ("lab-1",) and outcome.source_guest_state == GuestState.SENT
+    assert outcome.digest_match is True
+    after = lab_session.reports("lab-1", "lab-2", need=("web",))
+    assert after["lab-1"].vm("web").status == "paused"
 
 
 async def test_sev_target_host_killed_mid_way(lab_session) -> None:
