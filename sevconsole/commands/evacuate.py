@@ -129,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
         options = _options(args)
         fleet = open_fleet(inventory=args.inventory, lab=args.lab)
         check_names(fleet, options)
+        if sys.stdin.isatty():  # a protected identity the ssh-agent lacks: asked once, passed to runners
+            from sevconsole.hosts import passphrases
+
+            passphrases.set_asker(passphrases.tty_asker)
     except (_UsageError, FleetError) as exc:
         print(f"sevconsole evacuate: {escape_controls(exc)}", file=sys.stderr)
         return EXIT_USAGE
