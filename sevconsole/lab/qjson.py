@@ -56,6 +56,7 @@ class Token:
 
 
 STRUCTURAL = {ord(c): Tok(c) for c in "{}[]:,"}
+_STRUCT_TOKENS = {c: Token(kind, bytes([c])) for c, kind in STRUCTURAL.items()}  # shared, immutable
 WHITESPACE = b" \t\r\n"
 DIGITS = b"0123456789"
 KEYWORD = re.compile(rb"[a-z]+")
@@ -88,8 +89,9 @@ class Lexer:
             if c in WHITESPACE:
                 pos += 1
                 continue
-            if c in STRUCTURAL:
-                yield Token(STRUCTURAL[c], bytes([c]))
+            token = _STRUCT_TOKENS.get(c)
+            if token is not None:
+                yield token
                 pos += 1
                 continue
             end, kind = self._token(buf, pos)
@@ -232,14 +234,9 @@ class Streamer:
         if kind is Tok.ERROR:
             self._reset()
             return Parsed(error=f"JSON parse error, stray '{_text(token.text)}'")
-        if kind is Tok.LCURLY:
-            self.braces += 1
-        elif kind is Tok.RCURLY:
-            self.braces -= 1
-        elif kind is Tok.LSQUARE:
-            self.brackets += 1
-        elif kind is Tok.RSQUARE:
-            self.brackets -= 1
+        braces, brackets = _DEPTH.get(kind, (0, 0))
+        self.braces += braces
+        self.brackets += brackets
         error = None
         if self.size + len(token.text) + 1 > MAX_TOKEN_SIZE:
             error = "JSON token size limit exceeded"
@@ -260,6 +257,9 @@ class Streamer:
             return Parsed(value=Parser(tokens).parse())
         except ParseError as exc:
             return Parsed(error=f"JSON parse error, {exc}")
+
+
+_DEPTH = {Tok.LCURLY: (1, 0), Tok.RCURLY: (-1, 0), Tok.LSQUARE: (0, 1), Tok.RSQUARE: (0, -1)}
 
 
 def _text(raw: bytes) -> str:
@@ -357,7 +357,11 @@ def _number(token: Token) -> int | float:
         value = int(text)
         if INT64_MIN <= value <= UINT64_MAX:
             return value
-    return float(text)  # beyond 64 bits QEMU keeps a double, as strtod reads it (1e400 is inf)
+    value = float(text)  # beyond 64 bits QEMU keeps a double, as strtod reads it
+    if value in (float("inf"), float("-inf")):
+        # QEMU would echo such an id as `inf`, which no JSON reader takes: refused instead
+        raise ParseError(f"number {text} is out of range")
+    return value
 
 
 _ESCAPES = {ord('"'): '"', ord("'"): "'", ord("\\"): "\\", ord("/"): "/", ord("b"): "\b",

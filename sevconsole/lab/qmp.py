@@ -33,6 +33,7 @@ from .qapi import Enum, List, QapiError, Struct, check, qdict_order, struct
 
 QEMU_VERSION = {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "sevconsole-lab"}
 NEGOTIATE = "Expecting capabilities negotiation with 'qmp_capabilities'"
+OUTPUT_BUFFER = 16 << 20  # answers held for a client before the monitor stops reading it
 
 
 class QmpError(Exception):
@@ -144,6 +145,9 @@ class QmpServer:
     # --- clients --------------------------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # QEMU keeps reading while its answers wait for a client that does not read them; a
+        # high mark keeps that (no deadlock on a flood of bad input) within a bound
+        writer.transport.set_write_buffer_limits(high=OUTPUT_BUFFER)
         client = _Client(writer)
         self._clients.add(client)
         try:
