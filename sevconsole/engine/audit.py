@@ -423,6 +423,7 @@ def _check_head(path: Path, walk: _Walk, key: bytes | None) -> AuditVerdict:
         return bad(walk.closed, "the last line was edited")
     if keyed and walk.closed_keyed:
         mac = head.get("mac")
-        if not isinstance(mac, str) or not hmac.compare_digest(mac, _head_mac(key, count, head_last)):
+        if not isinstance(mac, str) or key is None or \
+                not hmac.compare_digest(mac, _head_mac(key, count, head_last)):
             return bad(walk.closed, "the head file's MAC does not match (rewritten without the audit key)")
     return AuditVerdict(True, walk.count, notes=notes, keyed=keyed)

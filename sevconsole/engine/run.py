@@ -347,7 +347,9 @@ class Migration:
         caps = plan.target.capabilities
         if caps is None:
             raise LinkError(plan.target.name, "no PDH and certificate chain to give the source")
-        b64 = lambda b: base64.b64encode(b or b"").decode("ascii")  # noqa: E731
+        def b64(data: bytes | None) -> str:
+            return base64.b64encode(data or b"").decode("ascii")
+
         method = await self._sev_migration_method(self.src)
         if method == "parameters":
             await self.src.execute("migrate-set-parameters", {

@@ -39,7 +39,9 @@ def load_roots(folder: Path | None) -> Roots:
         folder = folder.parent
     if folder is None or not folder.is_dir():
         return Roots()
-    asks, arks, problems = [], [], []
+    asks: list[AmdCert] = []
+    arks: list[AmdCert] = []
+    problems: list[str] = []
     for path in sorted(folder.rglob("*.cert")):
         try:
             cert = AmdCert.from_bytes(path.read_bytes(), path.name)

@@ -56,8 +56,9 @@ class _lab_context:
         from sevconsole.tui.live_backend import BackendError
 
         try:
-            self._cm = self.starter()
-            return str(self._cm.__enter__())  # type: ignore[union-attr]
+            cm = self.starter()
+            self._cm = cm
+            return str(cm.__enter__())
         except Exception as exc:  # the lab's own errors carry the sentence
             self._cm = None
             raise BackendError(f"the built-in lab did not start: {exc}; try `sevconsole lab` in "
