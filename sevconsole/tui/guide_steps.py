@@ -74,14 +74,24 @@ STEPS: tuple[Step, ...] = (
          "db on lab-2 has DOMAIN set. lab-3's OCA is not lab-2's, so its PEK is not certified by "
          "the same owner: the firmware would refuse, and the console says why.",
          action="preflight", vm="db", source="lab-2", target="lab-3"),
-    Step("6. Failure: a tampered packet",
+    Step("6. Refused: the guest never said yes",
+         "legacy on lab-1 is an SEV guest whose own firmware and kernel never enabled migration. "
+         "With the SEV migration series a guest must consent: it writes the KVM migration control "
+         "MSR (its dmesg then says \"live migration enabled in EFI\"). Until it does, QEMU keeps its "
+         "blocker, \"SEV: Migration is not implemented\", and lists it in query-migrate. Forced "
+         "through anyway, the target would only reboot the guest from its firmware: the operator "
+         "would see a fresh boot, not the running guest. The console reads QEMU's blocker and refuses "
+         "before anything starts; the fix is in the guest (newer OVMF and kernel, one reboot).",
+         action="preflight", vm="legacy", source="lab-1", target="lab-2",
+         expect="refused: legacy's guest never enabled migration, so QEMU blocks it."),
+    Step("7. Failure: a tampered packet",
          "The lab flips one byte of an SEV packet on the wire (x-lab-inject-fault). The target "
          "checks the packet's MAC before it decrypts: BAD_MEASUREMENT, nothing is written, the "
          "migration fails and the source guest keeps running.",
          action="migrate", vm="db", source="lab-2", target="lab-1",
          lab_commands=(("x-lab-inject-fault", {"fault": "tamper-packet", "after-pages": 64}),),
          expect="failed with BAD_MEASUREMENT on the target; db still runs on lab-2."),
-    Step("7. A PSP that cannot keep up",
+    Step("8. A PSP that cannot keep up",
          "lab-4 models the real PSP: one command at a time, about 2.5 ms a page (350-450 pages/s, "
          "as AMD measured). Its guest dirties 400 pages/s: each pass leaves as much to resend as it "
          "sent, so the last copy can never fit 300 ms. The console shows the prediction and lets "
