@@ -66,6 +66,8 @@ def status(code: int | None) -> str:
     """`0x07 POLICY_FAILURE`."""
     if code is None:
         return "-"
+    if code < 0:  # engine.fold.UNSEEN_STATUS: the command ran, its status was never read
+        return "status not logged"
     try:
         return f"0x{code:02X} {Status(code).name}"
     except ValueError:

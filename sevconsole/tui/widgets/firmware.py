@@ -24,12 +24,13 @@ def machine(names: Sequence[str], current: int | None) -> Content:
 
 
 def end_lines(role: str, fw: FirmwareView | None) -> list[Content]:
+    # one styled run per label, never a style change beside a space: a reader that takes the
+    # runs apart (a screen reader, text pulled out of a screenshot) keeps "source: lab-1"
     if fw is None:
-        return [safe.show("[b]$role[/] [$text-muted]not seen yet[/]", role=role), Content()]
-    handle = "" if fw.handle is None else f" handle {fw.handle}"
-    last = "" if fw.last_status is None else f"  last {fmt.status(fw.last_status)}"
-    head = safe.show("[b]$role[/] $host$handle$last  [$text-muted](guest │ platform)[/]",
-                     role=role, host=fw.host, handle=handle, last=last)
+        return [safe.show("[b]$role:[/] [$text-muted]firmware not read yet[/]", role=role), Content()]
+    handle = "" if fw.handle is None else f", handle {fw.handle}"
+    last = "" if fw.last_status is None else f", last {fmt.status(fw.last_status)}"
+    head = safe.show("[b]$role: $host[/]$handle$last", role=role, host=fw.host, handle=handle, last=last)
     states = Content.assemble(" ", machine(SHORT_GUEST, fw.guest_state), " │ ",
                               machine(fmt.PLATFORM_STATES, fw.platform_state))
     return [head, states]
@@ -37,6 +38,9 @@ def end_lines(role: str, fw: FirmwareView | None) -> list[Content]:
 
 def log_line(entry: SevLogEntry) -> Content:
     times = f" ×{entry.count}" if entry.count > 1 else ""
+    if entry.status < 0:  # known from the firmware's counts only: it ran, its status scrolled away
+        return safe.show("$host $command$times [$text-muted]ran (status not logged)[/]", host=entry.host,
+                         command=entry.command, times=times)
     colour = "$success" if entry.status == 0 else "$error"
     return safe.show(f"$host $command$times [{colour}]$status[/]", host=entry.host, command=entry.command,
                      times=times, status=fmt.status(entry.status))
@@ -58,7 +62,9 @@ class FirmwarePanel(VerticalScroll):
         yield Static(id="sevlog")
 
     def show(self, source: FirmwareView | None, target: FirmwareView | None, log: Sequence[SevLogEntry]) -> None:
-        self.query_one("#machines", Static).update(safe.lines(end_lines("source", source) + end_lines("target", target)))
+        legend = safe.show("[$text-muted]guest states │ platform states, the current one lit[/]")
+        self.query_one("#machines", Static).update(
+            safe.lines([*end_lines("source", source), *end_lines("target", target), legend]))
         recent = list(log)[-self.log_lines :]
         body = [log_line(e) for e in recent] or [safe.show("[$text-muted]no SEV command yet[/]")]
         self.query_one("#sevlog", Static).update(safe.lines([safe.show("[u]SEV commands[/]"), *body]))

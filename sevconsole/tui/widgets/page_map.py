@@ -78,8 +78,10 @@ class PageMap(Widget):
     PageMap > .pagemap--shared-sent { color: $accent; }
     PageMap > .pagemap--shared-dirty { color: $warning; }
     PageMap > .pagemap--empty { color: $surface; }
+    PageMap > .pagemap--label { color: $text-muted; }
     """
-    COMPONENT_CLASSES = {*STATE_CLASSES, "pagemap--empty"}
+    COMPONENT_CLASSES = {*STATE_CLASSES, "pagemap--empty", "pagemap--label"}
+    EMPTY_TEXT = "no page map yet: it appears once the source reports its pages"
 
     version: reactive[int] = reactive(0, layout=False)
 
@@ -122,6 +124,13 @@ class PageMap(Widget):
         self.refresh()
 
     def render_line(self, y: int) -> Strip:
+        if not self.grid.total_pages:  # nothing to draw yet: say so, never a block of one colour
+            width = self.size.width
+            if y != (self.size.height - 1) // 2:
+                return Strip.blank(width)
+            text = self.EMPTY_TEXT if len(self.EMPTY_TEXT) <= width else "no page map yet"
+            style = self.get_component_rich_style("pagemap--label", partial=True)
+            return Strip([Segment(text.center(width)[:width], style)], width)
         if not self._palette_key:
             self._palette()
         key = (self.grid.version, self.size.width, self.size.height)

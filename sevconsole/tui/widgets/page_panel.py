@@ -52,7 +52,8 @@ class PagePanel(Vertical):
             "private " + "".join(cell(st, c) for st, c, _ in LEGEND[:3]),
             "shared  " + "".join(cell(st, c) for st, c, _ in LEGEND[3:]),
         ]
-        self.border_subtitle = f"{fmt.count(pages)} pages, {'exact' if exact else 'estimated'}"
+        self.border_subtitle = (f"{fmt.count(pages)} pages, {'exact' if exact else 'estimated'}" if pages
+                                else "no pages yet")
         self.tooltip = (f"Each half cell is a run of {per}+ pages of {fmt.size(page_size)}, coloured by the "
                         f"state most of them are in. Counts are {source}. Private pages travel as SEV "
                         "packets (encrypted with the TEK); shared pages travel in clear.")

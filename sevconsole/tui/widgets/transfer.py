@@ -5,10 +5,11 @@ from __future__ import annotations
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.markup import escape
-from textual.widgets import Sparkline, Static
+from textual.widgets import Static
 
 from sevconsole.engine.progress import Phase, Progress
 from sevconsole.tui import format as fmt
+from sevconsole.tui.widgets.rate_chart import RateChart
 
 
 def convergence_sentence(p: Progress) -> str:
@@ -28,33 +29,41 @@ def convergence_sentence(p: Progress) -> str:
 
 
 class TransferPanel(Vertical):
+    SCOPED_CSS = False  # its rules name the screen's breakpoint classes (-tall, -wide)
     DEFAULT_CSS = """
     TransferPanel { height: auto; border: round $panel-lighten-1; border-title-color: $text-muted; }
     TransferPanel > #numbers { height: auto; }
-    TransferPanel > Sparkline { height: 3; margin: 0 0; }
+    TransferPanel > RateChart { height: 3; }
+    .-tall TransferPanel > RateChart { height: 5; }
     """
 
     def compose(self) -> ComposeResult:
         yield Static(id="numbers")
-        yield Sparkline([], id="rate-chart", summary_function=max)
+        yield RateChart(id="rate-chart")
 
     def on_mount(self) -> None:
         self.border_title = "Transfer"
         self.border_subtitle = "rate history"
 
     def show(self, p: Progress) -> None:
-        downtime = "-" if p.expected_downtime_ms is None else f"{p.expected_downtime_ms:.0f} ms"
-        fits = ""
-        if p.expected_downtime_ms is not None:
-            fits = ": [$success]fits[/]" if p.expected_downtime_ms <= p.downtime_limit_ms else ": [$error]too long[/]"
         phase = p.phase.value + (f", pass {p.pass_number}" if p.pass_number else "")
-        lines = [
-            f"[b]{escape(phase)}[/] · {fmt.duration(p.elapsed_s)}",
-            f"[b]{fmt.rate(p.rate_bps)}[/] · {fmt.count(p.pages_per_s)} pages/s",
-            f"sent {fmt.size(p.bytes_transferred)} · left {fmt.size(p.bytes_remaining)} / {fmt.size(p.bytes_total)}",
-            f"dirtying {fmt.count(p.dirty_pages_per_s)} pages/s ({fmt.rate(p.dirty_pages_per_s * p.page_size)})",
-            f"downtime {downtime} of {p.downtime_limit_ms} ms{fits}",
-            convergence_sentence(p),
-        ]
+        head = f"[b]{escape(phase)}[/] · {fmt.duration(p.elapsed_s)}"
+        if not p.bytes_total and not p.bytes_transferred and not p.phase.terminal:
+            lines = [head, "[$text-muted]no bytes sent yet[/]",
+                     f"downtime limit {p.downtime_limit_ms} ms",
+                     "[$text-muted]prediction: once pages move[/]"]
+        else:
+            downtime = "-" if p.expected_downtime_ms is None else f"{p.expected_downtime_ms:.0f} ms"
+            fits = ""
+            if p.expected_downtime_ms is not None:
+                fits = ": [$success]fits[/]" if p.expected_downtime_ms <= p.downtime_limit_ms else ": [$error]too long[/]"
+            lines = [
+                head,
+                f"[b]{fmt.rate(p.rate_bps)}[/] · {fmt.count(p.pages_per_s)} pages/s",
+                f"sent {fmt.size(p.bytes_transferred)} · left {fmt.size(p.bytes_remaining)} / {fmt.size(p.bytes_total)}",
+                f"dirtying {fmt.count(p.dirty_pages_per_s)} pages/s ({fmt.rate(p.dirty_pages_per_s * p.page_size)})",
+                f"downtime {downtime} of {p.downtime_limit_ms} ms{fits}",
+                convergence_sentence(p),
+            ]
         self.query_one("#numbers", Static).update("\n".join(lines))
-        self.query_one(Sparkline).data = list(p.rate_history) or [0.0]
+        self.query_one(RateChart).data = tuple(p.rate_history)
