@@ -89,8 +89,8 @@ async def test_guide_runs_its_demos_on_the_lab(backend: LiveBackend) -> None:
             await pilot.press("space")
             await pilot.pause()
         await wait_for(pilot, lambda: not guide.busy, timeout=180)
-        # preflight web, migrate web, NOSEND, other domain, tampered packet, PSP too slow
-        assert guide.outcomes == ["allowed", "done", "refused", "refused", "failed", "cancelled"]
+        # preflight web, migrate web, NOSEND, other domain, no consent, tampered packet, PSP too slow
+        assert guide.outcomes == ["allowed", "done", "refused", "refused", "refused", "failed", "cancelled"]
 
 
 def test_sevconsole_in_tmux(tmp_path: Path) -> None:
