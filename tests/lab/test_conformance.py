@@ -11,6 +11,7 @@ test_conformance_migration.py.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -216,6 +217,10 @@ def script(monitors: tuple[str, str]) -> dict[str, list[Step]]:
         step = Step(f"migrate {uri!r}", q.until(event("MIGRATION", "failed")), lab.until(event("MIGRATION", "failed")))
         out.setdefault("uris", []).append(step)
         run("uris", f"query-migrate after {uri!r}", command("query-migrate"))
+    run("dirty rate", "calc-dirty-rate 1 s", command("calc-dirty-rate", {"calc-time": 1}))
+    run("dirty rate", "measuring", command("query-dirty-rate"))
+    run("dirty rate", "again while measuring", command("calc-dirty-rate", {"calc-time": 1}))
+    out["dirty rate"].append(Step("measured", _measured(q), _measured(lab)))
     run("uris", "block capability", caps("block"))
     run("uris", "blk with the block capability", command("migrate", {"uri": "tcp:127.0.0.1:1", "blk": True}))
     run("uris", "block capability off", caps("block", state=False))
@@ -224,8 +229,18 @@ def script(monitors: tuple[str, str]) -> dict[str, list[Step]]:
     return out
 
 
+def _measured(client: Raw) -> list:
+    """query-dirty-rate once the measurement ended (polled: it takes the asked second)."""
+    deadline = time.monotonic() + 10
+    while True:
+        answer = client.request(command("query-dirty-rate"))
+        if answer[0]["return"]["status"] == "measured" or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("group", ["greeting", "negotiation", "json", "dispatch", "queries", "arguments",
-                                   "parameters", "capabilities", "run state", "uris"])
+                                   "parameters", "capabilities", "run state", "dirty rate", "uris"])
 def test_the_lab_answers_as_qemu(script: dict[str, list[Step]], group: str) -> None:
     steps = script[group]
     assert steps, group

@@ -4,11 +4,14 @@ query-migrate's shapes on both ends.
 The same chain runs on real QEMUs (TCG, 16 MiB) and on lab VMs: A (running) -> B, started
 without -S, over TCP; B paused -> C, started without -S, over a UNIX socket (a paused source
 arrives paused: QEMU's global state, whatever the target's -S); then C's migration to a sink
-that never reads is cancelled. Before its migration B meets the incoming errors.
+that never reads is cancelled. Before its migration B meets the incoming errors. Last, a migration
+blocker: lab-1's `legacy` (an SEV guest that never enabled migration: QEMU's SEV blocker) against a
+QEMU whose ivshmem device blocks migration, the two sentences aside.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -42,6 +45,8 @@ class Side:
         for client in (self.a, self.b, self.c):
             client.request(command("qmp_capabilities"))
 
+    blocked: Raw  # a VM whose migration QEMU blocks
+
     def port(self, client: Raw) -> int:
         [info] = client.request(command("query-migrate"))
         return int(info["return"]["socket-address"][0]["port"])
@@ -61,7 +66,11 @@ def sides(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Side, Side
         lab_c = helper(lab, "lab-1", "launch-incoming", {"argv": argv})["qmp"]
         (folder / "q").mkdir()
         (folder / "l").mkdir()
-        yield (Side(a, b, c, folder / "q"), Side(lab.qmp_path("lab-1", "plain"), lab_b, lab_c, folder / "l"))
+        blocked = stack.enter_context(qemu(folder, "blocked", "-object", "memory-backend-ram,id=m,size=1M,share=on",
+                                           "-device", "ivshmem-plain,memdev=m"))
+        sides = (Side(a, b, c, folder / "q"), Side(lab.qmp_path("lab-1", "plain"), lab_b, lab_c, folder / "l"))
+        sides[0].blocked, sides[1].blocked = Raw(blocked), Raw(lab.qmp_path("lab-1", "legacy"))
+        yield sides
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +157,23 @@ def test_the_chain_did_what_it_says(steps: list[Step]) -> None:
     assert "RESUME" not in [m.get("event") for m in by["C's events (no RESUME: it arrives paused)"]]
     assert by["C query-status after"] == [{"return": {"status": "paused", "singlestep": False, "running": False}}]
     assert by["C query-migrate after the cancel"] == [{"return": {"status": "cancelled"}}]
+
+
+def test_a_blocked_migration_is_refused_as_qemu_refuses_it(sides: tuple[Side, Side]) -> None:
+    """blocked-reasons with no status; `migrate` refused with the blocker before its URI is read,
+    no event, nothing recorded; `resume` is checked first."""
+    transcripts = []
+    for side in sides:
+        client = side.blocked
+        client.request(command("qmp_capabilities"))
+        [reasons] = client.request(command("query-migrate"))
+        blocker = reasons["return"]["blocked-reasons"][0]
+        steps = [client.request(data) for data in (
+            EVENTS_ON, command("migrate", {"uri": "tcp:127.0.0.1:1"}), command("migrate", {"uri": "foo:bar"}),
+            command("migrate", {"uri": "tcp:127.0.0.1:1", "resume": True}), command("query-migrate"))]
+        transcripts.append(json.loads(json.dumps(normal(steps)).replace(json.dumps(blocker)[1:-1], "<blocker>")))
+    assert transcripts[0] == transcripts[1]
+    assert transcripts[1][1] == [{"error": {"class": "GenericError", "desc": "<blocker>"}}]
+    assert transcripts[1][4] == [{"return": {"blocked-reasons": ["<blocker>"]}}]
+    lab_blocker = sides[1].blocked.request(command("query-migrate"))[0]["return"]["blocked-reasons"]
+    assert lab_blocker == ["SEV: Migration is not implemented"]
