@@ -80,7 +80,8 @@ class ProgressFolder:
         pages = int(ram.get("normal", 0) or 0) + int(ram.get("duplicate", 0) or 0)
         pages = max(p.pages_transferred, pages or transferred // page_size)
         passes = max(p.pass_number, int(ram.get("dirty-sync-count", 0) or 0))
-        dirty_pps = float(ram.get("dirty-pages-rate", 0) or 0)
+        # QEMU's answer for a failed or cancelled migration has no `ram`: keep the last figures
+        dirty_pps = float(ram.get("dirty-pages-rate", p.dirty_pages_per_s) or 0)
         rate, pps = p.rate_bps, p.pages_per_s
         recent = [w for w in self._window if now - w[0] <= RATE_WINDOW_S] or self._window[-1:]
         self._window = recent + [(now, transferred)]  # polls slower than the window: the last gap
