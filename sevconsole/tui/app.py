@@ -11,6 +11,7 @@ from typing import Any
 from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
+from textual.content import Content
 from textual.notifications import SeverityLevel
 from textual.screen import Screen
 
@@ -79,14 +80,19 @@ class SevConsoleApp(App[int]):
         from sevconsole.tui.screens.passphrase import asker_for
 
         passphrases.set_asker(asker_for(self))  # a protected identity the agent lacks: asked here
-        from sevconsole.tui.screens.hosts import HostsScreen
+        from sevconsole.tui.screens.overview import OverviewScreen
 
-        self.push_screen(HostsScreen())
+        self.push_screen(OverviewScreen())  # the fleet at a glance; Enter on a host opens it
         if self.probe_on_start:
             self.probe_all()
             self._recover()
         if self.start_guide:
             self.action_guide()
+
+    def format_title(self, title: str, sub_title: str) -> Content:
+        """`sevconsole — hosts` as one run of text: Textual dims the sub-title, and a style change
+        beside a space reads as a missing space to whatever takes the runs apart."""
+        return Content(f"{title} — {sub_title}" if sub_title else title)
 
     def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
                timeout: float | None = None, markup: bool = True) -> None:
@@ -240,8 +246,8 @@ class SevConsoleApp(App[int]):
         self.attention = message.items
         self._fan_out("attention_updated")
         if new:
-            self.notify("; ".join(f"{i.vm}: {i.problem}" for i in new[:3]),
-                        title=f"{len(message.items)} guest(s) need attention: press A", severity="warning",
+            self.notify("; ".join(f"{i.vm or i.host}: {i.problem}" for i in new[:3]),
+                        title=f"{len(message.items)} item(s) need attention: press A", severity="warning",
                         timeout=20)
 
     def action_attention(self) -> None:
@@ -252,6 +258,14 @@ class SevConsoleApp(App[int]):
 
     def running_migrations(self) -> list[Any]:
         return [s for s in self.screen_stack if getattr(s, "running", False)]
+
+    def action_overview(self) -> None:
+        """Back to the start screen (the overview at the bottom of the stack)."""
+        from sevconsole.tui.screens.overview import OverviewScreen
+
+        while (len(self.screen_stack) > 2 and not isinstance(self.screen, OverviewScreen)
+               and not getattr(self.screen, "running", False)):  # a live view stays until its end
+            self.pop_screen()
 
     def action_migrations(self) -> None:
         from sevconsole.tui.screens.migrations import MigrationsScreen
@@ -331,8 +345,10 @@ class SevConsoleApp(App[int]):
         yield SystemCommand("Guided tour", "Walk through a lab migration step by step", self.action_guide)
         yield SystemCommand("Migrations", "In flight, unfinished and recent migrations; re-attach (M)",
                             self.action_migrations)
-        yield SystemCommand("Attention", "Guests with no runnable copy or a stranded copy, and the fix (A)",
-                            self.action_attention)
+        yield SystemCommand("Attention", "Guests with no runnable copy or a stranded copy, hosts out of "
+                            "reach, and the fix (A)", self.action_attention)
+        yield SystemCommand("Fleet overview", "Hosts, every VM, attention and migrations on one screen",
+                            self.action_overview)
         yield SystemCommand("Evacuate host", "Cordon the selected host and move its guests away (E)",
                             self.action_evacuate)
         for label in sorted(self.themes):

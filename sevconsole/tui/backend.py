@@ -16,6 +16,7 @@ from sevconsole.engine.checks import Check
 from sevconsole.engine.journal import Entry
 from sevconsole.engine.progress import Progress
 from sevconsole.engine.recover import Reconciled
+from sevconsole.engine.replay import Tape
 from sevconsole.engine.run import Outcome
 from sevconsole.hosts.report import HostReport, VmInfo
 
@@ -98,6 +99,16 @@ class ConsoleBackend(Protocol):
 
     async def apply_fix(self, action: SafeAction) -> str:
         """Run an attention item's safe action (already confirmed); returns what happened."""
+        ...
+
+    # the overview and replay
+    def replay(self, migration_id: str) -> Tape:
+        """Blocking: the snapshots a finished migration recorded (engine.replay.Tape); raises
+        ReplayError with a sentence when there are none."""
+        ...
+
+    def audit_tail(self, limit: int) -> list[dict[str, Any]]:
+        """Blocking: the last `limit` audit log lines, oldest first (migrations older than the journal)."""
         ...
 
 

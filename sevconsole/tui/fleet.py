@@ -46,13 +46,13 @@ def migratable(vm: VmInfo) -> tuple[str, str]:
     if vm.policy is not None:
         try:
             if GuestPolicy.from_u32(vm.policy).flags & PolicyFlag.NOSEND:
-                return "no: NOSEND policy", "$error"
+                return "no: NOSEND", "$error"
         except ValueError:
             return "no: bad policy", "$error"
     if vm.migration_blocker:
-        return "no: QEMU blocks it", "$error"
+        return "no: blocked", "$error"
     if vm.migration_support is False:
-        return "no: QEMU lacks SEV migration", "$error"
+        return "no: QEMU lacks it", "$error"
     if vm.migration_support is None:
         return "?", "$text-muted"
     return "yes", "$success"
@@ -110,8 +110,8 @@ def sev_words(report: HostReport) -> tuple[str, str]:
     if sev.kernel_sev is False:
         return "SEV off in kvm_amd", "$warning"
     api = "?" if sev.api is None else f"{sev.api[0]}.{sev.api[1]}"
-    es = " ES" if sev.es_configured else ""
-    return f"SEV{es} {api} {fmt.platform_state(sev.platform_state)}", "$success"
+    es = " +ES" if sev.es_configured else ""
+    return f"{api} {fmt.platform_state(sev.platform_state)}{es}", "$success"
 
 
 # -- migrations

@@ -146,7 +146,20 @@ class LiveBackend:
         from sevconsole.engine import attention, journal
 
         entries = journal.entries()
-        return attention.find(reports, [e for e in entries if e.in_flight], [e for e in entries if e.unfinished])
+        return attention.find(reports, [e for e in entries if e.in_flight], [e for e in entries if e.unfinished],
+                              fleet=True)
+
+    def replay(self, migration_id: str) -> Any:
+        """Blocking: the recorded snapshots of a finished migration (engine.replay.Tape)."""
+        from sevconsole.engine.replay import Tape
+
+        return Tape.for_migration(migration_id)
+
+    def audit_tail(self, limit: int) -> list[dict[str, Any]]:
+        from sevconsole.paths import audit_log_file
+        from sevconsole.tui.fleet import read_audit_tail
+
+        return read_audit_tail(audit_log_file(), limit)
 
     async def apply_fix(self, action: Any) -> str:
         from sevconsole.engine.recover import apply_fix

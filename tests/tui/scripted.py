@@ -15,6 +15,7 @@ import numpy as np
 
 from sevconsole.engine.checks import Check
 from sevconsole.engine.progress import FirmwareView, Phase, Progress, SevLogEntry
+from sevconsole.engine.replay import ReplayError, Tape
 from sevconsole.engine.run import Outcome
 from sevconsole.hosts.report import Capabilities, HostReport, SevSupport, VmInfo
 from sevconsole.sev.pagestate import PageState
@@ -146,6 +147,7 @@ class ScriptedMigration:
     step: asyncio.Event | None = None  # when set, wait for it before each snapshot (tests)
     interval_s: float = 0.0  # pacing for demos and screenshots
     cancelled: str | None = None
+    posted: list[Progress] = field(default_factory=list)  # what a runner would record for replay
 
     async def run(self) -> Outcome:
         for snap in self.snapshots:
@@ -155,9 +157,13 @@ class ScriptedMigration:
             elif self.interval_s:
                 await asyncio.sleep(self.interval_s)
             if self.cancelled is not None:
-                self.on_progress(replace(snap, phase=Phase.CANCELLED, events=(*snap.events, self.cancelled)))
+                last = replace(snap, phase=Phase.CANCELLED, events=(*snap.events, self.cancelled))
+                self.posted.append(last)
+                self.on_progress(last)
                 return Outcome(result="cancelled", message=self.cancelled, runnable=(snap.source,),
-                              source_guest_state=3, target_guest_state=None, duration_s=snap.elapsed_s)
+                              source_guest_state=3, target_guest_state=None, duration_s=snap.elapsed_s,
+                              migration_id=self.result.migration_id)
+            self.posted.append(snap)
             self.on_progress(snap)
             await asyncio.sleep(0)  # let the screen draw between snapshots
         return self.result
@@ -184,6 +190,10 @@ class ScriptedBackend:
     lab_commands: list[tuple[str, str, str]] = field(default_factory=list)
     scripts: dict[str, Sequence[Progress]] = field(default_factory=dict)  # per VM name
     results: dict[str, Outcome] = field(default_factory=dict)  # per VM name
+    entries: list[Any] = field(default_factory=list)  # journal entries the overview and M list
+    audit: list[dict[str, Any]] = field(default_factory=list)  # audit log lines, oldest first
+    attention_items: list[Any] = field(default_factory=list)  # what attention() answers
+    tapes: dict[str, Sequence[Progress]] = field(default_factory=dict)  # migration id -> its snapshots
 
     def host_names(self) -> list[str]:
         return list(self.reports)
@@ -213,7 +223,10 @@ class ScriptedBackend:
                   bandwidth_bps: int | None = None) -> ScriptedMigration:
         snaps = self.scripts.get(vm.name) or self.snapshots or sample_progress(vm.name, source.name, target.name)
         result = self.results.get(vm.name) or self.result or sample_result(snaps[-1])
+        migration_id = f"scripted-{len(self.started) + 1}"
+        result = replace(result, migration_id=migration_id)
         run = ScriptedMigration(snaps, result, on_progress, self.step, self.interval_s)
+        self.tapes[migration_id] = run.posted  # what a runner records, as it posts
         self.started.append(run)
         return run
 
@@ -229,13 +242,22 @@ class ScriptedBackend:
         raise LookupError(f"a scripted console has no migration {migration_id}")
 
     def migrations(self) -> list[Any]:
-        return []
+        return list(self.entries)
 
     def recover(self) -> list[Any]:
         return []
 
     def attention(self, reports: Sequence[HostReport]) -> list[Any]:
-        return []
+        return list(self.attention_items)
+
+    def replay(self, migration_id: str) -> Tape:
+        snaps = self.tapes.get(migration_id)
+        if not snaps:
+            raise ReplayError(f"no snapshots were recorded for migration {migration_id}")
+        return Tape.from_progress(snaps, migration_id)
+
+    def audit_tail(self, limit: int) -> list[dict[str, Any]]:
+        return self.audit[-limit:]
 
     async def apply_fix(self, action: Any) -> str:
         return "nothing to do in a scripted console"

@@ -65,12 +65,12 @@ async def test_rows_fill_as_probes_finish(backend: ScriptedBackend) -> None:
         while len(app.reports) < 2:  # lab-1 and lab-3 answer; lab-2 is held back
             await pilot.pause(0.01)
         rows = {r[0]: r for r in table_rows(app)}
-        assert rows["lab-1"][1].startswith("up") and rows["lab-1"][5] == "2"
+        assert rows["lab-1"][1].startswith("up") and rows["lab-1"][4] == "2"
         assert rows["lab-2"][1] == "probing…"
         release.set()
         await settle(app, pilot)
         rows = {r[0]: r for r in table_rows(app)}
-        assert rows["lab-2"][1] == "up lab" and rows["lab-2"][4] == "ok rome"
+        assert rows["lab-2"][1] == "up lab" and rows["lab-2"][3] == "ok rome"
         assert sorted(app.probe_log) == ["lab-1: probed (reachable)", "lab-2: probed (reachable)",
                                          "lab-3: probed (reachable)"]
 
@@ -121,7 +121,7 @@ async def test_refused_host_key_leaves_a_sentence(backend: ScriptedBackend) -> N
         assert isinstance(app.screen, HostsScreen)
         rows = {r[0]: r for r in table_rows(app)}
         assert rows["lab-2"][1] == "down"
-        assert "was refused" in rows["lab-2"][7]
+        assert "was refused" in rows["lab-2"][5]
         assert backend.accepted == []
 
 
@@ -331,7 +331,7 @@ async def test_changed_host_key_is_refused_loudly(backend: ScriptedBackend) -> N
         assert any(n.title == "Host key changed: refused" and n.message == sentence
                    for n in app._notifications)
         rows = {r[0]: r for r in table_rows(app)}
-        assert rows["lab-2"][7] == sentence
+        assert rows["lab-2"][5] == sentence
 
 
 def test_a_lab_that_cannot_start_is_a_sentence(capsys: pytest.CaptureFixture[str]) -> None:

@@ -141,7 +141,7 @@ async def walk_every_screen(backend: ScriptedBackend, host: str, vm: str, senten
         assert isinstance(app.screen, HostsScreen)
         rows = cells(app, "#hosts")
         assert [r[0] for r in rows] == [escape_controls(host), "lab-2", "lab-3"]
-        assert rows[0][7] == rows[2][7] == escape_controls(sentence)
+        assert rows[0][5] == rows[2][5] == escape_controls(sentence)
         assert any(n.message == escape_lines(sentence) and not n.markup for n in app._notifications)
         check(host)
 

@@ -1,5 +1,7 @@
-"""Guests that need attention (no runnable copy, a paused or held copy with no migration in
-flight, an interrupted migration) and the one safe action for each, run only once confirmed."""
+"""What needs attention across the fleet, with the one safe action for each, run only once
+confirmed: guests with no runnable copy, a paused or held copy with no migration in flight, an
+interrupted migration, a stale source copy; hosts that cannot be reached or whose key changed;
+monitors held by another client (engine.attention.find with fleet=True)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from textual.widgets import DataTable, Footer, Header, Static
 
 from sevconsole.tui import safe
 
-COLUMNS = (("vm", "VM"), ("problem", "What is wrong"), ("action", "Safe action"))
+COLUMNS = (("vm", "Guest or host"), ("problem", "What is wrong"), ("action", "Safe action"))
+KIND_WORDS = {"host-down": "host down", "host-key-changed": "key changed", "host-key-unknown": "new key",
+              "monitor-held": "monitor held", "stale-copy": "stale copy"}
 
 
 class AttentionScreen(Screen[None]):
@@ -24,8 +28,14 @@ class AttentionScreen(Screen[None]):
     ]
     DEFAULT_CSS = """
     AttentionScreen #hint { height: auto; padding: 0 1; color: $text-muted; }
-    AttentionScreen DataTable { height: 1fr; }
+    AttentionScreen DataTable { height: auto; max-height: 70%; }
+    AttentionScreen #attention-empty { height: auto; padding: 1 2; }
+    AttentionScreen #attention-detail { height: 1fr; padding: 0 1; border: round $panel-lighten-1; }
     """
+
+    def __init__(self, select: int = 0) -> None:
+        super().__init__()
+        self.select = select  # the row to start on (the overview's attention panel)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -35,6 +45,8 @@ class AttentionScreen(Screen[None]):
         for key, label in COLUMNS:
             table.add_column(label, key=key)
         yield table
+        yield Static(id="attention-empty")
+        yield Static(id="attention-detail")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -47,12 +59,48 @@ class AttentionScreen(Screen[None]):
 
     def refresh_items(self) -> None:
         table = self.query_one(DataTable)
+        row = table.cursor_row if table.row_count else self.select
         table.clear()
         for item in self.items:
-            action = item.action.sentence if item.action is not None else "none: check the hosts by hand"
-            table.add_row(safe.plain(item.vm), safe.plain(item.problem), safe.plain(action))
-        if not self.items:
-            table.add_row(safe.plain("nothing needs attention"), Content(), Content())
+            action = item.action.sentence if item.action is not None else "none: check by hand"
+            kind = KIND_WORDS.get(getattr(item, "kind", "guest"))
+            what = (safe.show("[b]$what[/] [$warning]($kind)[/]", what=item.vm or item.host or "?", kind=kind)
+                    if kind else safe.show("[b]$what[/]", what=item.vm or item.host or "?"))
+            table.add_row(safe.rich(self.app, what), safe.rich(self.app, safe.plain(item.problem)),
+                          safe.rich(self.app, safe.plain(action)))
+        if self.items:
+            table.move_cursor(row=min(row, len(self.items) - 1), animate=False)
+        table.display = bool(self.items)
+        empty = self.query_one("#attention-empty", Static)
+        empty.display = not self.items
+        names = list(self.app.backend.host_names())  # type: ignore[attr-defined]
+        probed = set(names) <= set(getattr(self.app, "reports", {}))
+        empty.update(safe.show("[$success]✓ Nothing needs attention:[/] every guest has exactly one copy "
+                               "that can run, and every host answers." if probed else
+                               "[$text-muted]Not checked yet: the list is made once every host has "
+                               "answered its probe.[/]"))
+        self.show_detail()
+
+    def show_detail(self) -> None:
+        """The highlighted item in full: a table cell cuts long sentences."""
+        detail = self.query_one("#attention-detail", Static)
+        items = self.items
+        row = self.query_one(DataTable).cursor_row
+        detail.display = bool(items)
+        if not items or row >= len(items):
+            return
+        item = items[row]
+        lines = [safe.show("[b]$what[/]", what=item.vm or item.host or "?"), safe.plain(item.problem)]
+        for copy in item.copies:
+            lines.append(safe.show("  copy on $host: pid $pid, $status", host=copy.host, pid=copy.pid or "?",
+                                   status=copy.status or "status unknown"))
+        lines.append(safe.show("[$accent]Enter: $action[/]", action=item.action.sentence)
+                     if item.action is not None else
+                     safe.show("[$text-muted]No safe action: the console will not guess; check the hosts.[/]"))
+        detail.update(safe.lines(lines))
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self.show_detail()
 
     def attention_updated(self) -> None:
         self.refresh_items()
@@ -70,7 +118,7 @@ class AttentionScreen(Screen[None]):
             return
         item = items[row]
         if item.action is None:
-            self.notify(f"{item.vm}: no safe action; {item.problem}", severity="warning")
+            self.notify(f"{item.vm or item.host}: no safe action; {item.problem}", severity="warning")
             return
 
         def answer(ok: bool | None) -> None:

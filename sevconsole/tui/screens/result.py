@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import json
 
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.content import Content
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Static
+from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
 
 from sevconsole.engine.progress import Progress
+from sevconsole.engine.replay import Tape
 from sevconsole.engine.run import Outcome
 from sevconsole.textsafe import escape_controls
 from sevconsole.tui import format as fmt
 from sevconsole.tui import safe
+from sevconsole.tui.widgets.replay_view import ReplayView
 
 HEADLINES = {
     "done": "[$success]✓ Migrated[/]",
@@ -72,29 +75,76 @@ def audit_summary(line: str) -> str:
 
 
 class ResultScreen(Screen[None]):
+    """The outcome, and the migration's replay in the next tab (r): a one-second migration is
+    over before its panels can be read, so they can be played again, slowly, or scrubbed."""
+
     BINDINGS = [
-        Binding("escape,enter", "done", "Back to hosts", id="result.done"),
+        Binding("escape,enter", "done", "Done: overview", id="result.done"),
+        Binding("r", "show('result-replay')", "Replay", id="result.replay"),
+        Binding("o", "show('result-outcome')", "Outcome", id="result.outcome"),
     ]
+    DEFAULT_CSS = """
+    ResultScreen > TabbedContent { height: 1fr; }
+    ResultScreen TabPane { padding: 0; }
+    ResultScreen #result-outcome > VerticalScroll { height: 1fr; }
+    """
 
     def __init__(self, result: Outcome, progress: Progress | None) -> None:
         super().__init__()
         self.result, self.progress = result, progress
+        self.tape: Tape | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
-        with VerticalScroll():
-            yield Static(safe.lines(result_lines(self.result, self.progress)), id="result")
+        with TabbedContent(initial="result-outcome"):
+            with TabPane("Outcome (o)", id="result-outcome"), VerticalScroll():
+                yield Static(safe.lines(result_lines(self.result, self.progress)), id="result")
+            with TabPane("Replay (r)", id="result-replay"):
+                yield ReplayView()
         yield Footer()
 
     def on_mount(self) -> None:
         self.sub_title = escape_controls(f"result: {self.result.result}")
+        if self.result.migration_id is not None:
+            self._load(self.result.migration_id)
+        else:
+            self.no_tape("this migration has no id to find its snapshots by")
+
+    @work(thread=True, exclusive=True, group="result-replay", exit_on_error=False)
+    def _load(self, migration_id: str) -> None:
+        try:
+            tape = self.app.backend.replay(migration_id)  # type: ignore[attr-defined]
+        except Exception as exc:  # ReplayError's sentence, or why the folder could not be read
+            self.app.call_from_thread(self.no_tape, str(exc) or type(exc).__name__)
+        else:
+            self.app.call_from_thread(self.loaded, tape)
+
+    def loaded(self, tape: Tape) -> None:
+        self.tape = tape
+        self.query_one(ReplayView).load(tape)
+
+    def no_tape(self, sentence: str) -> None:
+        view = self.query_one(ReplayView)
+        view.empty(sentence)
+        if self.progress is not None:  # at least the last moment
+            view.show_live(self.progress)
+
+    def action_show(self, tab: str) -> None:
+        self.query_one(TabbedContent).active = tab
+        if tab == "result-replay":
+            self.query_one(ReplayView).focus()
 
     def palette_commands(self) -> list[tuple[str, str, object]]:
-        return [("Back to hosts", "Leave the result and re-probe both hosts (Enter)", self.action_done)]
+        return [("Done: back to the overview", "Leave the result and re-probe both hosts (Enter)", self.action_done),
+                ("Replay the migration", "Page map, rate and firmware at any moment (r)",
+                 lambda: self.action_show("result-replay"))]
 
     def action_done(self) -> None:
         progress = self.progress
+        overview = getattr(self.app, "action_overview", None)
         self.app.pop_screen()
+        if overview is not None:
+            overview()
         if progress is not None:  # both ends changed: look again
             for name in (progress.source, progress.target):
                 if name in self.app.reports:  # type: ignore[attr-defined]
