@@ -29,6 +29,10 @@ def capability_lines(report: HostReport) -> list[Content]:
     sev = report.sev
     if sev is None:
         lines.append(safe.show("[$error]no SEV information[/]"))
+    elif not report.lab and not sev.dev_sev and sev.kernel_sev is not True:
+        # no SEV here at all: say so once instead of a row of question marks
+        lines.append(safe.show("no SEV on this host (kvm_amd sev $sev, no /dev/sev): plain guests only",
+                               sev="not loaded" if sev.kernel_sev is None else "off"))
     else:
         api = "-" if sev.api is None else f"{sev.api[0]}.{sev.api[1]} build {sev.build}"
         owner = {None: "?", False: "self-owned", True: "externally owned"}[sev.owner_external]

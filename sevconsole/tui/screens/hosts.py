@@ -34,7 +34,8 @@ def row_cells(report: HostReport) -> list[Content]:
     """One row; host strings are values of constant templates, never markup."""
     sev = report.sev
     api = "-" if sev is None or sev.api is None else f"{sev.api[0]}.{sev.api[1]}"
-    platform = "-" if sev is None else fmt.platform_state(sev.platform_state)
+    no_sev = sev is None or (not report.lab and not sev.dev_sev and sev.kernel_sev is not True)
+    platform = "-" if no_sev or sev is None else fmt.platform_state(sev.platform_state)
     state = safe.show("[$success]up[/]" if report.reachable else "[$error]down[/]")
     key = getattr(report, "host_key", None)
     if key is not None:  # a changed key is refused, never up; an unknown one waits for the operator

@@ -103,12 +103,16 @@ class LiveScreen(Screen[None]):
         def answer(ok: bool | None) -> None:
             if ok and self.handle is not None:
                 self.handle.cancel("cancelled by the operator")
-                self.notify("Cancelling: SEND_CANCEL brings the source guest back to RUNNING.")
+                self.notify("Cancelling: SEND_CANCEL brings the source guest back to RUNNING." if sev else
+                            "Cancelling: the guest keeps running on the source.")
 
-        self.app.push_screen(ConfirmScreen(
-            f"Cancel the migration of {self.vm.name}?",
-            f"The source guest on {self.source.name} returns to RUNNING (SEND_CANCEL) and the "
-            f"incoming VM on {self.target.name} is stopped.", yes="Cancel it (y)", no="Keep going (n)"), answer)
+        sev = self.vm.sev_enabled
+        body = (f"The source guest on {self.source.name} returns to RUNNING (SEND_CANCEL) and the "
+                f"incoming VM on {self.target.name} is stopped." if sev else
+                f"QEMU cancels the migration: the guest keeps running on {self.source.name} and the "
+                f"incoming VM on {self.target.name} is stopped.")
+        self.app.push_screen(ConfirmScreen(f"Cancel the migration of {self.vm.name}?", body,
+                                           yes="Cancel it (y)", no="Keep going (n)"), answer)
 
     def palette_commands(self) -> list[tuple[str, str, object]]:
         return [

@@ -194,6 +194,10 @@ class MigrateScreen(Screen[None]):
         body = (f"{self.vm_name} moves from {self.source_name} to {name}. On success the source "
                 "guest ends SENT (only DECOMMISSION left), so exactly one copy can run. "
                 "A cancel or a failure brings the source back to RUNNING.")
+        if not self.vm.sev_enabled:  # a plain guest: QEMU's own migration, no firmware words
+            body = (f"{self.vm_name} moves from {self.source_name} to {name} (a plain guest: QEMU's own "
+                    "live migration). On success the source QEMU stops and is quit, so exactly one copy "
+                    "can run. A cancel or a failure leaves the guest running on the source.")
 
         def go(ok: bool | None) -> None:
             if ok:

@@ -40,11 +40,18 @@ def result_lines(result: Outcome, progress: Progress | None) -> list[Content]:
     else:
         lines.append(safe.show("[$error]✗ $count runnable copies[/] (on: $on); check both hosts now",
                                count=len(result.runnable), on=runnable))
-    lines.append(safe.show(
-        "  source guest $sg (QEMU $ss), target guest $tg (QEMU $ts)",
-        sg=fmt.guest_state(result.source_guest_state), ss=result.source_status or "?",
-        tg=fmt.guest_state(result.target_guest_state), ts=result.target_status or "?"))
-    if result.digest_match is None:
+    if result.source_guest_state is None and result.target_guest_state is None:
+        # no firmware states (a plain guest): the QEMU run states are all there is to say
+        lines.append(safe.show("  source QEMU $ss, target QEMU $ts", ss=result.source_status or "not known",
+                               ts=result.target_status or ("not started" if result.result == "refused" else "gone")))
+    else:
+        lines.append(safe.show(
+            "  source guest $sg (QEMU $ss), target guest $tg (QEMU $ts)",
+            sg=fmt.guest_state(result.source_guest_state), ss=result.source_status or "?",
+            tg=fmt.guest_state(result.target_guest_state), ts=result.target_status or "?"))
+    if result.digest_source is None and result.digest_target is None:
+        pass  # neither QEMU offers a digest (real QEMU never does): nothing to compare, nothing to say
+    elif result.digest_match is None:
         lines.append(safe.show("[$text-muted]guest digest: not compared (no digest from one end)[/]"))
     elif result.digest_match:
         lines.append(safe.show("[$success]✓ guest memory digests match[/] sha256 $digest…",
