@@ -14,6 +14,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
 from sevconsole.engine.progress import Phase, Progress
+from sevconsole.engine.replay import Tape
 from sevconsole.engine.run import Outcome
 from sevconsole.hosts.report import HostReport
 from sevconsole.tui import safe
@@ -22,7 +23,7 @@ from sevconsole.tui.guide_steps import PHASE_NOTES, STEPS, Step
 from sevconsole.tui.messages import HostProbed, MigrationEnded, ProgressPosted
 from sevconsole.tui.screens.migrate import checklist, first_failure
 from sevconsole.tui.screens.result import result_lines
-from sevconsole.tui.widgets.migration_view import MigrationView
+from sevconsole.tui.widgets.replay_view import ReplayView
 
 
 class GuideScreen(Screen[None]):
@@ -49,7 +50,7 @@ class GuideScreen(Screen[None]):
         with VerticalScroll(id="guide-box"):
             yield Static(id="guide-text")
             yield Static(id="guide-now")
-        yield MigrationView()
+        yield ReplayView()  # live during a step, its replay between steps
         yield Footer()
 
     def on_mount(self) -> None:
@@ -157,18 +158,38 @@ class GuideScreen(Screen[None]):
             self.say(safe.show("[$warning]The prediction is clear: it cannot converge. The guide cancels.[/]"))
             self.handle.cancel("cancelled by the guide: the migration could not converge")
         if p is self._pending:
-            self.query_one(MigrationView).apply(p)
+            self.query_one(ReplayView).show_live(p)
 
     def on_migration_ended(self, message: MigrationEnded) -> None:
         self.handle = None
         self._cancel_sent = False
         if self._pending is not None:
-            self.query_one(MigrationView).apply(self._pending)
+            self.query_one(ReplayView).show_live(self._pending)
         self.outcomes.append(message.result.result)
         lines = [line for line in result_lines(message.result, self._pending)[:6] if line]
         if self.step.expect:
             lines.append(safe.show("[$text-muted]expected: $expect[/]", expect=self.step.expect))
+        if message.result.migration_id is not None:
+            lines.append(safe.show("[$accent]Replay it: ←/→ frame by frame, p plays it slowly, Home/End.[/]"))
+            self._load_tape(message.result.migration_id)
         self.finish_step(Content(), *lines)
+
+    @work(thread=True, exclusive=True, group="guide-replay", exit_on_error=False)
+    def _load_tape(self, migration_id: str) -> None:
+        """The step's migration as recorded, for the pause before the next step."""
+        try:
+            tape = self.app.backend.replay(migration_id)  # type: ignore[attr-defined]
+        except Exception as exc:  # no snapshots: the panels keep the last moment
+            self.app.call_from_thread(self.query_one(ReplayView).go_live, f"no replay: {exc}")
+            return
+        self.app.call_from_thread(self._tape_loaded, tape)
+
+    def _tape_loaded(self, tape: Tape) -> None:
+        if self.busy:
+            return  # the next step already runs
+        view = self.query_one(ReplayView)
+        view.load(tape)
+        view.focus()
 
     def finish_step(self, *lines: Content) -> None:
         self.busy = False

@@ -15,6 +15,7 @@ from sevconsole.hosts.report import HostReport, VmInfo
 from sevconsole.textsafe import escape_controls
 from sevconsole.tui import format as fmt
 from sevconsole.tui import safe
+from sevconsole.tui.fleet import migratable
 from sevconsole.tui.widgets.chain_tree import fill_chain_tree
 
 
@@ -105,7 +106,7 @@ class HostScreen(Screen[None]):
         self.sub_title = escape_controls(self.host_name)
         table = self.query_one("#vms", DataTable)
         for key, label in (("vm", "VM"), ("status", "Status"), ("mem", "Memory"), ("policy", "Policy"),
-                           ("state", "Guest state"), ("mig", "Migration")):
+                           ("state", "Guest state"), ("mig", "Migratable")):
             table.add_column(label, key=key)
         self.fill()
         table.focus()
@@ -127,10 +128,10 @@ class HostScreen(Screen[None]):
         for index, vm in enumerate(report.vms):
             state = vm.firmware_guest_state
             sev_state = fmt.guest_state(state) if state is not None else (vm.sev_state or "-")
-            mig = {None: "?", True: "[$success]yes[/]", False: "[$error]no[/]"}[vm.migration_support]
+            words, style = migratable(vm)  # the policy and QEMU's blocker count, not only QEMU's support
             mem = "-" if vm.memory_mib is None else fmt.size(vm.memory_mib * 1024 * 1024)
             cells = (safe.plain(vm.name), safe.plain(vm.status or "?"), Content(mem),
-                     safe.plain(fmt.policy(vm.policy)), safe.plain(sev_state), safe.show(mig))
+                     safe.plain(fmt.policy(vm.policy)), safe.plain(sev_state), safe.plain(words, style))
             table.add_row(*(safe.rich(self.app, c) for c in cells), key=str(index))  # names can repeat
         self.show_policy()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.containers import VerticalScroll
 from textual.content import Content
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Static
@@ -68,12 +69,48 @@ class HostsScreen(Screen[None]):
         self.filter_text = ""
         self.pending: set[str] = set()
 
+    DEFAULT_CSS = """
+    HostsScreen #hosts-detail-box { height: 1fr; min-height: 4; border: round $panel-lighten-1;
+                                    border-title-color: $text-muted; padding: 0 1; }
+    """
+
     def compose(self) -> ComposeResult:
         yield Header()
         yield Input(placeholder="filter hosts (name, VM, note); Enter keeps it, Esc clears", id="filter")
         yield DataTable(id="hosts", cursor_type="row", zebra_stripes=True)
+        with VerticalScroll(id="hosts-detail-box"):  # the highlighted host: no screen of empty lines
+            yield Static(id="hosts-detail")
         yield Static(id="hosts-status")
         yield Footer()
+
+    def show_detail(self) -> None:
+        """The highlighted host's SEV capabilities and VMs, below the list."""
+        if not self.query("#hosts-detail"):
+            return  # a screen built on this one without the panel
+        from sevconsole.tui.fleet import migratable
+        from sevconsole.tui.screens.host import capability_lines
+
+        name = self.selected_host()
+        report = self.app.reports.get(name) if name else None  # type: ignore[attr-defined]
+        box = self.query_one("#hosts-detail-box")
+        box.border_title = name or ""
+        if report is None:
+            self.query_one("#hosts-detail", Static).update(safe.show(
+                "[$text-muted]$what[/]", what=f"{name} is still being probed" if name else "no host"))
+            return
+        lines = capability_lines(report)
+        lines.append(Content())
+        if not report.vms:
+            lines.append(safe.show("[$text-muted]no VM runs here[/]"))
+        for vm in report.vms:
+            words, style = migratable(vm)
+            lines.append(safe.show(f"[b]$vm[/] $status, $policy, migratable [{style}]$words[/]", vm=vm.name,
+                                   status=vm.status or "status unknown", words=words,
+                                   policy="plain" if not vm.sev_enabled else fmt.policy(vm.policy)))
+        self.query_one("#hosts-detail", Static).update(safe.lines(lines))
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self.show_detail()
 
     def on_mount(self) -> None:
         self.sub_title = "hosts"
@@ -124,6 +161,7 @@ class HostsScreen(Screen[None]):
         self.query_one("#hosts-status", Static).update(safe.show(
             "$done/$total hosts probed, $shown shown$filt. Enter opens a host, m migrates from it.",
             done=done, total=total, shown=shown, filt=filt))
+        self.show_detail()
 
     def selected_host(self) -> str | None:
         table = self.query_one(DataTable)
@@ -178,6 +216,9 @@ class HostsScreen(Screen[None]):
 
     def action_clear_filter(self) -> None:
         box = self.query_one("#filter", Input)
+        if not box.display and not box.value and len(self.app.screen_stack) > 2:
+            self.app.pop_screen()  # the hosts list opened from the overview: Esc goes back
+            return
         box.value = ""
         box.display = False
         self.query_one(DataTable).focus()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from textual import work
 from textual.app import ComposeResult
@@ -67,6 +68,9 @@ class LiveScreen(Screen[None]):
             result = await self.handle.run()
         except Exception as exc:  # the engine's own errors carry sentences
             result = Outcome(result="failed", message=str(exc) or type(exc).__name__)
+        known = getattr(self.handle, "migration_id", None) or self.attach_id
+        if result.migration_id is None and known is not None:  # its snapshots can still be replayed
+            result = replace(result, migration_id=known)
         self.post_message(MigrationEnded(result))
 
     def post_progress(self, progress: Progress) -> None:

@@ -42,10 +42,11 @@ def state_cell(entry: Any) -> Content:
 
 
 class MigrationsScreen(Screen[None]):
-    """`enter` on a migration in flight opens its live view; `r` reads the journal again."""
+    """`enter` on a migration in flight opens its live view, on a finished one its replay; `r`
+    reads the journal again."""
 
     BINDINGS = [
-        Binding("enter", "open", "Watch", id="migrations.open"),
+        Binding("enter", "open", "Watch or replay", id="migrations.open"),
         Binding("r", "refresh", "Refresh", id="migrations.refresh"),
         Binding("escape", "app.pop_screen", "Back", id="migrations.back"),
     ]
@@ -61,7 +62,7 @@ class MigrationsScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static("Migrations are owned by runner processes: leaving the console never stops "
-                     "one. Enter re-attaches to a migration in flight.", id="hint")
+                     "one. Enter re-attaches to a migration in flight, or replays a finished one.", id="hint")
         table: DataTable[Content] = DataTable(cursor_type="row", zebra_stripes=True)
         for key, label in COLUMNS:
             table.add_column(label, key=key)
@@ -105,6 +106,11 @@ class MigrationsScreen(Screen[None]):
         if not self.entries or table.cursor_row >= len(self.entries):
             return
         entry = self.entries[table.cursor_row]
+        if not entry.in_flight and entry.finished:
+            from sevconsole.tui.screens.replay import ReplayScreen
+
+            self.app.push_screen(ReplayScreen(entry.id, title=f"{entry.vm} {entry.source} → {entry.target}"))
+            return
         if not entry.in_flight:
             outcome = entry.outcome or {}
             text = outcome.get("message") or (

@@ -139,7 +139,7 @@ class ReplayView(Vertical, can_focus=True):
         self._clock = 0.0
 
     def compose(self) -> ComposeResult:
-        yield MigrationView(mode=" (replay)")
+        yield MigrationView()
         yield Scrubber()
 
     def on_mount(self) -> None:
@@ -149,7 +149,9 @@ class ReplayView(Vertical, can_focus=True):
 
     # -- loading
     def load(self, tape: Tape, *, at_end: bool = True, autoplay: bool = False) -> None:
-        self.tape = tape
+        self._pause()
+        self.tape, self.wanted = tape, -1
+        self.query_one(MigrationView).mode = " (replay)"
         scrubber = self.query_one(Scrubber)
         scrubber.tape = tape
         scrubber.speed = default_speed(tape.duration_s)
@@ -159,7 +161,19 @@ class ReplayView(Vertical, can_focus=True):
 
     def show_live(self, progress: Progress) -> None:
         """Draw a snapshot of a running migration (the guide, before its tape exists)."""
+        if self.tape is not None:
+            self.go_live()
         self.query_one(MigrationView).apply(progress)
+
+    def go_live(self, message: str = "live: the replay follows once the migration ends") -> None:
+        """Forget the tape: the panels follow a running migration again."""
+        self._pause()
+        self.tape, self.index, self.wanted = None, -1, -1
+        self.query_one(MigrationView).mode = ""
+        scrubber = self.query_one(Scrubber)
+        scrubber.tape = None
+        scrubber.message = message
+        scrubber.refresh()
 
     @property
     def position(self) -> float:
