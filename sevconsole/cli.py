@@ -43,6 +43,7 @@ examples:
   sevconsole certs verify --platform-dir DIR --amd-dir DIR
   sevconsole migrate web --to lab-2 --lab DIR
   sevconsole migrations               in-flight and recent migrations (watch ID re-attaches)
+  sevconsole migrations show ID       replay a finished migration (--json: its summary)
   sevconsole recover                  finish migrations whose runner died
   sevconsole evacuate lab-1 --lab DIR  move every guest off a host (cordons it first)
 """
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--lab", metavar="DIR", help="open on a running lab (its state directory)")
     parser.add_argument("--theme", metavar="NAME", help="colour theme (dark, light, high-contrast)")
     parser.add_argument("--guide", action="store_true", help="start the guided tour of a migration")
-    parser.set_defaults(func=_run_console)
+    parser.set_defaults(func=_run_console, replay_viewer=_replay_viewer)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -74,6 +75,14 @@ def _run_console(args: argparse.Namespace) -> int:
     if args.inventory is None and args.lab is None:
         args.lab_starter = _embedded_lab  # the console never imports the lab itself
     return run_console(args)
+
+
+def _replay_viewer(migration_id: str, theme: str | None) -> int:
+    """`migrations show ID` on a terminal: the console's replay screen on its own (commands never
+    import the console; this file hands it to them, as it hands the console the lab)."""
+    from sevconsole.tui.screens.replay import run_replay
+
+    return run_replay(migration_id, theme)
 
 
 def _embedded_lab():  # type: ignore[no-untyped-def]
