@@ -53,6 +53,7 @@ NEVER_KEYS = ("helper", "script", "downscript", "mem-path", "smb", "guestfwd", "
               "bootfile", "file", "filename", "path", "logfile", "sysfsdev", "evdev", "dh-cert-file",
               "session-file", "firmware", "kernel", "initrd", "dtb", "dumpdtb", "splash", "romfile")
 QEMU_PROGRAMS = ("qemu-system-x86_64", "qemu-kvm")
+GREETING_WAIT_S = 2.0  # a QMP socket silent this long is held by another client
 PROGRAM_DIRS = ("/usr/local/bin", "/usr/bin", "/bin", "/usr/libexec")
 
 
@@ -377,6 +378,15 @@ def cmd_qmp(args):
                   "gone": True})
             return 1
         raise HelperFailure(f"cannot connect to the QMP socket {args[0]}: {exc.strerror or exc}") from None
+    # QEMU greets at once unless another client holds its only monitor connection (libvirt holds
+    # every domain's): say so and leave, rather than wait on a socket that will never talk
+    ready, _, _ = select.select([sock], [], [], GREETING_WAIT_S)
+    if not ready:
+        sock.close()
+        emit({"error": f"the QMP socket {args[0]} sent no greeting within {GREETING_WAIT_S:g} s: it is held "
+                       "by another client, probably libvirt (QEMU serves one QMP client at a time)",
+              "held": True})
+        return 1
     bridge(sock, sys.stdin.fileno(), sys.stdout.fileno())
     return 0
 

@@ -141,10 +141,13 @@ def open_bridge(conn: SshConnection, path: str, *, greeting_timeout: float = GRE
             try:
                 answer = json.loads(first.decode())
                 reason, gone = str(answer["error"])[:300], answer.get("gone") is True
+                held = answer.get("held") is True
             except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
-                reason, gone = first[:200].decode("utf-8", "replace"), False
+                reason, gone, held = first[:200].decode("utf-8", "replace"), False, False
             if gone:
                 raise QmpSocketGone(conn.name, f"{where}: {reason}.", path=path)
+            if held:  # the bridge has already left: nothing stays behind on the host
+                raise QmpLinkError(conn.name, f"{where}: {reason}.", path=path)
             raise QmpLinkError(conn.name, f"{where}: {reason}. Is the VM running?", path=path)
         if first:
             if not first.lstrip().startswith(b"{"):
