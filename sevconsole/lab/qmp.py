@@ -103,11 +103,6 @@ class QmpServer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
-    @property
-    def held(self) -> bool:
-        """A client holds the monitor (others wait for their greeting)."""
-        return self._active is not None
-
     # --- events ---------------------------------------------------------------------------
 
     def emit(self, event: str, data: dict[str, Any] | None = None) -> None:

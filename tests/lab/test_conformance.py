@@ -144,7 +144,7 @@ CAPABILITY_COMBOS = [
 ]
 SYNC_URIS = ["foo:bar", "tcp:nohostport", "tcp:[::1]", "tcp:", "tcp:127.0.0.1:", "tcp::", "unix:", "fd:foo", "fd:",
              "vsock:x", "vsock:1:2,x", "rdma:x", "", "TCP:127.0.0.1:1"]
-ASYNC_URIS = ["tcp:127.0.0.1:1", "unix:/nonexistent/x", "tcp:256.1.1.1:5", "tcp::1234", "tcp:127.0.0.1:abc",
+ASYNC_URIS = ["tcp:127.0.0.1:1", "tcp:[::1]:1", "unix:/nonexistent/x", "tcp:256.1.1.1:5", "tcp::1234", "tcp:127.0.0.1:abc",
               "tcp:localhost:99999", "vsock:1:2x", "vsock:a:2"]
 
 
@@ -217,9 +217,8 @@ def script(monitors: tuple[str, str]) -> dict[str, list[Step]]:
         step = Step(f"migrate {uri!r}", q.until(event("MIGRATION", "failed")), lab.until(event("MIGRATION", "failed")))
         out.setdefault("uris", []).append(step)
         run("uris", f"query-migrate after {uri!r}", command("query-migrate"))
+    # (not the moment after: QEMU's thread says "measuring" a little later, a race of its own)
     run("dirty rate", "calc-dirty-rate 1 s", command("calc-dirty-rate", {"calc-time": 1}))
-    run("dirty rate", "measuring", command("query-dirty-rate"))
-    run("dirty rate", "again while measuring", command("calc-dirty-rate", {"calc-time": 1}))
     out["dirty rate"].append(Step("measured", _measured(q), _measured(lab)))
     run("uris", "block capability", caps("block"))
     run("uris", "blk with the block capability", command("migrate", {"uri": "tcp:127.0.0.1:1", "blk": True}))

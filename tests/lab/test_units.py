@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -105,6 +106,26 @@ def test_migration_uris_read_as_qemu_reads_them() -> None:
         assert exc.value.recorded is (text != "foo:bar")  # QEMU keeps no error-desc for that one
     with pytest.raises(uri.UriError, match="unknown migration protocol: foo:bar"):
         uri.parse("foo:bar", incoming=True)
+
+
+def test_incoming_listeners_are_described_as_qemu_lists_them(tmp_path) -> None:
+    socks = uri.listen(uri.parse("tcp:127.0.0.1:0", incoming=True))
+    socks += uri.listen(uri.parse(f"unix:{tmp_path / 'in.sock'}", incoming=True))
+    try:
+        with contextlib.suppress(uri.ConnectError):  # a machine without ::1 simply has one less
+            socks += uri.listen(uri.parse("tcp:[::1]:0", incoming=True))
+        described = uri.describe_listeners(socks)
+        assert described[-1] == {"port": str(socks[0].getsockname()[1]), "ipv4": True, "host": "127.0.0.1",
+                                 "type": "inet"}  # the first opened is listed last, as QEMU prepends
+        assert {"path": str(tmp_path / "in.sock"), "type": "unix"} in described
+        assert all(d.get("ipv6") is True and d["host"] == "::1" for d in described[:-2])
+        with pytest.raises(uri.ConnectError, match="Failed to find an available port: Address already in use"):
+            uri.listen(uri.parse(f"tcp:127.0.0.1:{socks[0].getsockname()[1]}", incoming=True))
+        with pytest.raises(uri.ConnectError, match="Failed to bind socket to .*: Address already in use"):
+            uri.listen(uri.parse(f"unix:{tmp_path / 'in.sock'}", incoming=True))  # never removed, unlike QEMU
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 @given(st.sets(st.integers(0, 499), max_size=200), st.integers(0, 20))
