@@ -354,9 +354,9 @@ class Parser:
 def _number(token: Token) -> int | float:
     text = token.text.decode("ascii")
     if token.kind is Tok.INTEGER:
-        value = int(text)
-        if INT64_MIN <= value <= UINT64_MAX:
-            return value
+        whole = int(text)
+        if INT64_MIN <= whole <= UINT64_MAX:
+            return whole
     value = float(text)  # beyond 64 bits QEMU keeps a double, as strtod reads it
     if value in (float("inf"), float("-inf")):
         # QEMU would echo such an id as `inf`, which no JSON reader takes: refused instead

@@ -117,7 +117,7 @@ class LabVm:
             for run in runs_of(np.arange(self.pages), self.shared, self.pages):
                 if not run.shared:
                     gpa, n = run.first * PAGE_SIZE, run.count * PAGE_SIZE
-                    digest.update(self.memory[gpa:gpa + n])  # the plaintext, before it is encrypted
+                    digest.update(self.memory[gpa:gpa + n].data)  # the plaintext, before it is encrypted
                     self.psp.call("launch_update_data", self.handle, gpa, n)
             self.launch_digest = digest.digest()
             self.measurement = self.psp.call("launch_measure", self.handle).measurement
