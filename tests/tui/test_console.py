@@ -181,7 +181,7 @@ async def test_migration_end_to_end(backend: ScriptedBackend) -> None:
                                       np.bincount(latest.page_states, minlength=STATE_COUNT))
         numbers = text_of(app, "#numbers")
         assert "pre-copy, pass 1" in numbers and "converging" in numbers and "%" not in numbers
-        while not isinstance(app.screen, ResultScreen):
+        while not (isinstance(app.screen, ResultScreen) and app.screen.query("#result")):
             backend.step.set()
             await pilot.pause(0.01)
         result = text_of(app, "#result")
@@ -208,7 +208,7 @@ async def test_cancel_asks_then_rolls_back(backend: ScriptedBackend) -> None:
         await pilot.press("n")  # keep going
         assert backend.started[0].cancelled is None
         await pilot.press("c", "y")
-        while not isinstance(app.screen, ResultScreen):
+        while not (isinstance(app.screen, ResultScreen) and app.screen.query("#result")):
             await pilot.pause(0.01)
         result = text_of(app, "#result")
         assert "Cancelled" in result and "exactly one runnable copy: on lab-1" in result

@@ -198,7 +198,7 @@ async def walk_every_screen(backend: ScriptedBackend, host: str, vm: str, senten
         assert isinstance(app.screen, ConfirmScreen)
         check()
         await pilot.press("y")
-        while not isinstance(app.screen, ResultScreen):
+        while not (isinstance(app.screen, ResultScreen) and app.screen.query("#result")):
             await pilot.pause(0.01)
         assert "Cancelled" in text_of(app, "#result")
         check()
@@ -207,7 +207,8 @@ async def walk_every_screen(backend: ScriptedBackend, host: str, vm: str, senten
         hostile_result = Outcome(result=sentence, message=sentence, runnable=(host,), source_status=sentence,
                                 target_status=vm, errors=(sentence,), audit=sentence)
         await app.push_screen(ResultScreen(hostile_result, latest))
-        await pilot.pause()
+        while not app.screen.query("#result"):
+            await pilot.pause(0.01)
         result = text_of(app, "#result")
         assert escape_controls(sentence) in result and escape_controls(vm) in result
         check(sentence)

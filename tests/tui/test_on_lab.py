@@ -21,7 +21,9 @@ from sevconsole.tui.screens.guide import GuideScreen
 from sevconsole.tui.screens.live import LiveScreen
 from sevconsole.tui.screens.migrate import MigrateScreen
 from sevconsole.tui.screens.result import ResultScreen
+from sevconsole.tui.widgets.migration_view import MigrationView
 from sevconsole.tui.widgets.page_map import PageMap
+from sevconsole.tui.widgets.replay_view import ReplayView
 from tests.conftest import ROOT
 
 try:
@@ -70,11 +72,24 @@ async def test_migrate_on_the_lab_by_keys(backend: LiveBackend) -> None:
         await wait_for(pilot, lambda: isinstance(app.screen, LiveScreen))
         live = app.screen
         await wait_for(pilot, lambda: live.query_one(PageMap).grid.total_pages > 0 or isinstance(app.screen, ResultScreen))
-        await wait_for(pilot, lambda: isinstance(app.screen, ResultScreen), timeout=120)
+        await wait_for(pilot, lambda: isinstance(app.screen, ResultScreen) and app.screen.query("#result"),
+                       timeout=120)
         result = app.screen.result
         assert result.result == "done", result.message
         assert result.runnable == ("lab-2",) and result.source_guest_state == 6
         assert "exactly one runnable copy: on lab-2" in str(app.screen.query_one("#result").render())
+        # the replay reads what the runner recorded: from before the first page to the end
+        result_screen = app.screen
+        await pilot.press("r")
+        await wait_for(pilot, lambda: result_screen.tape is not None, timeout=30)
+        tape = result_screen.tape
+        assert len(tape) >= 3 and tape.frames[-1].phase.value == "done"
+        assert tape.frames[0].bytes_transferred == 0 < tape.frames[-1].bytes_transferred
+        view = result_screen.query_one(ReplayView)
+        await pilot.press("home")
+        assert view.index == 0 and view.query_one(MigrationView).latest.phase.value != "done"
+        await pilot.press("end")
+        assert view.index == len(tape) - 1
         await pilot.pause()  # let the new screen finish mounting before the app exits
 
 

@@ -124,8 +124,8 @@ class OverviewScreen(HostsScreen):
                            ("#ov-attention-box", "3 Attention"), ("#ov-migrations-box", "4 Migrations")):
             self.query_one(box).border_title = title
         vms = self.query_one("#ov-vms", DataTable)
-        for key, label in (("vm", "VM"), ("host", "Host"), ("status", "Status"), ("policy", "Policy"),
-                           ("mem", "Memory"), ("mig", "Migratable")):
+        for key, label in (("vm", "VM"), ("host", "Host"), ("status", "Status"), ("mig", "Migratable"),
+                           ("mem", "Memory"), ("policy", "Policy")):  # the policy last: it is long
             vms.add_column(label, key=key)
         attention = self.query_one("#ov-attention", DataTable)
         for key, label in (("what", "What"), ("problem", "Problem"), ("action", "Safe action")):
@@ -235,9 +235,8 @@ class OverviewScreen(HostsScreen):
         sev = sum(1 for v in vms if v.sev_enabled)
         attention = len(getattr(self.app, "attention", ()))
         flying = sum(1 for r in self.migration_rows if r.in_flight)
-        probing = len(names) - sum(1 for n in names if n in reports)
-        parts = [f"{len(names)} hosts ({up} up" + (f", {probing} probing" if probing else "") + ")",
-                 f"{len(vms)} VMs ({sev} SEV)"]
+        probed = sum(1 for n in names if n in reports)
+        parts = [f"{probed}/{len(names)} hosts probed ({up} up)", f"{len(vms)} VMs ({sev} SEV)"]
         summary = Content(" · ").join([safe.plain(p) for p in parts] + [
             safe.show("[$warning]$n need attention[/]" if attention else "[$success]nothing needs attention[/]",
                       n=attention),
@@ -260,9 +259,8 @@ class OverviewScreen(HostsScreen):
             mem = "-" if vm.memory_mib is None else fmt.size(vm.memory_mib * 1024 * 1024)
             policy = "plain" if not vm.sev_enabled else policy_words(vm.policy)
             status = vm.status or "?"
-            cells = (safe.plain(vm.name), safe.plain(row.host), safe.plain(status),
-                     safe.plain(policy, "" if vm.sev_enabled else "$text-muted"), Content(mem),
-                     safe.plain(words, style))
+            cells = (safe.plain(vm.name), safe.plain(row.host), safe.plain(status), safe.plain(words, style),
+                     Content(mem), safe.plain(policy, "" if vm.sev_enabled else "$text-muted"))
             table.add_row(*(safe.rich(self.app, c) for c in cells), key=row.key)
         if keep is not None and keep.key in table.rows:
             table.move_cursor(row=table.get_row_index(keep.key), animate=False)
@@ -311,7 +309,8 @@ class OverviewScreen(HostsScreen):
         now = time.time()
         for index, row in enumerate(self.migration_rows):
             style = STATE_STYLE.get(row.state, "$error" if row.unfinished else "")
-            table.add_row(Content(fleet.when(row.started, now)), safe.rich(self.app, safe.plain(row.vm)),
+            table.add_row(safe.rich(self.app, Content(fleet.when(row.started, now))),
+                          safe.rich(self.app, safe.plain(row.vm)),
                           safe.rich(self.app, safe.show("$source → $target", source=row.source, target=row.target)),
                           safe.rich(self.app, safe.plain(row.state, style)), key=str(index))
         if keep is not None and keep in self.migration_rows:

@@ -127,10 +127,16 @@ class ResultScreen(Screen[None]):
             self.app.call_from_thread(self.loaded, tape)
 
     def loaded(self, tape: Tape) -> None:
+        if not self.query(ReplayView):  # its tab is still being mounted
+            self.call_after_refresh(self.loaded, tape)
+            return
         self.tape = tape
         self.query_one(ReplayView).load(tape)
 
     def no_tape(self, sentence: str) -> None:
+        if not self.query(ReplayView):
+            self.call_after_refresh(self.no_tape, sentence)
+            return
         view = self.query_one(ReplayView)
         view.empty(sentence)
         if self.progress is not None:  # at least the last moment

@@ -35,6 +35,7 @@ class MigrationView(Vertical):
     MigrationView > TabbedContent { height: 1fr; min-height: 6; }
     MigrationView TabPane { padding: 0; }
     MigrationView RichLog { height: 1fr; padding: 0 1; }
+    MigrationView #events-empty { height: auto; padding: 0 1; }
     .-tall MigrationView > #mv-top { height: 1fr; min-height: 15; }
     .-tall MigrationView > TabbedContent { height: 16; }
     .-wide MigrationView #mv-side { width: 56; }
@@ -57,11 +58,8 @@ class MigrationView(Vertical):
             with TabPane("Firmware", id="tab-firmware"):
                 yield FirmwarePanel()
             with TabPane("Events", id="tab-events"):
+                yield Static(safe.show("[$text-muted]no event yet[/]"), id="events-empty")
                 yield RichLog(id="events", wrap=True, markup=False, max_lines=500)
-
-    def on_mount(self) -> None:
-        log = self.query_one("#events", RichLog)
-        log.write(safe.rich(self.app, safe.show("[$text-muted]no event yet[/]")))
 
     def apply(self, p: Progress) -> None:
         with self.app.batch_update():  # one repaint for all panels (Memray's pattern)
@@ -83,15 +81,13 @@ class MigrationView(Vertical):
         if events == self._events and errors == self._errors:
             return
         log = self.query_one("#events", RichLog)
-        continues = (events[: len(self._events)] == self._events and errors[: len(self._errors)] == self._errors
-                     and (self._events or self._errors))
+        self.query_one("#events-empty").display = not (events or errors)
+        continues = (events[: len(self._events)] == self._events and errors[: len(self._errors)] == self._errors)
         if continues:
             new_events, new_errors = events[len(self._events):], errors[len(self._errors):]
         else:
             log.clear()
             new_events, new_errors = events, errors
-            if not events and not errors:
-                log.write(safe.rich(self.app, safe.show("[$text-muted]no event yet[/]")))
         for event in new_events:
             log.write(safe.rich(self.app, safe.plain(event)))
         for error in new_errors:

@@ -18,11 +18,13 @@ BLOCKS = " ▁▂▃▄▅▆▇█"
 
 
 def columns(data: Sequence[float], width: int) -> list[float]:
-    """The last samples, one per column; older ones folded (max per bucket) when too many."""
+    """One value per column: few samples are widened to fill the width (a second-long migration
+    has a handful), many are folded (max per bucket)."""
     if width <= 0 or not data:
         return []
     if len(data) <= width:
-        return list(data)
+        per = width // len(data)
+        return [value for value in data for _ in range(per)]
     out = []
     for i in range(width):
         lo, hi = len(data) * i // width, len(data) * (i + 1) // width

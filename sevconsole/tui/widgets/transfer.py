@@ -38,7 +38,7 @@ class TransferPanel(Vertical):
     """
 
     def compose(self) -> ComposeResult:
-        yield Static(id="numbers")
+        yield Static("[$text-muted]waiting for the first snapshot…[/]", id="numbers")
         yield RateChart(id="rate-chart")
 
     def on_mount(self) -> None:
