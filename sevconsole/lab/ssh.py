@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import select
 import shlex
 import socket
 import sys
@@ -30,6 +31,7 @@ from paramiko.common import MSG_CHANNEL_REQUEST
 
 PYTHONS = ("python3", "python", "/usr/bin/python3", "/usr/local/bin/python3")
 COMMANDS = ("launch-incoming", "probe", "qmp", "stop")
+GREETING_WAIT_S = 2.0  # as hosts/helper.py: a QMP socket silent this long is held by another client
 LOGIN_GRACE_S = 15.0  # accept -> authenticated; the console's own client allows 5+10+10 s in all
 MAX_UNAUTHENTICATED = 16  # connections still authenticating; more are closed at once
 REAP_INTERVAL_S = 0.25
@@ -304,13 +306,24 @@ class LabSshServer:
         if len(args) != 1:
             raise _Failure("qmp: expected one socket path")
         path = args[0]
+        # the helper's answers (hosts/helper.py cmd_qmp), word for word: a VM that is gone, and a
+        # monitor held by another client (QEMU, and the lab, greet one client at a time)
         if not self.host.qmp_path_known(path):
-            raise _Failure(f"cannot connect to the QMP socket {path}: no VM of {self.host.name} listens there")
+            _emit(chan, {"error": f"nothing listens on the QMP socket {path}: its QEMU is not running",
+                         "gone": True})
+            return 1
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(path)
         except OSError as exc:
             raise _Failure(f"cannot connect to the QMP socket {path}: {exc.strerror or exc}") from None
+        ready, _, _ = select.select([sock], [], [], GREETING_WAIT_S)
+        if not ready:
+            sock.close()
+            _emit(chan, {"error": f"the QMP socket {path} sent no greeting within {GREETING_WAIT_S:g} s: it is held "
+                                  "by another client, probably libvirt (QEMU serves one QMP client at a time)",
+                         "held": True})
+            return 1
         done = threading.Event()
 
         def pump_in() -> None:  # channel -> socket

@@ -5,6 +5,8 @@ that arrives paused. Tests run in file order on one lab: `web` goes to lab-2 and
 from __future__ import annotations
 
 import json
+import socket
+import time
 
 import pytest
 
@@ -93,6 +95,29 @@ async def test_a_guest_that_never_enabled_migration_is_refused(lab_session) -> N
     assert outcome.bytes_transferred == 0 and outcome.runnable == ("lab-1",)
     after = lab_session.reports("lab-1", "lab-2", need=("legacy",))
     assert after["lab-1"].vm("legacy").status == "running" and after["lab-2"].vm("legacy") is None
+
+
+async def test_a_monitor_held_by_another_client_is_named_within_seconds(lab_session) -> None:
+    """QEMU serves one QMP client at a time (libvirt holds every domain's monitor): the engine
+    says which monitor is held within a couple of seconds, and nothing starts."""
+    plan = _plan(lab_session, "web", "lab-1", "lab-2")
+    holder = socket.socket(socket.AF_UNIX)
+    holder.settimeout(10)
+    holder.connect(lab_session.lab.qmp_path("lab-1", "web"))
+    try:
+        assert b'"QMP"' in holder.recv(4096)
+        src, dst = lab_session.link(plan.source), lab_session.link(plan.target)
+        started = time.monotonic()
+        outcome = await Migration(plan, src, dst, checks=preflight(plan, lab_session.trust)).run()
+        elapsed = time.monotonic() - started
+        await src.close()
+        await dst.close()
+    finally:
+        holder.close()
+    assert outcome.result == "failed" and outcome.runnable == ("lab-1",) and elapsed < 5
+    assert "held by another client" in outcome.message and plan.vm.qmp_path in outcome.message
+    after = lab_session.reports("lab-1", "lab-2", need=("web",))
+    assert after["lab-1"].vm("web").status == "running" and after["lab-2"].vm("web") is None
 
 
 async def test_sev_cancel_mid_way_sends_cancel(lab_session) -> None:

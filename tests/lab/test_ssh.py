@@ -99,8 +99,9 @@ def test_helper_errors_are_sentences(lab3: Lab) -> None:
         assert code == 0 and json.loads(out) == {"stopped": False, "reason": "no such process"}
         code, out, _ = run(client, "stop me")
         assert code == 1 and json.loads(out) == {"error": "stop: expected one process id"}
-        code, out, _ = run(client, "qmp /etc/passwd")
-        assert code == 1 and "no VM of lab-2" in json.loads(out)["error"]
+        code, out, _ = run(client, "qmp /etc/passwd")  # not a VM of this host: as the helper says of it
+        assert code == 1 and json.loads(out) == {
+            "error": "nothing listens on the QMP socket /etc/passwd: its QEMU is not running", "gone": True}
     finally:
         client.close()
 
@@ -122,6 +123,27 @@ def test_qmp_bridge_over_ssh(lab3: Lab) -> None:
         assert chan.recv_exit_status() == 0
     finally:
         client.close()
+
+
+def test_qmp_bridge_to_a_held_monitor_says_so_within_two_seconds(lab3: Lab) -> None:
+    """As the helper does on a real host (hosts/helper.py): no greeting in 2 s means another client
+    holds the monitor; the bridge says so and leaves, with the helper's very words."""
+    path = lab3.qmp_path("lab-1", "plain")
+    holder = socket.socket(socket.AF_UNIX)
+    holder.settimeout(10)
+    holder.connect(path)
+    client = ssh_client(lab3, "lab-1")
+    try:
+        assert b'"QMP"' in holder.recv(4096)
+        started = time.monotonic()
+        code, out, _ = run(client, f"qmp {path}")
+        assert 1.5 < time.monotonic() - started < 5
+        assert code == 1 and json.loads(out) == {
+            "error": f"the QMP socket {path} sent no greeting within 2 s: it is held by another client, "
+                     "probably libvirt (QEMU serves one QMP client at a time)", "held": True}
+    finally:
+        client.close()
+        holder.close()
 
 
 def test_launch_incoming_and_stop(lab3: Lab) -> None:
