@@ -10,6 +10,10 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 [ -x /usr/sbin/sshd ] || command -v sshd >/dev/null || need+=(openssh-server)
 command -v socat >/dev/null || need+=(socat)
 command -v tmux >/dev/null || need+=(tmux)
+# two real libvirt daemons for tests/engine/test_libvirt.py (their own namespaces, see tests/hosts/libvirt_rig.py)
+command -v libvirtd >/dev/null || [ -x /usr/sbin/libvirtd ] || need+=(libvirt-daemon-system)
+command -v virsh >/dev/null || need+=(libvirt-clients)
+command -v nc >/dev/null || need+=(netcat-openbsd)
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing ${need[*]}"
     apt-get update -qq

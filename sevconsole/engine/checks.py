@@ -59,6 +59,7 @@ def preflight(plan: MigrationPlan, trust: Any = None) -> list[Check]:
                          f"{vm.name} already runs on {src.name}; pick another target host."))
     checks += _one_machine(src, dst)
     checks.append(_vm_state(vm, src))
+    checks += _libvirt(vm, src, dst)
     argv = _argv(vm, src, dst)
     if argv is not None:
         checks.append(argv)
@@ -112,6 +113,8 @@ def _argv(vm: VmInfo, src: HostReport, dst: HostReport) -> Check | None:
     it; a refusal names the option. None when it passes unchanged: a line that says nothing the
     operator acts on is left out."""
     title = "Target command line"
+    if vm.libvirt is not None:
+        return None  # libvirt builds the target's command line from the domain's XML, not from ours
     if not vm.argv:
         return _c("argv", title, CheckStatus.FAIL,
                   f"the command line of {vm.name} on {src.name} is unknown (no QEMU process owns its "
@@ -134,6 +137,32 @@ def _one_machine(src: HostReport, dst: HostReport) -> list[Check]:
         return []
     return [_c("hosts", "Distinct hosts", CheckStatus.FAIL,
                f"{src.name} and {dst.name} are one machine ({why}); pick a target on another machine.")]
+
+
+def _libvirt(vm: VmInfo, src: HostReport, dst: HostReport) -> list[Check]:
+    """A libvirt domain moves by libvirt's own migration: the target must run libvirt too, and what
+    libvirt refuses (an SEV domain, any QEMU migration blocker) is said in libvirt's words. No line
+    for a bare QEMU."""
+    if vm.libvirt is None:
+        return []
+    title = "libvirt migration"
+    facts = dst.extra.get("libvirt")
+    if not isinstance(facts, dict) or facts.get("error"):
+        why = facts.get("error") if isinstance(facts, dict) else "virsh -c qemu:///system is not there"
+        return [_c("libvirt", title, CheckStatus.FAIL,
+                   f"{vm.name} is a libvirt domain on {src.name}, but {dst.name} has no working libvirt ({why}); "
+                   "a libvirt domain moves only to another libvirt host.")]
+    if vm.sev_enabled or vm.migration_blocker:
+        # libvirt asks QEMU for its migration blockers and refuses with them (an SEV guest's is QEMU's
+        # "SEV: Migration is not implemented"): say it as libvirt does
+        reasons = vm.migration_blocker or UPSTREAM_SEV_BLOCKER
+        return [_c("libvirt", title, CheckStatus.FAIL,
+                   f"libvirt on {src.name} refuses to migrate {vm.name}: Requested operation is not valid: "
+                   f"cannot migrate domain: {reasons}.")]
+    version = src.extra.get("libvirt", {}).get("version") if isinstance(src.extra.get("libvirt"), dict) else None
+    return [_c("libvirt", title, CheckStatus.PASS,
+               f"libvirt migrates {vm.name} itself, {src.name} to {dst.name}"
+               + (f" ({version})." if version else "."))]
 
 
 def target_storage(dst: HostReport) -> tuple[str, ...]:

@@ -269,8 +269,10 @@ class Runner:
                                    phase=Phase.FAILED, errors=(outcome.message,)))
                 return outcome
             source, target = await asyncio.to_thread(self._links, plan, fleet, pool)
-            self.migration = Migration(plan, source, target, checks=self.checks, on_progress=self.post,
-                                       on_step=self.record)
+            from sevconsole.engine.hostlinks import migration_for
+
+            self.migration = migration_for(plan, source, target, checks=self.checks, on_progress=self.post,
+                                           on_step=self.record)
             if self.cancel_reason is not None:
                 self.migration.cancel(self.cancel_reason)
             try:
@@ -314,10 +316,9 @@ class Runner:
         return plan, fleet, pool
 
     def _links(self, plan: MigrationPlan, fleet: Any, pool: Any) -> tuple[Any, Any]:
-        from sevconsole.engine.hostlinks import link_for
+        from sevconsole.engine.hostlinks import links_for
 
-        return (link_for(fleet, pool, plan.source.name, plan.source.address),
-                link_for(fleet, pool, plan.target.name, plan.target.address))
+        return links_for(plan, fleet, pool)
 
 
 def _replace(outcome: Outcome, **changes: Any) -> Outcome:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sevconsole import paths
-from sevconsole.hosts import identity, storage
+from sevconsole.hosts import identity, libvirt, storage
 from sevconsole.hosts.chains import Roots, check_host_chain, load_roots, roots_from_blob
 from sevconsole.hosts.errors import HostError, HostKeyChanged, HostKeyError, QmpCommandError
 from sevconsole.hosts.hostkeys import HostKeyStore, fingerprint
@@ -156,18 +156,25 @@ def _discover(spec: HostSpec, ctx: _Context, last: list[HostReport]) -> HostRepo
     raw_errors = data.get("errors")
     errors = [f"{spec.name}: {e}" for e in (raw_errors if isinstance(raw_errors, list) else [])]
     sev = _sev_support(data)
-    vm_entries = [v for v in data.get("vms", []) if isinstance(v, dict)]
+    entries = [v for v in data.get("vms", []) if isinstance(v, dict)]
+    # libvirt's domains come with the answers the probe got through libvirt: no bridge to them
+    domains = [vm for vm in (libvirt.vm_from_entry(spec.name, v) for v in entries if "libvirt" in v) if vm]
+    vm_entries = [v for v in entries if "libvirt" not in v]
     vms: list[VmInfo] = []
     qmp_caps: dict[str, Any] | None = None
     if ctx.options.query_vms and vm_entries:
         vms, qmp_caps = asyncio.run(_query_vms(conn, vm_entries, lab=spec.lab, ctx=ctx))
     else:
         vms = [_vm_from_probe(v) for v in vm_entries]
+    vms += domains
     caps = _capabilities(spec, data, qmp_caps, ctx, errors, sev)
     extra = {"helper": data.get("helper"), "python": data.get("python"), "endpoint": endpoint.where(),
              "host_claims_lab": bool(data.get("lab"))}
     if spec.shared_storage:
         extra["shared_storage"] = list(spec.shared_storage)
+    facts = libvirt.host_facts(data)
+    if facts is not None:
+        extra["libvirt"] = facts
     # who this machine is, whatever name reached it (hosts/identity.py)
     extra["host_key_fingerprint"] = fingerprint(conn.transport.get_remote_server_key())
     for key in ("machine_id", "boot_id"):
@@ -331,8 +338,10 @@ def mark_stale(reports: list[HostReport]) -> list[HostReport]:
                 live.setdefault(vm.name, report.name)
     out = []
     for report in reports:
+        # a libvirt domain kept defined on the source after a migration (shut off) is one too
         vms = tuple(replace(vm, stale=f"stale copy of VM {vm.name} (now on {live[vm.name]})")
-                    if vm.stale is not None and vm.name in live else vm for vm in report.vms)
+                    if (vm.stale is not None or (vm.libvirt and vm.status == "shut off"))
+                    and live.get(vm.name, report.name) != report.name else vm for vm in report.vms)
         out.append(replace(report, vms=vms) if vms != report.vms else report)
     return out
 

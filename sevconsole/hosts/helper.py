@@ -358,6 +358,7 @@ def cmd_probe(args):
     }
     probe_dev_sev(result)
     result["vms"] = find_vms(globs)
+    probe_libvirt(result)
     emit(result)
     return 0
 
@@ -770,8 +771,328 @@ def cmd_stop(args):
     return 0
 
 
+# ---------------------------------------------------------------- libvirt
+#
+# A host whose QEMUs libvirt manages: libvirt holds each domain's monitor, so QMP goes through
+# `virsh qemu-monitor-command`, and a domain migrates through libvirt's own live migration.
+
+LIBVIRT_URI = "qemu:///system"
+LIBVIRT_SOCKETS = ("/run/libvirt/libvirt-sock", "/run/libvirt/virtqemud-sock", "/var/run/libvirt/libvirt-sock")
+VIRSH_OUTPUT_LIMIT = 4 * 1024 * 1024
+XML_LIMIT = 512 * 1024
+LIBVIRT_QUERIES = ("query-status", "query-sev", "query-migrate")
+JOB_TYPES = {0: "none", 1: "bounded", 2: "unbounded", 3: "completed", 4: "failed", 5: "cancelled"}
+
+
+def virsh_program():
+    try:
+        return find_program("virsh")
+    except HelperFailure:
+        return None
+
+
+def virsh(args, timeout=30.0, program=None):
+    """(rc, stdout, one sentence from stderr) of `virsh -q -c qemu:///system ARGS`."""
+    program = program or virsh_program()
+    if program is None:
+        return 127, "", "virsh is not installed"
+    try:
+        proc = subprocess.run(  # noqa: UP022 (capture_output is Python 3.7; hosts may run 3.6)
+            [program, "-q", "-c", LIBVIRT_URI] + list(args), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return 124, "", f"virsh {args[0]} did not answer within {timeout:g} s"
+    except OSError as exc:
+        return 126, "", f"virsh could not run: {exc.strerror or exc}"
+    out = proc.stdout[:VIRSH_OUTPUT_LIMIT].decode("utf-8", "replace")
+    return proc.returncode, out, virsh_sentence(proc.stderr[:65536].decode("utf-8", "replace"))
+
+
+def virsh_sentence(text):
+    """virsh's `error: ...` lines as one sentence, in libvirt's own words."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line[len("error: "):] if line.startswith("error: ") else line for line in lines]
+    return "; ".join(lines)[:600]
+
+
+def xml_text(xml, pattern):
+    match = re.search(pattern, xml, re.S)
+    return match.group(1).strip() if match else None
+
+
+def domain_from_xml(xml):
+    """What the console needs of a domain's XML (by pattern: no parser for a hostile document)."""
+    memory = xml_text(xml, r"<memory(?: unit=['\"]KiB['\"])?[^>]*>\s*(\d+)\s*</memory>")
+    sev = re.search(r"<launchSecurity[^>]*type=['\"](sev|sev-snp|s390-pv)['\"]", xml)
+    policy = xml_text(xml, r"<launchSecurity.*?<policy>\s*(0x[0-9a-fA-F]+|\d+)\s*</policy>")
+    disks = re.findall(r"<disk\b.*?<source\b[^>]*\b(?:file|dev)=['\"]([^'\"]+)['\"]", xml, re.S)
+    return {"name": xml_text(xml, r"<name>([^<]*)</name>"), "uuid": xml_text(xml, r"<uuid>([^<]*)</uuid>"),
+            "memory_kib": int(memory) if memory and memory.isdigit() else None,
+            "launch_security": sev.group(1) if sev else None,
+            "policy": int(policy, 0) if policy else None, "disks": disks[:32]}
+
+
+def libvirt_pid(name, uuid):
+    """The domain's QEMU: libvirt's pid file, else the QEMU whose -uuid is the domain's."""
+    text = (read_text(f"/run/libvirt/qemu/{name}.pid") or "").strip()
+    if text.isdigit() and alive(int(text)):
+        return int(text)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            argv = process_argv(entry)
+            if argv and is_qemu(argv) and uuid in option_values(argv, "-uuid"):
+                return int(entry)
+    return None
+
+
+def libvirt_qmp(program, domain, command, arguments=None):
+    """One QMP command through libvirt: QEMU's answer object, or {"error": {"desc": why}}."""
+    message = {"execute": command}
+    if arguments:
+        message["arguments"] = arguments
+    rc, out, err = virsh(["qemu-monitor-command", domain, json.dumps(message)], program=program)
+    if rc != 0:
+        return {"error": {"class": "LibvirtError", "desc": err or f"virsh exit {rc}"}}
+    try:
+        answer = json.loads(out)
+    except ValueError:
+        return {"error": {"class": "LibvirtError", "desc": "an answer that is not JSON"}}
+    return answer if isinstance(answer, dict) else {"error": {"class": "LibvirtError", "desc": "not an object"}}
+
+
+def probe_libvirt(result):
+    """libvirt's view of this host (result["libvirt"]) and its domains (added to result["vms"]);
+    nothing when virsh is not installed."""
+    program = virsh_program()
+    if program is None:
+        return
+    rc, out, err = virsh(["version", "--daemon"], program=program)
+    if rc != 0 and not any(os.path.exists(path) for path in LIBVIRT_SOCKETS):
+        return  # virsh installed, no libvirt daemon running: not a libvirt host
+    if rc != 0:
+        result["libvirt"] = {"uri": LIBVIRT_URI, "error": err or f"virsh exit {rc}"}
+        result["errors"].append(f"libvirt ({LIBVIRT_URI}) did not answer: {err}")
+        return
+    info = {"uri": LIBVIRT_URI, "version": xml_text(out, r"Running hypervisor:\s*([^\n]+)")
+            or xml_text(out, r"Using library:\s*([^\n]+)"), "sev": probe_libvirt_sev(program, result)}
+    rc, out, err = virsh(["list", "--all", "--uuid"], program=program)
+    uuids = [line.strip() for line in out.splitlines() if line.strip()][:256] if rc == 0 else []
+    if rc != 0:
+        result["errors"].append("libvirt could not list its domains: " + err)
+    info["domains"] = len(uuids)
+    result["libvirt"] = info
+    taken = set()
+    for uuid in uuids:
+        entry = probe_domain(program, uuid)
+        if entry is not None:
+            taken.add(uuid)
+            result["vms"].append(entry)
+    # a QEMU libvirt manages is listed once, as its domain
+    result["vms"] = [vm for vm in result["vms"] if "libvirt" in vm
+                     or not set(option_values(vm.get("argv") or [], "-uuid")) & taken]
+
+
+def probe_domain(program, uuid):
+    rc, xml, err = virsh(["dumpxml", uuid], program=program)
+    if rc != 0:
+        return None  # gone since the list
+    dom = domain_from_xml(xml[:XML_LIMIT])
+    rc, state, _ = virsh(["domstate", uuid], program=program)
+    state = state.strip() if rc == 0 else "unknown"
+    rc, persistent, _ = virsh(["dominfo", uuid], program=program)
+    dom.update({"state": state, "persistent": xml_text(persistent, r"Persistent:\s*(\w+)") == "yes",
+                "qmp": {}})
+    name = dom["name"] or uuid
+    pid = None
+    if state in ("running", "paused", "idle", "in shutdown", "blocked", "pmsuspended"):
+        for command in LIBVIRT_QUERIES:
+            dom["qmp"][command] = libvirt_qmp(program, uuid, command)
+        pid = libvirt_pid(name, uuid)
+    argv = process_argv(pid) if pid else None
+    return {"pid": pid, "name": name, "qmp": "libvirt:" + uuid, "argv": argv or [], "libvirt": dom}
+
+
+def probe_libvirt_sev(program, result):
+    """SEV as libvirt sees it: domcapabilities' <sev>, and the PDH and chain from nodesevinfo."""
+    rc, caps, err = virsh(["domcapabilities"], program=program)
+    sev = {"supported": None}
+    if rc == 0:
+        block = re.search(r"<sev supported=['\"](yes|no)['\"]\s*/?>(.*?)(?:</sev>|$)", caps, re.S)
+        if block:
+            sev["supported"] = block.group(1) == "yes"
+            for key, tag in (("cbitpos", "cbitpos"), ("reduced_phys_bits", "reducedPhysBits")):
+                value = xml_text(block.group(2), rf"<{tag}>\s*(\d+)\s*</{tag}>")
+                sev[key] = int(value) if value else None
+    else:
+        sev["error"] = err
+    rc, out, err = virsh(["nodesevinfo"], program=program)
+    if rc != 0:
+        sev["nodesevinfo"] = err  # libvirt's own sentence, e.g. QEMU does not support SEV guest
+        return sev
+    fields = {}
+    for line in out.splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    if result.get("pdh") is None and fields.get("pdh"):
+        result["pdh"] = fields["pdh"]
+    if result.get("cert_chain") is None and fields.get("cert-chain"):
+        result["cert_chain"] = fields["cert-chain"]
+    for key, name in (("cbitpos", "cbitpos"), ("reduced_phys_bits", "reduced-phys-bits")):
+        if fields.get(name, "").isdigit():
+            sev[key] = int(fields[name])
+    return sev
+
+
+def read_request():
+    try:
+        request = json.loads(sys.stdin.read(1 << 20) or "{}")
+    except ValueError:
+        raise HelperFailure("expected a JSON object on stdin") from None
+    if not isinstance(request, dict):
+        raise HelperFailure("expected a JSON object on stdin")
+    return request
+
+
+def need_virsh():
+    program = virsh_program()
+    if program is None:
+        raise HelperFailure("virsh is not installed on this host; libvirt's domains cannot be reached")
+    return program
+
+
+def domain_arg(args, what):
+    if len(args) != 1 or not re.match(r"^[A-Za-z0-9_.:+-]{1,200}$", args[0]):
+        raise HelperFailure(f"{what}: expected one domain name or UUID")
+    return args[0]
+
+
+def cmd_libvirt_qmp(args):
+    """`libvirt-qmp DOMAIN`, {"execute", "arguments"} on stdin -> {"qmp": QEMU's answer}."""
+    domain = domain_arg(args, "libvirt-qmp")
+    request = read_request()
+    if not isinstance(request.get("execute"), str):
+        raise HelperFailure('libvirt-qmp expects {"execute": ..., "arguments": ...} on stdin')
+    arguments = request.get("arguments") if isinstance(request.get("arguments"), dict) else None
+    emit({"qmp": libvirt_qmp(need_virsh(), domain, request["execute"], arguments)})
+    return 0
+
+
+MIGRATE_NAME = re.compile(r"^libvirt-migrate-[0-9]+-[0-9]+$")
+
+
+def cmd_libvirt_migrate(args):
+    """Start libvirt's live migration of a domain, detached from this session (it outlives the
+    console's SSH connection); {"pid", "stem"}: its output and exit status land in the private
+    folder under that stem, read by libvirt-job."""
+    program = need_virsh()
+    request = read_request()
+    domain = domain_arg([str(request.get("domain", ""))], "libvirt-migrate")
+    dest = str(request.get("dest_uri") or "")
+    if not re.match(r"^[a-z0-9+]+://[^\s'\"]*$", dest):
+        raise HelperFailure(f"libvirt-migrate: the destination is not a libvirt URI: {dest[:100]!r}")
+    argv = [program, "-q", "-c", LIBVIRT_URI, "migrate", "--live"]
+    if request.get("p2p"):
+        argv.append("--p2p")
+    if request.get("undefine_source"):
+        argv += ["--persistent", "--undefinesource"]
+    for key, option in (("migrate_uri", "--migrateuri"), ("listen_address", "--listen-address"),
+                        ("bandwidth_mib", "--bandwidth")):
+        if request.get(key) not in (None, ""):
+            argv += [option, str(request[key])]
+    argv += [domain, dest]
+    downtime = request.get("downtime_ms")
+    if isinstance(downtime, int) and downtime > 0:  # QEMU's downtime-limit, set before the job starts
+        virsh(["migrate-setmaxdowntime", domain, str(downtime)], program=program)
+    stem = f"libvirt-migrate-{os.getpid()}-{int(time.time() * 1000) % 10 ** 9}"
+    folder = private_dir()
+    watcher = [sys.executable, "-c", WATCHER, os.path.join(folder, stem)] + argv
+    pid = detach(watcher, os.path.join(folder, stem + ".log"))
+    emit({"pid": pid, "stem": stem, "argv": argv})
+    return 0
+
+
+# Runs virsh and writes its exit status next to its output, so whoever asks later (libvirt-job)
+# learns how it ended even when nobody waited for it.
+WATCHER = ("import subprocess,sys,os\n"
+           "rc=subprocess.call(sys.argv[2:],stdin=subprocess.DEVNULL)\n"
+           "tmp=sys.argv[1]+'.rc.tmp'\n"
+           "open(tmp,'w').write(str(rc))\n"
+           "os.rename(tmp,sys.argv[1]+'.rc')\n")
+
+
+def migrate_files(stem):
+    if not isinstance(stem, str) or not MIGRATE_NAME.match(stem):
+        return None
+    base = os.path.join(private_dir(), stem)
+    return base + ".log", base + ".rc"
+
+
+def cmd_libvirt_job(args):
+    """`libvirt-job DOMAIN`, optional {"stem"} on stdin: the job's statistics (domjobinfo --rawstats),
+    the domain's state, and how a detached `virsh migrate` ended (exit status, libvirt's words)."""
+    program = need_virsh()
+    domain = domain_arg(args, "libvirt-job")
+    request = read_request()
+    rc, out, err = virsh(["domjobinfo", domain, "--rawstats"], program=program)
+    job = rawstats(out)
+    if job.get("job_type") in (None, "none"):  # it ended between polls: its final figures, if kept
+        rc_done, done, _ = virsh(["domjobinfo", domain, "--completed", "--anystats", "--rawstats"],
+                                 program=program)
+        if rc_done == 0 and rawstats(done).get("job_type") not in (None, "none"):
+            job = rawstats(done)
+    rc_state, state, state_err = virsh(["domstate", domain], program=program)
+    answer = {"job": job, "job_error": err if rc != 0 else None,
+              "state": state.strip() if rc_state == 0 else None, "state_error": state_err if rc_state else None}
+    files = migrate_files(request.get("stem"))
+    if files is not None:
+        log_path, rc_path = files
+        ended = (read_text(rc_path) or "").strip()
+        answer["migrate_rc"] = int(ended) if ended.lstrip("-").isdigit() else None
+        answer["migrate_said"] = virsh_sentence(read_text(log_path) or "")[-600:]
+        if answer["migrate_rc"] is not None and request.get("tidy"):
+            for path in files:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+    emit(answer)
+    return 0
+
+
+def rawstats(text):
+    """`domjobinfo --rawstats` as a dict: numbers as ints, the job type as a word."""
+    job = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            value = value.strip()
+            job[key.strip().replace(" ", "_").lower()] = int(value) if value.lstrip("-").isdigit() else value
+    if isinstance(job.get("job_type"), int):
+        job["job_type"] = JOB_TYPES.get(job["job_type"], str(job["job_type"]))
+    return job
+
+
+def cmd_libvirt_abort(args):
+    """`libvirt-abort DOMAIN`: domjobabort; {"aborted": bool, "said": libvirt's sentence}."""
+    domain = domain_arg(args, "libvirt-abort")
+    rc, _, err = virsh(["domjobabort", domain], program=need_virsh())
+    emit({"aborted": rc == 0, "said": err})
+    return 0
+
+
+def cmd_libvirt_state(args):
+    """`libvirt-state DOMAIN`: {"state": domstate or None (no such domain), "persistent", "said"}."""
+    domain = domain_arg(args, "libvirt-state")
+    program = need_virsh()
+    rc, out, err = virsh(["domstate", domain], program=program)
+    _, info, _ = virsh(["dominfo", domain], program=program) if rc == 0 else (1, "", "")
+    emit({"state": out.strip() if rc == 0 else None, "said": err if rc else None,
+          "persistent": xml_text(info, r"Persistent:\s*(\w+)") == "yes"})
+    return 0
+
+
 COMMANDS = {"probe": cmd_probe, "qmp": cmd_qmp, "launch-incoming": cmd_launch_incoming,
-            "stop": cmd_stop, "files": cmd_files}
+            "stop": cmd_stop, "files": cmd_files, "libvirt-qmp": cmd_libvirt_qmp,
+            "libvirt-migrate": cmd_libvirt_migrate, "libvirt-job": cmd_libvirt_job,
+            "libvirt-abort": cmd_libvirt_abort, "libvirt-state": cmd_libvirt_state}
 
 
 def main(argv):

@@ -20,7 +20,8 @@ from sevconsole.boundedio import CONFIG_LIMIT, INVENTORY_LIMIT, BoundedReadError
 from sevconsole.hosts.errors import InventoryError, InventoryProblem
 
 HOST_KEYS = ("name", "address", "port", "user", "identity", "jump", "qmp_sockets", "labels", "lab",
-             "shared_storage")
+             "shared_storage", "libvirt_uri", "libvirt_migration")
+LIBVIRT_MODES = ("p2p", "client")
 # Top level: the hosts, and optionally the known_hosts file and lab root this inventory goes with
 # (a lab writes both; relative paths are relative to the inventory file).
 TOP_LEVEL_KEYS = ("host", "known_hosts", "lab_root")
@@ -43,6 +44,11 @@ class HostSpec:
     # folders on the host holding disk images every host that may receive its VMs also sees: the
     # only place a migrated VM's -drive/-blockdev may name (engine/argv_policy.py)
     shared_storage: tuple[str, ...] = ()
+    # libvirt: how another host's libvirt reaches this one's (a migration's destination; default
+    # qemu+ssh://user@address:port/system), and how migrations from this host run: "p2p" (libvirt
+    # to libvirt) or "client" (virsh on this host manages both ends)
+    libvirt_uri: str | None = None
+    libvirt_migration: str = "p2p"
 
 
 @dataclass(frozen=True)
@@ -219,6 +225,14 @@ def _host(index: int, table: dict[str, Any], base: Path, fname: str, loc: _Locat
             bad(index, "shared_storage", f"{folder!r} must be an absolute folder on the host "
                 "other than / itself (no '..', no ',')")
     shared_storage = tuple(f.rstrip("/") or "/" for f in shared_storage)
+    libvirt_uri = text("libvirt_uri")
+    if libvirt_uri is not None and not re.fullmatch(r"[a-z0-9+]+://[^\s'\"]*", libvirt_uri):
+        bad(index, "libvirt_uri", f"{libvirt_uri!r} is not a libvirt URI (such as qemu+ssh://root@hv-b/system)")
+        libvirt_uri = None
+    libvirt_migration = text("libvirt_migration") or "p2p"
+    if libvirt_migration not in LIBVIRT_MODES:
+        bad(index, "libvirt_migration", f"must be one of {', '.join(LIBVIRT_MODES)}, not {libvirt_migration!r}")
+        libvirt_migration = "p2p"
     if name is None or address is None:
         return None
     if not re.fullmatch(r"[A-Za-z0-9._@:+-]+", name):
@@ -226,7 +240,8 @@ def _host(index: int, table: dict[str, Any], base: Path, fname: str, loc: _Locat
         return None
     return HostSpec(name=name, address=address, port=port, user=user, identity=identity, jump=jump,
                     qmp_sockets=qmp_sockets, labels=labels, lab=lab,
-                    origin=f"{fname}:{loc.line(index)}", shared_storage=shared_storage)
+                    origin=f"{fname}:{loc.line(index)}", shared_storage=shared_storage,
+                    libvirt_uri=libvirt_uri, libvirt_migration=libvirt_migration)
 
 
 def _close(a: str, b: str) -> bool:

@@ -60,6 +60,7 @@ class VmInfo:
     errors: tuple[str, ...] = ()
     # "stale copy of VM web (now on hv-b)": a copy a migration left (postmigrate, SENT); never a source
     stale: str | None = None
+    libvirt: str | None = None  # the domain's UUID when libvirt manages this QEMU (qmp_path "libvirt:<uuid>")
 
 
 @dataclass(frozen=True)
