@@ -18,12 +18,13 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.content import Content
 from textual.message import Message
-from textual.widgets import DataTable, Footer, Header, Input, Static
+from textual.widgets import DataTable, Header, Input, Static
 
 from sevconsole.hosts.report import HostReport
 from sevconsole.tui import fleet, safe
 from sevconsole.tui import format as fmt
 from sevconsole.tui.screens.hosts import HostsScreen, row_cells
+from sevconsole.tui.widgets.footer import QuickFooter
 
 HOST_COLUMNS = (("host", "Host"), ("state", "State"), ("sev", "SEV"), ("chain", "Chain"), ("vms", "VMs"),
                 ("note", "Note"))
@@ -93,6 +94,10 @@ class OverviewScreen(HostsScreen):
         self.audit: tuple[dict[str, Any], ...] = ()
         self.history_loaded = False
         self._vms_pending = False
+        self._heights: dict[str, int | None] = {}
+        self._all_vm_rows: list[fleet.VmRow] = []
+        self._vm_cells: dict[str, list[Any]] = {}
+        self._shown: dict[str, object] = {}  # what each Static shows: updated only when it changes
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -115,7 +120,7 @@ class OverviewScreen(HostsScreen):
                     yield DataTable(id="ov-migrations", cursor_type="row")
                     yield Static(id="ov-migrations-empty", classes="ov-empty")
         yield Static(id="hosts-status")
-        yield Footer()
+        yield QuickFooter()
 
     def on_mount(self, event: events.Mount) -> None:
         event.prevent_default()  # HostsScreen's on_mount runs once, below, not again after this one
@@ -243,29 +248,53 @@ class OverviewScreen(HostsScreen):
             safe.show("[$accent]$n migrating[/]" if flying else "$n migrating", n=flying)])
         if self.filter_text:
             summary += safe.show(" · filter $text", text=repr(self.filter_text))
-        self.query_one("#ov-summary", Static).update(summary)
+        self._update("#ov-summary", summary)
 
-    def fill_vms(self) -> None:
-        table = self.query_one("#ov-vms", DataTable)
-        reports = self.app.reports  # type: ignore[attr-defined]
-        order = list(self.app.backend.host_names())  # type: ignore[attr-defined]
-        rows = [r for r in fleet.vm_rows(reports, order) if fleet.matches(r, self.filter_text)]
-        self.vm_rows = fleet.sort_rows(rows, self.sort_key, order)
-        keep = self.selected_vm_row()
-        table.clear()
-        for row in self.vm_rows:
+    def vm_cells(self, row: fleet.VmRow) -> list[Any]:
+        """A VM row's cells, made once per report (a sort or a filter only moves them: the table
+        measures every cell it is given, which costs more than the drawing)."""
+        cells = self._vm_cells.get(row.key)
+        if cells is None:
             vm = row.vm
             words, style = fleet.migratable(vm)
             mem = "-" if vm.memory_mib is None else fmt.size(vm.memory_mib * 1024 * 1024)
             policy = "plain" if not vm.sev_enabled else policy_words(vm.policy)
-            status = vm.status or "?"
-            cells = (safe.plain(vm.name), safe.plain(row.host), safe.plain(status), safe.plain(words, style),
+            parts = (safe.plain(vm.name), safe.plain(row.host), safe.plain(vm.status or "?"), safe.plain(words, style),
                      Content(mem), safe.plain(policy, "" if vm.sev_enabled else "$text-muted"))
-            table.add_row(*(safe.rich(self.app, c) for c in cells), key=row.key)
+            cells = [safe.rich(self.app, c) for c in parts]
+            self._vm_cells[row.key] = cells
+        return cells
+
+    def fill_vms(self, rebuild: bool = True) -> None:
+        """`rebuild`: the reports (or the theme) changed; otherwise only the filter or the order did,
+        and the rows already in the table are kept and moved."""
+        table = self.query_one("#ov-vms", DataTable)
+        reports = self.app.reports  # type: ignore[attr-defined]
+        order = list(self.app.backend.host_names())  # type: ignore[attr-defined]
+        if rebuild or not self._all_vm_rows:
+            self._all_vm_rows = fleet.vm_rows(reports, order)
+            self._vm_cells = {}
+        rows = [r for r in self._all_vm_rows if fleet.matches(r, self.filter_text)]
+        keep = self.selected_vm_row()
+        self.vm_rows = fleet.sort_rows(rows, self.sort_key, order)
+        if rebuild:
+            table.clear()
+            for row in self.vm_rows:
+                table.add_row(*self.vm_cells(row), key=row.key)
+        else:
+            wanted = {r.key for r in self.vm_rows}
+            present = {str(k.value) for k in table.rows}
+            for key in present - wanted:
+                table.remove_row(key)
+            for row in self.vm_rows:
+                if row.key not in present:
+                    table.add_row(*self.vm_cells(row), key=row.key)
+            rank = {id(self.vm_cells(r)[0]): i for i, r in enumerate(self.vm_rows)}
+            table.sort(key=lambda cells: rank[id(cells[0])])
         if keep is not None and keep.key in table.rows:
             table.move_cursor(row=table.get_row_index(keep.key), animate=False)
         self.show_vm_detail()
-        total = sum(len(r.vms) for r in reports.values())
+        total = len(self._all_vm_rows)
         box = self.query_one("#ov-vms-box")
         box.border_subtitle = (f"{len(self.vm_rows)} of {total}" if self.filter_text else f"{total}") + \
             f" · by {self.sort_key} (s)"
@@ -340,27 +369,32 @@ class OverviewScreen(HostsScreen):
             return 2 + max(1, -(-len(text) // box_width))
 
         hosts = self.query_one("#hosts", DataTable)
-        self.query_one("#ov-hosts-box").styles.height = max(1, hosts.row_count) + 3
         attention = needed("ov-attention", "ov-attention-empty")
         migrations = needed("ov-migrations", "ov-migrations-empty")
-        right = self.query_one("#ov-right")
-        if wide:
-            right.styles.height = None  # the stylesheet's 1fr
-            self.query_one("#ov-attention-box").styles.height = attention
-        else:
-            right.styles.height = min(max(attention, migrations), 14 if tall else 9)
-            self.query_one("#ov-attention-box").styles.height = None
+        heights = {"#ov-hosts-box": max(1, hosts.row_count) + 3,
+                   "#ov-right": None if wide else min(max(attention, migrations), 14 if tall else 9),
+                   "#ov-attention-box": attention if wide else None}  # None: the stylesheet's
+        for selector, height in heights.items():
+            if self._heights.get(selector, -1) != height:  # a new height is a new layout: only when it changes
+                self._heights[selector] = height
+                self.query_one(selector).styles.height = height
 
     def on_resize(self, event: events.Resize) -> None:
         self.call_after_refresh(self.apply_heights)  # the breakpoint classes change with the size
 
+    def _update(self, selector: str, content: Content) -> None:
+        """Static.update lays the screen out again: skip it when nothing changed."""
+        key = (content.plain, tuple(content.spans))  # Content's == looks at the text alone
+        if self._shown.get(selector) != key:
+            self._shown[selector] = key
+            self.query_one(selector, Static).update(content)
+
     def show_vm_detail(self) -> None:
         """The highlighted VM: its flags in one line and what the ones that matter to a migration
         do (tall screens: the room is there; the host screen explains every bit)."""
-        detail = self.query_one("#ov-vm-detail", Static)
         row = self.selected_vm_row()
         if row is None:
-            detail.update("")
+            self._update("#ov-vm-detail", Content())
             return
         vm = row.vm
         words, style = fleet.migratable(vm)
@@ -385,7 +419,7 @@ class OverviewScreen(HostsScreen):
         if vm.migration_blocker:
             lines.append(safe.show("[$error]QEMU: $blocker[/]", blocker=vm.migration_blocker))
         lines += [safe.plain(e, "$error") for e in vm.errors[:2]]
-        detail.update(safe.lines(lines))
+        self._update("#ov-vm-detail", safe.lines(lines))
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         if event.data_table.id == "ov-vms":
@@ -479,7 +513,7 @@ class OverviewScreen(HostsScreen):
     def action_sort(self) -> None:
         order = fleet.SORTS
         self.sort_key = order[(order.index(self.sort_key) + 1) % len(order)]
-        self.fill_vms()
+        self.fill_vms(rebuild=False)
 
     def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
         """A click on a VM column header sorts by it, where that column is a sort key."""
@@ -488,7 +522,7 @@ class OverviewScreen(HostsScreen):
         key = {"host": "host", "status": "state", "policy": "policy", "mem": "memory"}.get(str(event.column_key.value))
         if key is not None:
             self.sort_key = key
-            self.fill_vms()
+            self.fill_vms(rebuild=False)
 
     def action_panel(self, panel: str) -> None:
         table = self.query_one(f"#{panel}", DataTable)
@@ -503,7 +537,7 @@ class OverviewScreen(HostsScreen):
     def on_input_changed(self, event: Input.Changed) -> None:
         event.prevent_default()
         super().on_input_changed(event)
-        self.fill_vms()
+        self.fill_vms(rebuild=False)
         self.fill_summary()
 
     def palette_commands(self) -> list[tuple[str, str, object]]:
