@@ -864,11 +864,9 @@ def probe_libvirt(result):
     """libvirt's view of this host (result["libvirt"]) and its domains (added to result["vms"]);
     nothing when virsh is not installed."""
     program = virsh_program()
-    if program is None:
-        return
+    if program is None or not any(os.path.exists(path) for path in LIBVIRT_SOCKETS):
+        return  # no virsh, or no libvirt daemon's socket (virsh alone is not a libvirt host)
     rc, out, err = virsh(["version", "--daemon"], program=program)
-    if rc != 0 and not any(os.path.exists(path) for path in LIBVIRT_SOCKETS):
-        return  # virsh installed, no libvirt daemon running: not a libvirt host
     if rc != 0:
         result["libvirt"] = {"uri": LIBVIRT_URI, "error": err or f"virsh exit {rc}"}
         result["errors"].append(f"libvirt ({LIBVIRT_URI}) did not answer: {err}")
