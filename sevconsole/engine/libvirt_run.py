@@ -181,7 +181,8 @@ class LibvirtMigration:
                 f.error(str(exc))
                 return await self._settle(None, f"{plan.source.name} could not be asked about the migration: {exc}",
                                           started=True, move=move)
-            job = info.get("job") if isinstance(info.get("job"), dict) else {}
+            raw = info.get("job")
+            job: dict[str, Any] = raw if isinstance(raw, dict) else {}
             if job.get("job_type") not in (None, "none"):
                 f.fold_migrate(job_as_query_migrate(job))
             rc = info.get("migrate_rc")

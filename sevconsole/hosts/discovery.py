@@ -331,7 +331,7 @@ async def _ask_vm(qmp: QmpLink, vm: VmInfo, *, lab: bool, caps_out: list[dict[st
 def mark_stale(reports: list[HostReport]) -> list[HostReport]:
     """A stale copy (a migration's leftover: postmigrate, or SENT) says where its guest went: the host
     whose copy of that name runs or is paused."""
-    live = {}
+    live: dict[str, str] = {}
     for report in reports:
         for vm in report.vms:
             if vm.stale is None and vm.status in ("running", "paused"):

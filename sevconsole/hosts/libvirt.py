@@ -33,6 +33,14 @@ def domain_of(path: str | None) -> str | None:
     return uuid if _UUID.match(uuid) else None
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def _text(value: Any, limit: int = 256) -> str | None:
     return value[:limit] if isinstance(value, str) and value else None
 
@@ -60,7 +68,7 @@ def vm_from_entry(host: str, entry: dict[str, Any]) -> VmInfo | None:
         return None
     uuid = dom["uuid"].lower()
     name = _text(dom.get("name")) or _text(entry.get("name")) or uuid
-    qmp = dom.get("qmp") if isinstance(dom.get("qmp"), dict) else {}
+    qmp = _dict(dom.get("qmp"))
     status, status_error = _answer(qmp, "query-status")
     sev, _ = _answer(qmp, "query-sev")  # an error here means a QEMU without SEV: not an SEV guest
     migrate, _ = _answer(qmp, "query-migrate")
@@ -68,12 +76,12 @@ def vm_from_entry(host: str, entry: dict[str, Any]) -> VmInfo | None:
     run_state = _text(status.get("status"), 40) or STATES.get(state, state)
     launch = _text(dom.get("launch_security"), 20)
     sev_on = bool(sev.get("enabled")) or launch is not None
-    reasons = migrate.get("blocked-reasons") if isinstance(migrate.get("blocked-reasons"), list) else []
-    errors = ()
+    reasons = _list(migrate.get("blocked-reasons"))
+    errors: tuple[str, ...] = ()
     if status_error and state not in ("shut off",):
         errors = (f"{host}: libvirt domain {name}: qemu-monitor-command query-status: {status_error}",)
     memory = _int(dom.get("memory_kib"))
-    argv = entry.get("argv") if isinstance(entry.get("argv"), list) else []
+    argv = _list(entry.get("argv"))
     return VmInfo(name=name, pid=_int(entry.get("pid")), qmp_path=PREFIX + uuid,
                   argv=tuple(str(a)[:4096] for a in argv[:4096]), status=run_state,
                   memory_mib=None if memory is None else memory // 1024, sev_enabled=sev_on,
@@ -89,7 +97,7 @@ def host_facts(data: dict[str, Any]) -> dict[str, Any] | None:
     raw = data.get("libvirt")
     if not isinstance(raw, dict):
         return None
-    sev = raw.get("sev") if isinstance(raw.get("sev"), dict) else {}
+    sev = _dict(raw.get("sev"))
     return {"uri": _text(raw.get("uri")), "version": _text(raw.get("version"), 80),
             "error": _text(raw.get("error"), 600), "domains": _int(raw.get("domains")),
             "sev_supported": sev.get("supported") if isinstance(sev.get("supported"), bool) else None,
@@ -115,7 +123,7 @@ class LibvirtQmp:
                               "QEMU's answer")
         if "return" in qmp:
             return qmp["return"]
-        error = qmp.get("error") if isinstance(qmp.get("error"), dict) else {}
+        error = _dict(qmp.get("error"))
         klass, desc = str(error.get("class", "GenericError"))[:80], str(error.get("desc", "no reason"))[:400]
         raise QmpCommandError(self.conn.name, f"{self.conn.name}: {command} through libvirt: {klass}: {desc}",
                               command=command, error_class=klass, desc=desc)

@@ -78,7 +78,8 @@ def unlock(path: Path, notes: list[str]) -> paramiko.PKey | None:
 
 def _open(path: Path, passphrase: str) -> paramiko.PKey | None:
     try:
-        return paramiko.PKey.from_path(str(path), passphrase.encode())
+        # paramiko's stubs say str; its key loaders want bytes ("password must be bytes")
+        return paramiko.PKey.from_path(str(path), passphrase.encode())  # type: ignore[arg-type]
     except (paramiko.SSHException, ValueError, TypeError, OSError):
         return None  # a wrong passphrase reads as a malformed key in some formats
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -54,7 +55,7 @@ class PassphraseScreen(ModalScreen["str | None"]):
         self.dismiss(None)
 
 
-def asker_for(app: App[object]) -> Callable[[Path], str | None]:
+def asker_for(app: App[Any]) -> Callable[[Path], str | None]:
     """A hosts.passphrases asker for SSH work in thread workers: shows the modal on the app's
     loop and waits for the answer (None after ANSWER_TIMEOUT_S or when the app is gone)."""
 
