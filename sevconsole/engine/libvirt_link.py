@@ -3,7 +3,9 @@
 libvirt holds each domain's QMP monitor and starts a migration's incoming QEMU itself, so this
 link never bridges to a monitor socket and never launches a QEMU: `open_qmp("libvirt:<uuid>")`
 gives a client whose commands go through `virsh qemu-monitor-command`, and the migration is
-libvirt's own (`migrate`, `job`, `abort`, `state` run the helper's libvirt commands).
+libvirt's own (`migrate`, `job`, `abort`, `state` run the helper's libvirt commands). Every SshHost
+opens a `libvirt:<uuid>` QMP path through libvirt (engine/libvirt_qmp.py), so recover and any other
+observer read a libvirt domain the same way.
 """
 
 from __future__ import annotations
@@ -12,39 +14,14 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from qemu.qmp import QMPClient
-
 from sevconsole.engine.errors import LinkError
 from sevconsole.engine.links import IncomingVm
 from sevconsole.engine.ssh import SshHost
-from sevconsole.hosts import libvirt
 from sevconsole.hosts.errors import HostError
 from sevconsole.hosts.remote import run_helper
 from sevconsole.hosts.ssh import SshConnection
 
 MODES = ("p2p", "client")  # libvirt's peer-to-peer migration, or one managed by virsh as the client
-
-
-class LibvirtQmpClient:
-    """The part of qemu.qmp's QMPClient the engine uses (execute, disconnect), through libvirt.
-    Errors are LinkErrors naming the host (QEMU's own refusal keeps its words)."""
-
-    def __init__(self, link: LibvirtHost, uuid: str) -> None:
-        self.link = link
-        self.uuid = uuid
-
-    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        conn = await self.link._conn()
-        try:
-            return await asyncio.to_thread(libvirt.LibvirtQmp(conn, self.uuid).execute, command, arguments)
-        except HostError as exc:
-            raise LinkError(self.link.name, str(exc)) from exc
-
-    async def disconnect(self) -> None:
-        return None  # nothing held open: each command is one helper call
-
-    def register_listener(self, listener: Any) -> None:
-        return None  # libvirt keeps QEMU's events; the engine polls
 
 
 class LibvirtHost(SshHost):
@@ -53,12 +30,6 @@ class LibvirtHost(SshHost):
         super().__init__(name, address, conn, reconnect=reconnect, storage=storage)
         self.uri = uri  # how another host's libvirt reaches this one's (a migration's destination)
         self.mode = mode if mode in MODES else "p2p"
-
-    async def open_qmp(self, path: str) -> QMPClient:
-        uuid = libvirt.domain_of(path)
-        if uuid is None:  # a bare QEMU on a host that also runs libvirt
-            return await super().open_qmp(path)
-        return LibvirtQmpClient(self, uuid)  # type: ignore[return-value]
 
     async def launch_incoming(self, argv: Sequence[str]) -> IncomingVm:
         raise LinkError(self.name, "libvirt starts the incoming VM of a libvirt domain itself; this link "

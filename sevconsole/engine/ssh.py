@@ -12,7 +12,7 @@ from qemu.qmp import QMPClient
 from sevconsole.engine.argv_policy import ArgvRefused, require_target_argv
 from sevconsole.engine.errors import LinkError
 from sevconsole.engine.links import IncomingVm, QemuGone
-from sevconsole.hosts import remote
+from sevconsole.hosts import libvirt, remote
 from sevconsole.hosts.errors import HostError
 from sevconsole.hosts.qmp import QmpLink, QmpSocketGone, connect_qmp
 from sevconsole.hosts.ssh import SshConnection
@@ -41,6 +41,11 @@ class SshHost:
         return self.conn
 
     async def open_qmp(self, path: str) -> QMPClient:
+        uuid = libvirt.domain_of(path)
+        if uuid is not None:  # libvirt holds that domain's monitor: QMP goes through virsh
+            from sevconsole.engine.libvirt_qmp import LibvirtQmpClient
+
+            return LibvirtQmpClient(self.name, self._conn, uuid)  # type: ignore[return-value]
         try:
             link = await connect_qmp(await self._conn(), path)
         except QmpSocketGone as exc:

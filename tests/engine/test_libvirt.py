@@ -21,6 +21,7 @@ from sevconsole.engine.libvirt_run import LibvirtMigration
 from sevconsole.engine.machine import Step
 from sevconsole.engine.plan import MigrationPlan
 from sevconsole.engine.progress import Progress
+from sevconsole.engine.ssh import SshHost
 from sevconsole.hosts.discovery import DiscoveryOptions, discover
 from sevconsole.hosts.errors import QmpLinkError
 from sevconsole.hosts.qmp import open_qmp
@@ -94,8 +95,9 @@ async def test_discovery_sees_libvirt_domains_through_libvirt(pair: LibvirtPair,
         # SEV as libvirt sees it, in libvirt's words
         assert facts["sev_supported"] is False and "QEMU does not support SEV guest" in facts["sev_refusal"]
         assert b.vm("disc") is None and b.extra["machine_id"] != a.extra["machine_id"]
-        # QMP to a libvirt domain goes through virsh qemu-monitor-command, never the monitor socket
-        client = await _link(pair.a, pool).open_qmp(vm.qmp_path)
+        # QMP to a libvirt domain goes through virsh qemu-monitor-command, never the monitor socket,
+        # from any link to that host (recover observes with a plain SshHost)
+        client = await SshHost("hv-a", "127.0.0.1", pool.get(resolve(pair.a.spec()))).open_qmp(vm.qmp_path)
         assert (await client.execute("query-status"))["status"] == "running"
         assert (await client.execute("query-name"))["name"] == "disc"
         assert _bridges(pair.a) == []
