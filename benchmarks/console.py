@@ -83,8 +83,11 @@ def drive(where: dict[str, Any], pairs: list[tuple[str, str, str]], go: Any, sto
         flights[mid] = (vm, source, target)
         started_at[mid] = time.monotonic()
 
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(len(pairs))  # a runner takes a second or two to start: start them together
     for vm, source, target in pairs:
-        start(vm, source, target)
+        pool.submit(start, vm, source, target)
     while not stop.is_set():
         for mid, (vm, source, target) in list(flights.items()):
             entry = journal.entry(mid)
@@ -95,11 +98,12 @@ def drive(where: dict[str, Any], pairs: list[tuple[str, str, str]], go: Any, sto
             durations.append(time.monotonic() - started_at.pop(mid))
             if result == "done":
                 done += 1
-                start(vm, target, source)  # and back again
+                pool.submit(start, vm, target, source)  # and back again
             else:
                 failed += 1
-                start(vm, source, target)
+                pool.submit(start, vm, source, target)
         stop.wait(0.2)
+    pool.shutdown(wait=True)
     out.put({"done": done, "failed": failed, "in_flight_at_end": len(flights),
              "median_migration_s": round(statistics.median(durations), 2) if durations else None})
 
@@ -187,8 +191,7 @@ def plan_keys(app: Any) -> list[tuple[str, str, Effect]]:
         return now(lambda: overview() is not None and overview().filter_text == text)
 
     back = now(lambda: overview() is not None)
-    keys: list[tuple[str, str, Effect]] = [("focus VMs", "2", focused("ov-vms")), ("top of VMs", "home", now(
-        lambda: overview() is not None and overview().query_one("#ov-vms", DataTable).cursor_row == 0))]
+    keys: list[tuple[str, str, Effect]] = [("focus VMs", "2", focused("ov-vms"))]
     keys += [("down in VMs", "down", moved("ov-vms", 1)) for _ in range(8)]
     keys += [("up in VMs", "up", moved("ov-vms", -1)) for _ in range(4)]
     keys += [("sort", "s", sorted_by("state")), ("sort", "s", sorted_by("policy")),
@@ -226,22 +229,32 @@ async def measure(lab_dir: Path, size: tuple[int, int], seconds: float, go: Any,
             while len(app.reports) < hosts:
                 await pilot.pause(0.05)
             out["probe_all_s"] = round(time.monotonic() - t0, 2)
+            say(f"{hosts} hosts probed in {out['probe_all_s']} s; starting the migrations")
             out["unreachable"] = sorted(n for n, r in app.reports.items() if not r.reachable)
             out["vms_seen"] = sum(len(r.vms) for r in app.reports.values())
             go.set()  # the driver starts the migrations
             deadline = time.monotonic() + 60
             screen = app.screen
-            while sum(1 for r in getattr(screen, "migration_rows", ()) if r.in_flight) < migrations:
+            def flying() -> int:
+                return sum(1 for r in getattr(screen, "migration_rows", ()) if r.in_flight)
+
+            while flying() < max(1, migrations - 2):  # each ends and restarts: rarely all at once
                 assert time.monotonic() < deadline, "the migrations did not show as in flight within 60 s"
                 await pilot.pause(0.1)
-            in_flight_seen = max(0, sum(1 for r in screen.migration_rows if r.in_flight))
+            in_flight_seen = flying()
+            say(f"{in_flight_seen} migrations in flight on the overview; pressing keys for {seconds:g} s")
             latencies: list[float] = []
             by_key: dict[str, list[float]] = {}
             missed: list[str] = []
+            flights: list[int] = []  # migrations in flight on the overview as each key was pressed
+            cpu_ms: list[float] = []  # the console's CPU time from each key to its frame (its work, not the wait)
             cpu0, wall0, frames0 = time.process_time(), time.monotonic(), frames.frames
             while time.monotonic() - wall0 < seconds:
                 for name, key, prepare in plan_keys(app):
+                    flights.append(flying())
+                    cpu_before = time.process_time()
                     ms = await frames.key(pilot, key, prepare())
+                    cpu_ms.append((time.process_time() - cpu_before) * 1000)
                     if ms is None:
                         missed.append(name)
                     else:
@@ -262,9 +275,12 @@ async def measure(lab_dir: Path, size: tuple[int, int], seconds: float, go: Any,
                                "p99": round(p99, 1) if p99 is not None else None,
                                "max": round(ordered[-1], 1) if ordered else None},
                 "latency_median_by_key_ms": {k: round(statistics.median(v), 1) for k, v in sorted(by_key.items())},
+                "cpu_ms_per_key": {"median": round(statistics.median(cpu_ms), 1),
+                                   "p99": round(sorted(cpu_ms)[min(len(cpu_ms) - 1, round(0.99 * (len(cpu_ms) - 1)))], 1)},
                 "console_cpu_share": round(cpu / wall, 3),
                 "frames_per_s": round((frames.frames - frames0) / wall, 1),
-                "in_flight_seen_on_overview": in_flight_seen,
+                "in_flight_on_overview": {"at_start": in_flight_seen, "mean": round(statistics.mean(flights), 1),
+                                          "min": min(flights), "max": max(flights)},
                 "rss_mib": round(_rss_bytes() / 2**20, 1),
                 "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 "goal_p99_ms": 50, "goal_met": p99 is not None and p99 < 50 and not missed,
@@ -273,6 +289,28 @@ async def measure(lab_dir: Path, size: tuple[int, int], seconds: float, go: Any,
         stop.set()
         backend.close()
     return out
+
+
+def renice(pids: list[int], nice: int) -> int:
+    """Every thread of these processes to `nice` (Linux keeps a nice value per thread)."""
+    count = 0
+    for pid in pids:
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+                count += 1
+            except OSError:
+                pass
+    return count
+
+
+def say(text: str) -> None:
+    """Progress on stderr (stdout holds only the JSON)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 def _rss_bytes() -> int:
@@ -289,6 +327,9 @@ def main() -> int:
     parser.add_argument("--mem", type=int, default=32, help="MiB of each guest that stays")
     parser.add_argument("--migrating-mem", type=int, default=256, help="MiB of each guest that migrates")
     parser.add_argument("--size", default="120x40", help="terminal COLSxROWS")
+    parser.add_argument("--lab-nice", type=int, default=19,
+                        help="nice of the lab's host processes (they stand for other machines: by default they "
+                             "yield the CPU to the console and its runners; 5 is the lab's own)")
     args = parser.parse_args()
     size = tuple(int(x) for x in args.size.split("x"))
     pairs = choose_pairs(args.hosts, args.migrations)
@@ -300,9 +341,12 @@ def main() -> int:
     ctx = multiprocessing.get_context("spawn")
     go, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
     t0 = time.monotonic()
+    say(f"starting a lab of {args.hosts} hosts x {args.vms} VMs in {base}")
     with Lab.start(base / "lab", layout=layout(args.hosts, args.vms, args.mem, args.migrating_mem, pairs),
                    timeout=600) as lab:
         lab_start = time.monotonic() - t0
+        say(f"lab up in {lab_start:.1f} s")
+        reniced = renice([h.pid for h in lab.hosts], args.lab_nice)
         where = open_fleet(lab=Path(lab.paths.root)).where()
         driver = ctx.Process(target=drive, args=(where, pairs, go, stop, results), daemon=True)
         driver.start()
@@ -319,6 +363,7 @@ def main() -> int:
                 lab_side["errors"].append(item["error"])
             else:
                 lab_side.update(item)
+        say("keys done; letting the last migrations end")
         # let the last runners finish before the lab stops under them
         from sevconsole.engine import journal
 
@@ -329,6 +374,7 @@ def main() -> int:
         "hosts": args.hosts, "vms_per_host": args.vms, "migrations_in_flight": args.migrations,
         "guest_mib": args.mem, "migrating_guest_mib": args.migrating_mem, "size": args.size,
         "cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2), "lab_start_s": round(lab_start, 1),
+        "lab_nice": args.lab_nice, "lab_threads_reniced": reniced,
         **figures, "migrations": lab_side,
     }, indent=2))
     return 0

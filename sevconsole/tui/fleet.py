@@ -195,15 +195,17 @@ def read_audit_tail(path: Path, limit: int = 50) -> list[dict[str, Any]]:
     lines = data.split(b"\n")
     if start:
         lines = lines[1:]  # the first one is cut
-    out = []
-    for raw in lines[-limit - 1:]:
+    out: list[dict[str, Any]] = []
+    for raw in reversed(lines):  # from the end: a torn or foreign line is skipped, not counted
+        if len(out) >= limit:
+            break
         try:
             record = json.loads(raw)
         except ValueError:
             continue
         if isinstance(record, dict):
             out.append(record)
-    return out[-limit:]
+    return out[::-1]
 
 
 def when(started: float, now: float | None = None) -> str:

@@ -11,8 +11,11 @@ from sevconsole.hosts.report import Capabilities
 from sevconsole.tui.app import SevConsoleApp
 from sevconsole.tui.screens.live import LiveScreen
 from sevconsole.tui.screens.migrate import MigrateScreen
+from sevconsole.tui.screens.overview import OverviewScreen
+from sevconsole.tui.screens.replay import ReplayScreen
 from sevconsole.tui.screens.result import ResultScreen
 from tests.tui.scripted import ScriptedBackend, sample_progress, sample_reports, sample_result
+from tests.tui.test_overview import FakeEntry, fleet_backend
 
 
 def make_app(rome: Capabilities, naples: Capabilities, theme: str | None = None) -> SevConsoleApp:
@@ -28,6 +31,8 @@ async def idle(pilot) -> None:  # type: ignore[no-untyped-def]
         screen = app.screen
         if isinstance(screen, MigrateScreen):
             return len(screen.results) < len(screen.targets())
+        if isinstance(screen, OverviewScreen) and not screen.history_loaded:
+            return True
         return len(app.reports) < 3 or getattr(screen, "busy", False)
 
     while pending():
@@ -126,3 +131,79 @@ def test_guide_preflight_step(snap_compare, rome_caps, naples_caps) -> None:  # 
         await idle(pilot)
 
     assert snap_compare(app, terminal_size=(100, 36), run_before=before)
+
+
+def _busy_fleet(rome: Capabilities, naples: Capabilities) -> SevConsoleApp:
+    """Four VMs on two hosts, a host out of reach, a stale copy, two migrations (one in flight) and an
+    older one from the audit log: every panel of the overview has something to show."""
+    from dataclasses import replace
+
+    from sevconsole.engine import attention
+    from sevconsole.engine.machine import Step
+
+    backend = fleet_backend(rome, naples)
+    backend.reports["lab-3"] = replace(backend.reports["lab-3"], reachable=False, capabilities=None, sev=None,
+                                       latency_ms=None, errors=("lab-3 (127.0.0.1:42203): connection refused",))
+    backend.attention_items = [
+        attention.Attention("", "lab-3 cannot be reached: lab-3 (127.0.0.1:42203): connection refused", (),
+                            kind="host-down", host="lab-3"),
+        attention.Attention("web", "a stale copy stays on lab-2 (postmigrate, guest SENT) beside the copy running "
+                            "on lab-1", (attention.CopySeen("lab-2", 4016, "postmigrate", 6),),
+                            attention.SafeAction(attention.Fix.STOP, "stop the stale copy on lab-2 (pid 4016); "
+                                                 "web keeps running on lab-1", host="lab-2", pid=4016),
+                            kind="stale-copy", host="lab-2")]
+    base = 1_796_000_000.0  # fixed times: the snapshot must not change with the clock
+    backend.entries = [
+        FakeEntry("20261130-140501-a1b2", "db", "lab-2", "lab-1", base + 300, step=Step.STREAMING,
+                  runner_alive=True, outcome=None),
+        FakeEntry("20261130-140002-c3d4", "web", "lab-2", "lab-1", base),
+        FakeEntry("20261130-135502-e5f6", "vault", "lab-1", "lab-2", base - 300, step=Step.REFUSED,
+                  outcome={"result": "refused", "message": "NOSEND"})]
+    backend.audit = [{"time": "2026-11-29T09:12:00+00:00", "vm": "web", "source": "lab-1", "target": "lab-2",
+                      "outcome": "done"}]
+    return SevConsoleApp(backend)
+
+
+@pytest.fixture
+def utc_times(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Migration times in UTC, as if today: the snapshot must not change with the clock or the zone."""
+    import datetime
+
+    from sevconsole.tui import fleet
+
+    monkeypatch.setattr(fleet, "when", lambda started, now=None: datetime.datetime.fromtimestamp(
+        started, datetime.UTC).strftime("%H:%M:%S"))
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+def test_overview(snap_compare, rome_caps, naples_caps, size, utc_times) -> None:  # type: ignore[no-untyped-def]
+    assert snap_compare(_busy_fleet(rome_caps, naples_caps), terminal_size=size, run_before=idle)
+
+
+def test_attention_list(snap_compare, rome_caps, naples_caps, utc_times) -> None:  # type: ignore[no-untyped-def]
+    async def before(pilot) -> None:  # type: ignore[no-untyped-def]
+        await idle(pilot)
+        await pilot.press("A", "down")
+        await idle(pilot)
+
+    assert snap_compare(_busy_fleet(rome_caps, naples_caps), terminal_size=(100, 30), run_before=before)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 45)])
+def test_replay(snap_compare, rome_caps, naples_caps, size) -> None:  # type: ignore[no-untyped-def]
+    """A migration played back: the scrubber half way, the page map and rate as they were then."""
+    app = make_app(rome_caps, naples_caps)
+
+    async def before(pilot) -> None:  # type: ignore[no-untyped-def]
+        await idle(pilot)
+        from sevconsole.engine.replay import Tape
+        from sevconsole.tui.widgets.replay_view import ReplayView
+
+        tape = Tape.from_progress(sample_progress(frames=12), "20261130-140002-c3d4")
+        await app.push_screen(ReplayScreen("20261130-140002-c3d4", tape=tape, title="web lab-1 → lab-2"))
+        await pilot.pause()
+        view = app.screen.query_one(ReplayView)
+        view.show(6)
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=size, run_before=before)
