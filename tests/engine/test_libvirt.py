@@ -117,14 +117,14 @@ async def test_a_monitor_libvirt_holds_is_said_within_2_s_and_no_bridge_stays(pa
         with pytest.raises(QmpLinkError) as info:
             async with open_qmp(conn, path):
                 pass
-        assert time.monotonic() - started < 3.5
-        assert "held by another client, probably libvirt" in str(info.value)
+        # the helper's own 2 s wait answered (its sentence), long before the console's 10 s fallback
+        assert time.monotonic() - started < 8
+        assert "no greeting within 2 s: it is held by another client, probably libvirt" in str(info.value)
         assert no_bridges_left(pair.b)  # the bridge answered and left on its own
         # a qmp_sockets glob over libvirt's monitors: discovery goes through libvirt, not the sockets
-        started = time.monotonic()
         (b,) = discover([pair.b.spec(qmp_sockets=("/var/lib/libvirt/qemu/domain-*/monitor.sock",))],
                         _options(pair, tmp_path), pool=pool)
-        assert time.monotonic() - started < 8 and [v.name for v in b.vms] == ["held"], b.vms
+        assert [v.name for v in b.vms] == ["held"] and b.vms[0].qmp_path.startswith("libvirt:"), b.vms
         assert b.vms[0].status == "running" and not b.vms[0].errors and _bridges(pair.b) == []  # none started
     finally:
         pair.b.virsh("destroy", "held")
