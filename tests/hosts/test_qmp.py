@@ -82,8 +82,8 @@ async def test_busy_socket_times_out_on_the_greeting(sshd: Sshd, pool: SshPool, 
         with pytest.raises(QmpLinkError) as info:
             async with open_qmp(conn, str(vm.qmp)):
                 pass
-        # the helper's bridge gives up after 2 s on its own and says why
-        assert time.monotonic() - started < 4
+        # the helper's bridge gives up after 2 s on its own and says why (not the console's 10 s)
+        assert time.monotonic() - started < 8
     assert "no greeting within 2 s: it is held by another client, probably libvirt" in str(info.value)
 
 
