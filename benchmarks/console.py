@@ -157,8 +157,6 @@ Effect = Callable[[], Callable[[], bool]]  # called as the key is pressed: the c
 
 def plan_keys(app: Any) -> list[tuple[str, str, Effect]]:
     """One round of keys: (name, key, the effect its frame must show)."""
-    from textual.widgets import DataTable
-
     from sevconsole.tui.screens.attention import AttentionScreen
     from sevconsole.tui.screens.host import HostScreen
     from sevconsole.tui.screens.hosts import HostsScreen
@@ -170,7 +168,7 @@ def plan_keys(app: Any) -> list[tuple[str, str, Effect]]:
 
     def moved(table_id: str, step: int) -> Effect:
         def prepare() -> Callable[[], bool]:
-            table = overview().query_one(f"#{table_id}", DataTable)
+            table = overview().query_one(f"#{table_id}")  # a DataTable, or the VM list's LineTable
             want = max(0, min(table.row_count - 1, table.cursor_row + step))
             return lambda: overview() is not None and table.cursor_row == want
         return prepare

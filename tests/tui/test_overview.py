@@ -36,7 +36,7 @@ SIZE = (80, 24)
 
 
 def rows(app: SevConsoleApp, selector: str) -> list[list[str]]:
-    table = app.screen.query_one(selector, DataTable)
+    table: Any = app.screen.query_one(selector)  # a DataTable, or the VM list's LineTable
     return [[str(getattr(c, "plain", c)) for c in table.get_row_at(i)] for i in range(table.row_count)]
 
 

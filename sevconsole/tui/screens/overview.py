@@ -25,9 +25,12 @@ from sevconsole.tui import fleet, safe
 from sevconsole.tui import format as fmt
 from sevconsole.tui.screens.hosts import HostsScreen, row_cells
 from sevconsole.tui.widgets.footer import QuickFooter
+from sevconsole.tui.widgets.line_table import LineTable
 
 HOST_COLUMNS = (("host", "Host"), ("state", "State"), ("sev", "SEV"), ("chain", "Chain"), ("vms", "VMs"),
                 ("note", "Note"))
+VM_COLUMNS = (("vm", "VM"), ("host", "Host"), ("status", "Status"), ("mig", "Migratable"), ("mem", "Memory"),
+              ("policy", "Policy"))  # the policy last: it is long
 HISTORY_EVERY_S = 2.0  # the migrations panel reads the journal this often while in view
 KIND_WORDS = {"host-down": "host down", "host-key-changed": "key changed", "host-key-unknown": "new key",
               "monitor-held": "monitor held", "stale-copy": "stale copy", "guest": "guest"}
@@ -63,12 +66,13 @@ class OverviewScreen(HostsScreen):
     ]
     DEFAULT_CSS = """
     OverviewScreen #ov-summary { height: 1; padding: 0 1; }
+    OverviewScreen > #filter { padding: 0 1; }
     OverviewScreen #ov-body { height: 1fr; }
     OverviewScreen #ov-left { height: 1fr; }
     OverviewScreen .ov-box { border: round $panel-lighten-1; border-title-color: $text-muted;
                              border-subtitle-color: $text-muted; }
     OverviewScreen .ov-box:focus-within { border: round $accent; border-title-color: $text; }
-    OverviewScreen .ov-box > DataTable { height: 1fr; overflow-x: hidden; }
+    OverviewScreen .ov-box > DataTable, OverviewScreen .ov-box > LineTable { height: 1fr; overflow-x: hidden; }
     OverviewScreen .ov-empty { height: auto; padding: 0 1; color: $text-muted; }
     OverviewScreen #ov-hosts-box { max-height: 45%; min-height: 4; }
     OverviewScreen #ov-vms-box { height: 1fr; min-height: 5; }
@@ -95,21 +99,22 @@ class OverviewScreen(HostsScreen):
         self.history_loaded = False
         self._vms_pending = False
         self._heights: dict[str, int | None] = {}
+        self._hosts_shown: tuple[tuple[str, int, bool], ...] = ()
         self._all_vm_rows: list[fleet.VmRow] = []
         self._vm_cells: dict[str, list[Any]] = {}
         self._shown: dict[str, object] = {}  # what each Static shows: updated only when it changes
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Input(placeholder="filter hosts and VMs (name, host, state, policy); Enter keeps it, Esc clears",
-                    id="filter")
+        yield Input(placeholder="/ filters hosts and VMs (name, host, state, policy, migratable)", id="filter",
+                    compact=True)
         yield Static(id="ov-summary")
         with Vertical(id="ov-body"):
             with Vertical(id="ov-left"):
                 with Vertical(id="ov-hosts-box", classes="ov-box"):
                     yield DataTable(id="hosts", cursor_type="row", zebra_stripes=True)
                 with Vertical(id="ov-vms-box", classes="ov-box"):
-                    yield DataTable(id="ov-vms", cursor_type="row", zebra_stripes=True)
+                    yield LineTable(VM_COLUMNS, id="ov-vms")
                     yield Static(id="ov-vms-empty", classes="ov-empty")
                     yield Static(id="ov-vm-detail")
             with Horizontal(id="ov-right"):
@@ -122,16 +127,12 @@ class OverviewScreen(HostsScreen):
         yield Static(id="hosts-status")
         yield QuickFooter()
 
-    def on_mount(self, event: events.Mount) -> None:
+    def on_mount(self, event: events.Mount) -> None:  # type: ignore[override]
         event.prevent_default()  # HostsScreen's on_mount runs once, below, not again after this one
         self.query_one("#hosts-status").display = False  # the summary line says it at the top
         for box, title in (("#ov-hosts-box", "1 Hosts"), ("#ov-vms-box", "2 VMs"),
                            ("#ov-attention-box", "3 Attention"), ("#ov-migrations-box", "4 Migrations")):
             self.query_one(box).border_title = title
-        vms = self.query_one("#ov-vms", DataTable)
-        for key, label in (("vm", "VM"), ("host", "Host"), ("status", "Status"), ("mig", "Migratable"),
-                           ("mem", "Memory"), ("policy", "Policy")):  # the policy last: it is long
-            vms.add_column(label, key=key)
         attention = self.query_one("#ov-attention", DataTable)
         for key, label in (("what", "What"), ("problem", "Problem"), ("action", "Safe action")):
             attention.add_column(label, key=key)
@@ -157,6 +158,7 @@ class OverviewScreen(HostsScreen):
         self._vms_later()
 
     def refresh_cells(self) -> None:
+        self._hosts_shown = ()  # a new theme: every cell again
         super().refresh_cells()
         self.fill_vms()
         self.fill_attention()
@@ -166,10 +168,16 @@ class OverviewScreen(HostsScreen):
         """The hosts panel: name, state, SEV in a few words, chain, VMs, note (the hosts list's
         cells, fewer of them: the panel shares the width)."""
         table = self.query_one("#hosts", DataTable)
+        visible = self.visible_reports()
+        shown = tuple((r.name, id(r), r.name in self.pending) for r in visible)
+        if shown == self._hosts_shown and self.is_mounted:  # a keystroke that keeps the same hosts
+            self.fill_summary()
+            return
+        self._hosts_shown = shown
         keep = table.cursor_row
         selected = HostsScreen.selected_host(self)
         table.clear()
-        for report in self.visible_reports():
+        for report in visible:
             probing = report.name in self.pending and report.name not in self.app.reports  # type: ignore[attr-defined]
             if probing:
                 cells = [safe.plain(report.name), safe.show("[$text-muted]probing…[/]"), *(Content(),) * 4]
@@ -241,9 +249,9 @@ class OverviewScreen(HostsScreen):
         attention = len(getattr(self.app, "attention", ()))
         flying = sum(1 for r in self.migration_rows if r.in_flight)
         probed = sum(1 for n in names if n in reports)
-        parts = [f"{probed}/{len(names)} hosts probed ({up} up)", f"{len(vms)} VMs ({sev} SEV)"]
+        parts = [f"{probed}/{len(names)} hosts probed, {up} up", f"{len(vms)} VMs, {sev} SEV"]
         summary = Content(" · ").join([safe.plain(p) for p in parts] + [
-            safe.show("[$warning]$n need attention[/]" if attention else "[$success]nothing needs attention[/]",
+            safe.show("[$warning]$n need attention[/]" if attention else "[$success]attention: none[/]",
                       n=attention),
             safe.show("[$accent]$n migrating[/]" if flying else "$n migrating", n=flying)])
         if self.filter_text:
@@ -267,8 +275,8 @@ class OverviewScreen(HostsScreen):
 
     def fill_vms(self, rebuild: bool = True) -> None:
         """`rebuild`: the reports (or the theme) changed; otherwise only the filter or the order did,
-        and the rows already in the table are kept and moved."""
-        table = self.query_one("#ov-vms", DataTable)
+        and the rows' cells are reused."""
+        table = self.query_one("#ov-vms", LineTable)
         reports = self.app.reports  # type: ignore[attr-defined]
         order = list(self.app.backend.host_names())  # type: ignore[attr-defined]
         if rebuild or not self._all_vm_rows:
@@ -277,22 +285,7 @@ class OverviewScreen(HostsScreen):
         rows = [r for r in self._all_vm_rows if fleet.matches(r, self.filter_text)]
         keep = self.selected_vm_row()
         self.vm_rows = fleet.sort_rows(rows, self.sort_key, order)
-        if rebuild:
-            table.clear()
-            for row in self.vm_rows:
-                table.add_row(*self.vm_cells(row), key=row.key)
-        else:
-            wanted = {r.key for r in self.vm_rows}
-            present = {str(k.value) for k in table.rows}
-            for key in present - wanted:
-                table.remove_row(key)
-            for row in self.vm_rows:
-                if row.key not in present:
-                    table.add_row(*self.vm_cells(row), key=row.key)
-            rank = {id(self.vm_cells(r)[0]): i for i, r in enumerate(self.vm_rows)}
-            table.sort(key=lambda cells: rank[id(cells[0])])
-        if keep is not None and keep.key in table.rows:
-            table.move_cursor(row=table.get_row_index(keep.key), animate=False)
+        table.set_rows([(r.key, self.vm_cells(r)) for r in self.vm_rows], keep=keep.key if keep else None)
         self.show_vm_detail()
         total = len(self._all_vm_rows)
         box = self.query_one("#ov-vms-box")
@@ -421,13 +414,16 @@ class OverviewScreen(HostsScreen):
         lines += [safe.plain(e, "$error") for e in vm.errors[:2]]
         self._update("#ov-vm-detail", safe.lines(lines))
 
-    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        if event.data_table.id == "ov-vms":
-            self.show_vm_detail()
+    def on_line_table_row_highlighted(self, event: LineTable.RowHighlighted) -> None:
+        self.show_vm_detail()
+
+    def on_line_table_row_selected(self, event: LineTable.RowSelected) -> None:
+        event.stop()
+        self.call_next(self.action_open)
 
     # -- selection
     def selected_vm_row(self) -> fleet.VmRow | None:
-        table = self.query_one("#ov-vms", DataTable)
+        table = self.query_one("#ov-vms", LineTable)
         if not table.row_count or not self.vm_rows:
             return None
         row = table.cursor_row
@@ -442,7 +438,7 @@ class OverviewScreen(HostsScreen):
 
     def focused_panel(self) -> str:
         focused = self.focused
-        return focused.id if isinstance(focused, DataTable) and focused.id else "hosts"
+        return focused.id if isinstance(focused, DataTable | LineTable) and focused.id else "hosts"
 
     def selected_host(self) -> str | None:
         """The host in view: the hosts row, or the VM row's host (E evacuates it)."""
@@ -515,17 +511,15 @@ class OverviewScreen(HostsScreen):
         self.sort_key = order[(order.index(self.sort_key) + 1) % len(order)]
         self.fill_vms(rebuild=False)
 
-    def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
+    def on_line_table_header_selected(self, event: LineTable.HeaderSelected) -> None:
         """A click on a VM column header sorts by it, where that column is a sort key."""
-        if event.data_table.id != "ov-vms":
-            return
-        key = {"host": "host", "status": "state", "policy": "policy", "mem": "memory"}.get(str(event.column_key.value))
+        key = {"host": "host", "status": "state", "policy": "policy", "mem": "memory"}.get(event.column_key)
         if key is not None:
             self.sort_key = key
             self.fill_vms(rebuild=False)
 
     def action_panel(self, panel: str) -> None:
-        table = self.query_one(f"#{panel}", DataTable)
+        table = self.query_one(f"#{panel}")
         if table.display:
             table.focus()
         else:
@@ -539,6 +533,19 @@ class OverviewScreen(HostsScreen):
         super().on_input_changed(event)
         self.fill_vms(rebuild=False)
         self.fill_summary()
+
+    # the filter bar stays in place (showing and hiding it laid the whole screen out again)
+    def action_filter(self) -> None:
+        self.query_one("#filter", Input).focus()
+
+    def action_clear_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.value = ""
+        self.query_one("#hosts", DataTable).focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.prevent_default()
+        self.query_one("#hosts", DataTable).focus()
 
     def palette_commands(self) -> list[tuple[str, str, object]]:
         return [*super().palette_commands(),
