@@ -112,6 +112,12 @@ class HostsScreen(Screen[None]):
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         self.show_detail()
 
+    def on_screen_resume(self) -> None:
+        """Opened again (the overview keeps one): probes that ended meanwhile were not fanned out here."""
+        if self.is_mounted and self.query("#hosts-detail"):
+            self.pending &= set(self.app.backend.host_names()) - set(self.app.reports)  # type: ignore[attr-defined]
+            self.rebuild()
+
     def on_mount(self) -> None:
         self.sub_title = "hosts"
         table = self.query_one(DataTable)

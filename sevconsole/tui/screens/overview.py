@@ -526,7 +526,10 @@ class OverviewScreen(HostsScreen):
             self.notify("That panel is empty.", timeout=2)
 
     def action_hosts_list(self) -> None:
-        self.app.push_screen(HostsScreen())
+        """The hosts list, kept once built (installed): opening it again costs no new screen."""
+        if not self.app.is_screen_installed("hosts-list"):
+            self.app.install_screen(HostsScreen(), "hosts-list")
+        self.app.push_screen("hosts-list")
 
     def on_input_changed(self, event: Input.Changed) -> None:
         event.prevent_default()
