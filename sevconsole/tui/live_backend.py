@@ -43,6 +43,7 @@ class LiveBackend:
         self._pool = self.options.pool()
         self._trust = trust_with_lab_root(lab_root)
         self.fleet = fleet  # hosts.fleet.Fleet: how runners and recover reach the same hosts
+        self._finished: dict[str, Any] = {}  # migration id -> its journal Entry, once it can no longer change
 
     def host_names(self) -> list[str]:
         return list(self.specs)
@@ -136,10 +137,28 @@ class LiveBackend:
         return LiveMigration(self, None, (), on_progress, migration_id=migration_id)
 
     def migrations(self) -> list[Any]:
-        """Blocking: every migration from the journal, newest first (engine.journal.Entry)."""
+        """Blocking: every migration from the journal, newest first (engine.journal.Entry). A
+        finished one whose runner is gone never changes: it is read once, then kept (the overview
+        asks every two seconds, and a fleet's folders only grow)."""
+        from sevconsole import paths
         from sevconsole.engine import journal
 
-        return journal.entries()
+        try:
+            names = sorted((p.name for p in paths.migrations_dir().iterdir() if p.is_dir()), reverse=True)
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            entry = self._finished.get(name)
+            if entry is None:
+                try:
+                    entry = journal.entry(name)
+                except journal.JournalError:
+                    continue
+                if entry.finished and not entry.runner_alive and entry.journal.trusted:
+                    self._finished[name] = entry
+            out.append(entry)
+        return out
 
     def attention(self, reports: Sequence[HostReport]) -> list[Any]:
         """Blocking (reads the journal): guests needing attention across these reports."""

@@ -31,6 +31,8 @@ HOST_COLUMNS = (("host", "Host"), ("state", "State"), ("sev", "SEV"), ("chain", 
                 ("note", "Note"))
 VM_COLUMNS = (("vm", "VM"), ("host", "Host"), ("status", "Status"), ("mig", "Migratable"), ("mem", "Memory"),
               ("policy", "Policy"))  # the policy last: it is long
+ATTENTION_COLUMNS = (("what", "What"), ("problem", "Problem"), ("action", "Safe action"))
+MIGRATION_COLUMNS = (("when", "When"), ("vm", "VM"), ("route", "From → To"), ("state", "State"))
 HISTORY_EVERY_S = 2.0  # the migrations panel reads the journal this often while in view
 KIND_WORDS = {"host-down": "host down", "host-key-changed": "key changed", "host-key-unknown": "new key",
               "monitor-held": "monitor held", "stale-copy": "stale copy", "guest": "guest"}
@@ -43,6 +45,10 @@ def policy_words(policy: int | None) -> str:
     text = fmt.policy(policy)
     words = text.split(" ", 1)
     return words[1] if len(words) == 2 and words[1] != "none" else text
+
+
+def migration_key(row: fleet.MigrationRow) -> str:
+    return row.id or f"audit\x00{row.started}\x00{row.vm}"
 
 
 class HistoryListed(Message):
@@ -119,10 +125,10 @@ class OverviewScreen(HostsScreen):
                     yield Static(id="ov-vm-detail")
             with Horizontal(id="ov-right"):
                 with Vertical(id="ov-attention-box", classes="ov-box"):
-                    yield DataTable(id="ov-attention", cursor_type="row")
+                    yield LineTable(ATTENTION_COLUMNS, id="ov-attention")
                     yield Static(id="ov-attention-empty", classes="ov-empty")
                 with Vertical(id="ov-migrations-box", classes="ov-box"):
-                    yield DataTable(id="ov-migrations", cursor_type="row")
+                    yield LineTable(MIGRATION_COLUMNS, id="ov-migrations")
                     yield Static(id="ov-migrations-empty", classes="ov-empty")
         yield Static(id="hosts-status")
         yield QuickFooter()
@@ -133,12 +139,6 @@ class OverviewScreen(HostsScreen):
         for box, title in (("#ov-hosts-box", "1 Hosts"), ("#ov-vms-box", "2 VMs"),
                            ("#ov-attention-box", "3 Attention"), ("#ov-migrations-box", "4 Migrations")):
             self.query_one(box).border_title = title
-        attention = self.query_one("#ov-attention", DataTable)
-        for key, label in (("what", "What"), ("problem", "Problem"), ("action", "Safe action")):
-            attention.add_column(label, key=key)
-        migrations = self.query_one("#ov-migrations", DataTable)
-        for key, label in (("when", "When"), ("vm", "VM"), ("route", "From → To"), ("state", "State")):
-            migrations.add_column(label, key=key)
         hosts = self.query_one("#hosts", DataTable)
         for key, label in HOST_COLUMNS:
             hosts.add_column(label, key=key)
@@ -301,17 +301,18 @@ class OverviewScreen(HostsScreen):
                                  "No VM runs on any host."))
 
     def fill_attention(self) -> None:
-        table = self.query_one("#ov-attention", DataTable)
+        table = self.query_one("#ov-attention", LineTable)
         items = list(getattr(self.app, "attention", ()))
-        table.clear()
+        rows = []
         for index, item in enumerate(items):
             what = item.vm or item.host or "?"
             kind = KIND_WORDS.get(getattr(item, "kind", "guest"), "")
             action = item.action.sentence if item.action is not None else "none: check by hand"
-            table.add_row(safe.cell(self.app, "[b]$what[/]", what=what) if kind == "guest" else
-                          safe.cell(self.app, "[b]$what[/] [$warning]($kind)[/]", what=what, kind=kind),
-                          safe.rich(self.app, safe.plain(item.problem)), safe.rich(self.app, safe.plain(action)),
-                          key=str(index))
+            rows.append((str(index), (
+                safe.cell(self.app, "[b]$what[/]", what=what) if kind == "guest" else
+                safe.cell(self.app, "[b]$what[/] [$warning]($kind)[/]", what=what, kind=kind),
+                safe.rich(self.app, safe.plain(item.problem)), safe.rich(self.app, safe.plain(action)))))
+        table.set_rows(rows)
         box = self.query_one("#ov-attention-box")
         box.border_subtitle = f"{len(items)} · A for all" if items else ""
         empty = self.query_one("#ov-attention-empty", Static)
@@ -325,18 +326,17 @@ class OverviewScreen(HostsScreen):
         self.apply_heights()
 
     def fill_migrations(self) -> None:
-        table = self.query_one("#ov-migrations", DataTable)
+        table = self.query_one("#ov-migrations", LineTable)
         keep = self.selected_migration()
-        table.clear()
         now = time.time()
-        for index, row in enumerate(self.migration_rows):
+        rows = []
+        for row in self.migration_rows:
             style = STATE_STYLE.get(row.state, "$error" if row.unfinished else "")
-            table.add_row(safe.rich(self.app, Content(fleet.when(row.started, now))),
-                          safe.rich(self.app, safe.plain(row.vm)),
-                          safe.rich(self.app, safe.show("$source → $target", source=row.source, target=row.target)),
-                          safe.rich(self.app, safe.plain(row.state, style)), key=str(index))
-        if keep is not None and keep in self.migration_rows:
-            table.move_cursor(row=self.migration_rows.index(keep), animate=False)
+            rows.append((migration_key(row), (
+                safe.rich(self.app, Content(fleet.when(row.started, now))), safe.rich(self.app, safe.plain(row.vm)),
+                safe.rich(self.app, safe.show("$source → $target", source=row.source, target=row.target)),
+                safe.rich(self.app, safe.plain(row.state, style)))))
+        table.set_rows(rows, keep=migration_key(keep) if keep is not None else None)
         flying = sum(1 for r in self.migration_rows if r.in_flight)
         box = self.query_one("#ov-migrations-box")
         box.border_subtitle = (f"{flying} in flight · " if flying else "") + "Enter: watch or replay"
@@ -354,7 +354,7 @@ class OverviewScreen(HostsScreen):
         wide, tall = self.has_class("-wide"), self.has_class("-tall")
 
         def needed(table_id: str, empty_id: str) -> int:
-            table = self.query_one(f"#{table_id}", DataTable)
+            table = self.query_one(f"#{table_id}", LineTable)
             if table.display:
                 return table.row_count + 3  # the header and the border
             box_width = max(10, self.query_one(f"#{empty_id}").parent.size.width - 4)  # type: ignore[union-attr]
@@ -415,7 +415,8 @@ class OverviewScreen(HostsScreen):
         self._update("#ov-vm-detail", safe.lines(lines))
 
     def on_line_table_row_highlighted(self, event: LineTable.RowHighlighted) -> None:
-        self.show_vm_detail()
+        if event.table.id == "ov-vms":
+            self.show_vm_detail()
 
     def on_line_table_row_selected(self, event: LineTable.RowSelected) -> None:
         event.stop()
@@ -430,7 +431,7 @@ class OverviewScreen(HostsScreen):
         return self.vm_rows[row] if 0 <= row < len(self.vm_rows) else None
 
     def selected_migration(self) -> fleet.MigrationRow | None:
-        table = self.query_one("#ov-migrations", DataTable)
+        table = self.query_one("#ov-migrations", LineTable)
         if not table.row_count or not self.migration_rows:
             return None
         row = table.cursor_row
@@ -469,7 +470,7 @@ class OverviewScreen(HostsScreen):
         elif panel == "ov-attention":
             from sevconsole.tui.screens.attention import AttentionScreen
 
-            self.app.push_screen(AttentionScreen(select=self.query_one("#ov-attention", DataTable).cursor_row))
+            self.app.push_screen(AttentionScreen(select=self.query_one("#ov-attention", LineTable).cursor_row))
         elif panel == "ov-migrations":
             self.open_migration(self.selected_migration())
         else:
