@@ -193,7 +193,7 @@ async def _evacuate(args: argparse.Namespace, fleet: Any, options: Any) -> int:
     finally:
         loop.remove_signal_handler(signal.SIGINT)
     view = evacuation.view()
-    if not args.json:
+    if not isinstance(show, _JsonStream):  # a JSON stream has no closing table
         show.final(view)
     _say(args, f"evacuation {view.id}: " + ("every movable guest moved" if code == EXIT_DONE
                                             else "some guests did not move (see above)")

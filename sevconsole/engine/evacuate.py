@@ -464,8 +464,9 @@ class Evacuation:
             if any(f is not flight and f.progress is not None and f.progress.phase is Phase.PRECOPY and f.move.sev
                    and {self.host, f.move.target} & {self.host, m.target} for f in self.flights.values()):
                 flight.solo = False
-            if m.sev and p.pass_number == 1 and flight.solo and now - flight.stream_t0 >= MIN_RATE_WINDOW_S:
-                self._rate_sample(flight, (p.pages_transferred - flight.stream_pages0) / (now - flight.stream_t0))
+            t0 = flight.stream_t0  # set above at the latest: pre-copy streams pages
+            if m.sev and p.pass_number == 1 and flight.solo and t0 is not None and now - t0 >= MIN_RATE_WINDOW_S:
+                self._rate_sample(flight, (p.pages_transferred - flight.stream_pages0) / (now - t0))
         total = p.bytes_total
         pct = 100.0 * (total - p.bytes_remaining) / total if total else None
         view = next((v for v in self._flight_views() if v.vm == m.vm), None)

@@ -180,7 +180,7 @@ def _discover(spec: HostSpec, ctx: _Context, last: list[HostReport]) -> HostRepo
     for key in ("machine_id", "boot_id"):
         if isinstance(data.get(key), str):
             extra[key] = data[key][:64]
-    memory = data.get("memory") if isinstance(data.get("memory"), dict) else {}
+    memory = _dict(data.get("memory"))
     for key in ("total_mib", "available_mib"):
         value = memory.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -252,7 +252,8 @@ def _capabilities(spec: HostSpec, data: dict[str, Any], qmp_caps: dict[str, Any]
 
 
 def _vm_from_probe(entry: dict[str, Any], errors: tuple[str, ...] = ()) -> VmInfo:
-    argv = entry.get("argv") if isinstance(entry.get("argv"), list) else []
+    raw_argv = entry.get("argv")
+    argv = raw_argv if isinstance(raw_argv, list) else []
     qmp = entry.get("qmp") if isinstance(entry.get("qmp"), str) and entry.get("qmp") else None
     pid = _int(entry.get("pid"))
     return VmInfo(name=str(entry.get("name") or f"pid-{pid}"), pid=pid, qmp_path=qmp,

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import paramiko
+from paramiko.pkey import UnknownKeyType
 
 from sevconsole.boundedio import KNOWN_HOSTS_LIMIT, BoundedReadError, read_bounded
 from sevconsole.hosts.errors import HostKeyChanged, UnknownHostKey
@@ -85,7 +86,7 @@ def _parse_line(line: str) -> tuple[list[str], paramiko.PKey | None, str]:
         return [], None, "the key is not valid base64"
     try:
         key = paramiko.PKey.from_type_string(key_type, data)
-    except paramiko.UnknownKeyType:
+    except UnknownKeyType:
         return [], None, ""
     except Exception as exc:  # noqa: BLE001 - key parsers raise many types on bad bytes
         return [], None, f"the {escape_controls(key_type)[:40]} key cannot be decoded ({type(exc).__name__})"

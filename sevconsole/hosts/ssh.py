@@ -184,9 +184,12 @@ class SshConnection:
         """Round trip of one SSH global request, in ms (the server answers 'unsupported')."""
         started = time.monotonic()
         done = threading.Event()
-        worker = threading.Thread(
-            target=lambda: (self.transport.global_request("keepalive@openssh.com", wait=True), done.set()),
-            daemon=True)
+
+        def keepalive() -> None:
+            self.transport.global_request("keepalive@openssh.com", wait=True)
+            done.set()
+
+        worker = threading.Thread(target=keepalive, daemon=True)
         worker.start()
         if not done.wait(self.timeouts.channel):
             raise SshTimeout(self.name, f"{self.endpoint.where()}: no answer to a keepalive within "

@@ -146,26 +146,25 @@ def parse_argv(argv: list[str]) -> VmConfig:
     while i < len(argv):
         opt = argv[i]
         val = argv[i + 1] if i + 1 < len(argv) else None
-        if opt in ("-name", "-m", "-object") and val is None:
-            raise ArgvError(f"{opt} has no value")
-        if opt == "-name":
-            name = _opts(val, "guest", json_form=False).get("guest")
-            i += 2
-        elif opt == "-m":
-            mem = _mem_mib(val)
-            i += 2
-        elif opt == "-object":
-            props = _opts(val, "qom-type")
-            if props.get("qom-type") == "sev-guest":
-                sev = True
-                try:
-                    policy = int(props.get("policy", "0x1"), 0)
-                    cbit = int(props["cbitpos"]) if "cbitpos" in props else None
-                    rpb = int(props["reduced-phys-bits"]) if "reduced-phys-bits" in props else None
-                except ValueError:
-                    raise ArgvError(f"-object {val}: policy, cbitpos and reduced-phys-bits must be numbers") from None
-                if not 0 <= policy <= 0xFFFFFFFF:
-                    raise ArgvError(f"-object {val}: policy does not fit in 32 bits")
+        if opt in ("-name", "-m", "-object"):
+            if val is None:
+                raise ArgvError(f"{opt} has no value")
+            if opt == "-name":
+                name = _opts(val, "guest", json_form=False).get("guest")
+            elif opt == "-m":
+                mem = _mem_mib(val)
+            else:
+                props = _opts(val, "qom-type")
+                if props.get("qom-type") == "sev-guest":
+                    sev = True
+                    try:
+                        policy = int(props.get("policy", "0x1"), 0)
+                        cbit = int(props["cbitpos"]) if "cbitpos" in props else None
+                        rpb = int(props["reduced-phys-bits"]) if "reduced-phys-bits" in props else None
+                    except ValueError:
+                        raise ArgvError(f"-object {val}: policy, cbitpos and reduced-phys-bits must be numbers") from None
+                    if not 0 <= policy <= 0xFFFFFFFF:
+                        raise ArgvError(f"-object {val}: policy does not fit in 32 bits")
             i += 2
         elif opt == "-S":
             autostart = False

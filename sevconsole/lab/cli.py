@@ -60,10 +60,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"client key:  {lab.client_key}")
             print(f"lab root:    {lab.lab_ark} (a LAB root, not AMD's: trust it for lab hosts only)")
             print("Ctrl-C stops the lab.", flush=True)
+            reported: set[str] = set()  # hosts whose exit was told
             while not stop.wait(1.0):
                 for h in lab.hosts:
-                    if not h.alive and not getattr(h, "_reported", False):
-                        h._reported = True
+                    if not h.alive and h.name not in reported:
+                        reported.add(h.name)
                         print(f"lab host {h.name} exited (code {h.process.returncode}); see {h.log}",
                               file=sys.stderr, flush=True)
         print("lab stopped.")

@@ -144,7 +144,9 @@ class Lab:
         sel = selectors.DefaultSelector()
         buffers: dict[str, bytes] = {}
         for h in self.hosts:
-            sel.register(h.process.stdout, selectors.EVENT_READ, h)
+            out = h.process.stdout
+            assert out is not None  # started with stdout=PIPE
+            sel.register(out, selectors.EVENT_READ, h)
             buffers[h.name] = b""
         pending = {h.name for h in self.hosts}
         deadline = time.monotonic() + timeout
@@ -155,7 +157,7 @@ class Lab:
                     raise LabError(f"lab hosts {', '.join(sorted(pending))} were not ready within {timeout:.0f} s; "
                                    f"see {self._log_hint(sorted(pending)[0])}")
                 for key, _ in sel.select(timeout=left):
-                    h: RunningHost = key.data
+                    h = key.data  # the RunningHost registered above
                     chunk = os.read(key.fd, 65536)
                     if not chunk:
                         sel.unregister(key.fileobj)
@@ -247,8 +249,9 @@ class Lab:
                 h.process.kill()
                 h.process.wait()
             for f in (h.process.stdin, h.process.stdout):
-                with contextlib.suppress(Exception):
-                    f.close()
+                if f is not None:
+                    with contextlib.suppress(Exception):
+                        f.close()
             # A host killed hard cannot clean up: its sockets go here.
             if h.sockets.is_dir():
                 for sock in h.sockets.glob("*.qmp"):

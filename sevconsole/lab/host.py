@@ -18,14 +18,15 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from sevconsole.sev.certs import AmdCert
-from sevconsole.sev.firmware import SevFirmware
-from sevconsole.sev.firmware_results import PspTiming
+from sevconsole.sev.firmware import PspTiming, SevFirmware
 
 from .argv import CBITPOS, REDUCED_PHYS_BITS, ArgvError, build_argv, parse_argv
 from .layout import HostSpec, VmSpec
@@ -33,6 +34,9 @@ from .monitor import Monitor
 from .psp import Psp
 from .qmp import QmpServer
 from .vm import LabVm
+
+if TYPE_CHECKING:  # imported at run time by serve(), where it is used
+    from .ssh import LabSshServer
 
 
 def file_stem(name: str) -> str:
@@ -55,14 +59,14 @@ class LabHost:
         self.reduced_phys_bits = REDUCED_PHYS_BITS
         self.cpu0_id = hashlib.sha512(b"sevconsole lab cpu0 " + self.name.encode()).digest()
         self.psp = Psp(self.name, self._make_firmware())
-        self.psp.call("init")
+        self.psp.call(self.psp.fw.init)
         self.vms: dict[int, LabVm] = {}  # by synthetic pid
         self.servers: dict[int, QmpServer] = {}
         self._next_pid = 1000
         self._next_asid = 1
         self._lock = threading.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.ssh = None
+        self.ssh: LabSshServer | None = None
 
     def _make_firmware(self) -> SevFirmware:
         c = self.config
@@ -70,8 +74,12 @@ class LabHost:
         ask = AmdCert.from_bytes(Path(c["ask"]).read_bytes(), "lab ASK")
         ask_key = serialization.load_pem_private_key(Path(c["ask_key"]).read_bytes(), None)
         oca_key = serialization.load_pem_private_key(Path(c["oca_key"]).read_bytes(), None)
+        if not isinstance(ask_key, rsa.RSAPrivateKey):
+            raise LabHostError(f"{self.name}: the lab ASK key {c['ask_key']} is not an RSA private key")
+        if not isinstance(oca_key, ec.EllipticCurvePrivateKey):
+            raise LabHostError(f"{self.name}: the lab OCA key {c['oca_key']} is not an elliptic-curve private key")
         timing = PspTiming() if self.spec.realistic_psp else None
-        return SevFirmware(ask_key=ask_key, ask=ask, ark=ark, api=tuple(self.spec.api), build=self.spec.build,
+        return SevFirmware(ask_key=ask_key, ask=ask, ark=ark, api=self.spec.api, build=self.spec.build,
                            es=self.spec.es, oca_key=oca_key, timing=timing)
 
     # --- VMs ------------------------------------------------------------------------------
@@ -110,14 +118,14 @@ class LabHost:
         server = self.servers.get(vm.pid)
         return sorted(server.commands) if server else []
 
-    def emitter(self, vm: LabVm):
-        def emit(event: str, data: dict | None) -> None:
+    def emitter(self, vm: LabVm) -> Callable[[str, dict[str, Any] | None], None]:
+        def emit(event: str, data: dict[str, Any] | None) -> None:
             if event in ("MIGRATION", "MIGRATION_PASS") and not vm.capabilities.get("events"):
                 return  # QEMU sends these only with the `events` capability on
             self.emit(vm, event, data)
         return emit
 
-    def emit(self, vm: LabVm, event: str, data: dict | None = None) -> None:
+    def emit(self, vm: LabVm, event: str, data: dict[str, Any] | None = None) -> None:
         """An event on the VM's monitor, from any thread, whatever its capabilities."""
         server = self.servers.get(vm.pid)
         if server is not None:
@@ -151,8 +159,8 @@ class LabHost:
     # --- the remote helper's commands ------------------------------------------------------
 
     def probe(self) -> dict[str, Any]:
-        st = self.psp.raw("platform_status")
-        pdh = self.psp.raw("pdh_cert_export")
+        st = self.psp.raw(self.psp.fw.platform_status)
+        pdh = self.psp.raw(self.psp.fw.pdh_cert_export)
 
         def b64(data: bytes) -> str:
             return base64.b64encode(data).decode()
@@ -210,7 +218,7 @@ class LabHost:
 
     # --- lifetime -------------------------------------------------------------------------
 
-    async def serve(self, ready_out) -> None:
+    async def serve(self, ready_out: TextIO) -> None:
         from .ssh import LabSshServer
 
         self.loop = asyncio.get_running_loop()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import queue
 import selectors
@@ -27,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -138,6 +139,14 @@ class Stats:
             return info
 
 
+def _handle(vm: LabVm) -> int:
+    """The SEV guest's firmware handle: set from LAUNCH_START (or RECEIVE_START) until the VM closes."""
+    if vm.handle is None:
+        raise MigrationError(f"{vm.name}: the guest has no SEV handle on {vm.psp.host} "
+                             "(it was never launched or received, or the VM was closed)")
+    return vm.handle
+
+
 def _sev_param(params: dict[str, Any], key: str, vm: str) -> bytes:
     value = params.get(key) or ""
     if not value:
@@ -227,9 +236,9 @@ class OutgoingMigration:
             if vm.sev:
                 # A refused policy (NOSEND, DOMAIN, SEV, API version) stops here: the target
                 # gets ABORT and not a single page leaves.
-                started_res = psp.call("send_start", vm.handle, pdh, plat, amd)
+                started_res = psp.call(psp.fw.send_start, _handle(vm), pdh, plat, amd)
                 in_send = True
-                own_pdh = psp.call("pdh_cert_export").pdh
+                own_pdh = psp.call(psp.fw.pdh_cert_export).pdh
                 self._send_frame(Frame.SEV_START,
                                  stream.pack_sev_start(started_res.policy, own_pdh, started_res.session), "setup")
             threading.Thread(target=self._read_replies, name=f"migrate-replies-{vm.name}", daemon=True).start()
@@ -276,7 +285,7 @@ class OutgoingMigration:
             self._send_frame(Frame.COMPLETE, b"", "downtime")
             self._await(Frame.READY, "to accept every page")
             if vm.sev:
-                psp.call("send_finish", vm.handle)
+                psp.call(psp.fw.send_finish, _handle(vm))
             finished = True
             self._send_frame(Frame.FINISHED, b"", "downtime")
             self._await(Frame.DONE, "to run the guest (RECEIVE_FINISH)")
@@ -290,7 +299,7 @@ class OutgoingMigration:
             cancelled = self.cancel.is_set() and not finished
             if in_send and not finished:
                 with contextlib.suppress(Exception):
-                    psp.raw("send_cancel", vm.handle)
+                    psp.raw(psp.fw.send_cancel, _handle(vm))
             if not finished:
                 vm.final_digest = None
                 if self.sock is not None:
@@ -343,7 +352,7 @@ class OutgoingMigration:
             raise MigrationError("the migration link to the target closed (the target is gone or the link was cut)")
         raise MigrationError(f"the target sent {kind.name} out of turn")
 
-    def _send(self, parts: list, phase: str) -> int:
+    def _send(self, parts: list[bytes | memoryview], phase: str) -> int:
         assert self.sock is not None
         try:
             n = stream.sendall_parts(self.sock, parts)
@@ -376,23 +385,24 @@ class OutgoingMigration:
         max_bw = float(self.params.get("max-bandwidth", 0) or 0)
         # With the realistic PSP a page costs milliseconds: small frames keep both ends busy, and
         # a clean page is never worth sending along (it costs what a dirty one does).
-        realistic = getattr(vm.psp.fw, "timing", None) is not None
+        realistic = vm.psp.paced
         batch = PSP_BATCH_PAGES if realistic else BATCH_PAGES
         if not realistic:
             pages = fill_gaps(pages, GAP_PAGES)
         count0 = self.stats.normal
-        parts: list = []
+        parts: list[bytes | memoryview] = []
         marks: list[tuple[int, int, bool]] = []
         pending = 0
         for run in runs_of(pages, vm.shared, batch):
             self._check()
             for first, count, packet in _packets(run):
                 gpa = first * PAGE_SIZE
+                body: list[bytes | memoryview]
                 if run.shared:
-                    body = [struct.pack(">Q", gpa), memoryview(vm.memory[gpa:gpa + count * PAGE_SIZE])]
+                    body = [struct.pack(">Q", gpa), vm.memory[gpa:gpa + count * PAGE_SIZE].data]
                     kind = Frame.SHARED
                 else:
-                    res = vm.psp.call("send_pages", vm.handle, gpa, count * PAGE_SIZE // packet, packet_size=packet)
+                    res = vm.psp.call(vm.psp.fw.send_pages, _handle(vm), gpa, count * PAGE_SIZE // packet, packet_size=packet)
                     trans = self._maybe_tamper(res.trans)
                     body = stream.pack_private(gpa, res.headers, trans, packet)
                     kind = Frame.PRIVATE
@@ -410,7 +420,7 @@ class OutgoingMigration:
             sent += self._flush(parts, marks, phase)
         return sent
 
-    def _flush(self, parts: list, marks: list[tuple[int, int, bool]], phase: str) -> int:
+    def _flush(self, parts: list[bytes | memoryview], marks: list[tuple[int, int, bool]], phase: str) -> int:
         self._maybe_cut()
         n = self._send(parts, phase)
         for first, count, shared in marks:
@@ -443,7 +453,7 @@ class OutgoingMigration:
             else:
                 vm.states[sl] = np.where(redirty, PageState.PRIVATE_DIRTY, PageState.PRIVATE_SENT)
 
-    def _maybe_tamper(self, trans: bytes) -> bytes:
+    def _maybe_tamper(self, trans: bytes | bytearray) -> bytes | bytearray:
         f = self.fault
         if f.kind == "tamper-packet" and not f.fired and self._pages_sent >= f.after_pages:
             f.fired = True
@@ -629,7 +639,9 @@ class IncomingMigration:
     def _receive(self, conn: socket.socket) -> None:
         vm, psp = self.vm, self.vm.psp
         # Buffered: small frames of a dirty pass come out of one recv, big ones bypass the buffer.
-        sock = conn.makefile("rb", buffering=FLUSH_BYTES)
+        # makefile("rb") with a buffer size is a BufferedReader; typeshed's overloads give a
+        # Literal buffering that type, any other int only IOBase.
+        sock = cast(io.BufferedReader, conn.makefile("rb", buffering=FLUSH_BYTES))
         magic = stream.recv_exact(sock, len(stream.MAGIC), "stream header")
         if bytes(magic) != stream.MAGIC:
             raise StreamError("this is not a lab migration stream (bad magic)")
@@ -660,9 +672,9 @@ class IncomingMigration:
                 raise StreamError(f"expected SEV_START, got {kind.name}")
             policy, pdh, session = stream.unpack_sev_start(payload)
             vm.policy = policy
-            handle = psp.call("receive_start", policy, pdh, session, vm.memory).handle
+            handle = psp.call(psp.fw.receive_start, policy, pdh, session, vm.memory).handle
             if not psp.claim_session(bytes(session[:16])):
-                psp.raw("decommission", handle)
+                psp.raw(psp.fw.decommission, handle)
                 raise MigrationError(f"replayed stream refused: {psp.host} already received the session with "
                                      f"nonce {bytes(session[:16]).hex()}; accepting it again would clone the guest")
             vm.handle = handle
@@ -673,7 +685,7 @@ class IncomingMigration:
                     raise StreamError("PRIVATE pages for a guest without SEV")
                 gpa, headers, trans, packet = stream.unpack_private(payload)
                 self._check_range(gpa, len(trans), shared=False)
-                psp.call("receive_pages", vm.handle, gpa, headers, trans, packet_size=packet)
+                psp.call(psp.fw.receive_pages, _handle(vm), gpa, headers, trans, packet_size=packet)
                 self._mark(gpa, len(trans), PageState.PRIVATE_SENT)
             elif kind is Frame.SHARED:
                 if len(payload) < 8:
@@ -710,7 +722,7 @@ class IncomingMigration:
     def _complete(self) -> None:
         vm = self.vm
         if vm.sev:
-            vm.psp.call("receive_finish", vm.handle)
+            vm.psp.call(vm.psp.fw.receive_finish, _handle(vm))
         vm.incoming = False
         # QEMU: a running source means "run if autostart" (-S, stop and cont decide); any other
         # state is taken over as it was. The run state is set (RESUME) before "completed".

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import ParamSpec, TypeVar
 
 from sevconsole.sev.firmware import SevFirmware
 from sevconsole.sev.status import STATUS_MEANING, Status
@@ -87,34 +87,22 @@ class Psp:
             return True
 
     # A command is given as the firmware's bound method (`psp.call(psp.fw.send_start, ...)`),
-    # so its arguments and result are typed. Naming it by string is the old form, kept until
-    # every caller has moved.
-    @overload
-    def call(self, command: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R: ...
-    @overload
-    def call(self, command: str, /, *args: Any, **kwargs: Any) -> Any: ...
-
-    def call(self, command: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
+    # so its arguments and result are typed.
+    def call(self, command: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Runs the command; raises FirmwareError unless its status is SUCCESS."""
         result = self.raw(command, *args, **kwargs)
         status = getattr(result, "status", Status.SUCCESS)
         if status != Status.SUCCESS:
-            name = command if isinstance(command, str) else command.__name__
-            raise FirmwareError(self.host, name.upper(), Status(status), getattr(result, "detail", ""))
+            detail = getattr(result, "detail", "")
+            raise FirmwareError(self.host, command.__name__.upper(), Status(status), detail)
         return result
 
-    @overload
-    def raw(self, command: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R: ...
-    @overload
-    def raw(self, command: str, /, *args: Any, **kwargs: Any) -> Any: ...
-
-    def raw(self, command: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
+    def raw(self, command: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Runs the command and returns its result whatever the status (for probes)."""
-        run = getattr(self.fw, command) if isinstance(command, str) else command
         with self.lock:
             if self.timeline is None:
-                return run(*args, **kwargs)
+                return command(*args, **kwargs)
             began, before = self.timeline.clock(), self.fw.busy_s
-            result = run(*args, **kwargs)
+            result = command(*args, **kwargs)
             self.timeline.hold(began, self.fw.busy_s - before)
             return result

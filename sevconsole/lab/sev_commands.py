@@ -76,7 +76,7 @@ class SevCommands:
                 "policy": vm.policy, "state": SEV_STATE[self._guest_state()], "handle": vm.handle or 0}
 
     def query_sev_capabilities(self, args: dict) -> dict:
-        res = self.host.psp.call("pdh_cert_export")
+        res = self.host.psp.call(self.host.psp.fw.pdh_cert_export)
         return {"pdh": base64.b64encode(res.pdh).decode(), "cert-chain": base64.b64encode(res.cert_chain).decode(),
                 "cpu0-id": base64.b64encode(self.host.cpu0_id).decode(),
                 "cbitpos": self.host.cbitpos, "reduced-phys-bits": self.host.reduced_phys_bits}

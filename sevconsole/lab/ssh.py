@@ -22,12 +22,22 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paramiko
-from paramiko.common import MSG_CHANNEL_REQUEST
+from paramiko.common import (
+    AUTH_FAILED,
+    AUTH_SUCCESSFUL,
+    MSG_CHANNEL_REQUEST,
+    OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED,
+    OPEN_SUCCEEDED,
+)
+
+if TYPE_CHECKING:
+    from .host import LabHost
 
 PYTHONS = ("python3", "python", "/usr/bin/python3", "/usr/local/bin/python3")
 COMMANDS = ("launch-incoming", "probe", "qmp", "stop")
@@ -40,10 +50,11 @@ REAP_INTERVAL_S = 0.25
 class _Transport(paramiko.Transport):
     """Tells the server the moment authentication succeeds (it stops counting as pending)."""
 
-    on_authenticated: Any = None
+    on_authenticated: Callable[[], None] | None = None
 
     def _auth_trigger(self) -> None:
-        super()._auth_trigger()
+        # paramiko's private hook (its AuthHandler calls it on success): not in types-paramiko
+        super()._auth_trigger()  # type: ignore[misc]
         if self.on_authenticated is not None:
             self.on_authenticated()
 
@@ -71,25 +82,25 @@ class _Server(paramiko.ServerInterface):
         return "publickey"
 
     def check_auth_none(self, username: str) -> int:
-        return paramiko.AUTH_FAILED
+        return AUTH_FAILED
 
     def check_auth_password(self, username: str, password: str) -> int:
-        return paramiko.AUTH_FAILED
+        return AUTH_FAILED
 
     def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
         # The key is the credential; any user name is accepted (the inventory says "lab").
         ok = key.get_name() == self.lab.client_key.get_name() and key.asbytes() == self.lab.client_key.asbytes()
-        return paramiko.AUTH_SUCCESSFUL if ok else paramiko.AUTH_FAILED
+        return AUTH_SUCCESSFUL if ok else AUTH_FAILED
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
         if kind == "session":
-            return paramiko.OPEN_SUCCEEDED
-        return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+            return OPEN_SUCCEEDED
+        return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
         # Run it only once paramiko has sent the request's SUCCESS reply (see _after_request):
         # a fast command's exit status and close must not overtake that reply.
-        channel._lab_command = command.decode("utf-8", errors="replace")
+        channel.__dict__["_lab_command"] = command.decode("utf-8", errors="replace")  # popped there
         return True
 
     def check_channel_shell_request(self, channel: paramiko.Channel) -> bool:
@@ -101,12 +112,13 @@ class _Server(paramiko.ServerInterface):
     def check_port_forward_request(self, address: str, port: int) -> int:
         return False
 
-    def check_channel_direct_tcpip_request(self, chanid: int, origin: tuple, destination: tuple) -> int:
-        return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+    def check_channel_direct_tcpip_request(self, chanid: int, origin: tuple[str, int],
+                                           destination: tuple[str, int]) -> int:
+        return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
 
 
 class LabSshServer:
-    def __init__(self, host: Any, *, host_key: str, client_pub: str, user: str = "lab",
+    def __init__(self, host: LabHost, *, host_key: str, client_pub: str, user: str = "lab",
                  login_grace_s: float = LOGIN_GRACE_S, max_unauthenticated: int = MAX_UNAUTHENTICATED) -> None:
         self.host = host
         self.login_grace_s = login_grace_s
@@ -214,7 +226,8 @@ class LabSshServer:
         t.add_server_key(self.host_key)
         # Channel requests are answered in the transport thread after the ServerInterface hook
         # returns; this per-transport handler starts the command after that answer is out.
-        table = dict(t._channel_handler_table)
+        # _channel_handler_table: private to paramiko's Transport and absent from types-paramiko.
+        table = dict(t._channel_handler_table)  # type: ignore[attr-defined]
         plain = table[MSG_CHANNEL_REQUEST]
 
         def _after_request(chan: paramiko.Channel, m: paramiko.Message) -> None:
@@ -224,7 +237,7 @@ class LabSshServer:
                 threading.Thread(target=self.run_command, args=(chan, command), name="ssh-exec", daemon=True).start()
 
         table[MSG_CHANNEL_REQUEST] = _after_request
-        t._channel_handler_table = table
+        t._channel_handler_table = table  # type: ignore[attr-defined]  # as above
         with self._lock:
             self._transports.add(t)
         try:

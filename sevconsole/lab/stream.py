@@ -35,7 +35,7 @@ from __future__ import annotations
 import socket
 import struct
 from enum import IntEnum
-from typing import BinaryIO
+from typing import Protocol
 
 import numpy as np
 
@@ -59,6 +59,12 @@ class Frame(IntEnum):
     READY = 0x81
     DONE = 0x82
     ERROR = 0x83
+
+
+class Reader(Protocol):
+    """A buffered reader, as sock.makefile("rb") gives."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
 
 
 class StreamError(Exception):
@@ -90,11 +96,11 @@ def sendall_parts(sock: socket.socket, parts: list[bytes | memoryview]) -> int:
     return total
 
 
-def recv_exact(src: socket.socket | BinaryIO, n: int, what: str = "frame") -> bytearray:
+def recv_exact(src: socket.socket | Reader, n: int, what: str = "frame") -> bytearray:
     """n bytes from a socket or a buffered reader (sock.makefile("rb")), or StreamError."""
     buf = bytearray(n)
     view = memoryview(buf)
-    read = src.readinto if hasattr(src, "readinto") else src.recv_into
+    read = src.recv_into if isinstance(src, socket.socket) else src.readinto
     got = 0
     while got < n:
         k = read(view[got:])
@@ -104,7 +110,7 @@ def recv_exact(src: socket.socket | BinaryIO, n: int, what: str = "frame") -> by
     return buf
 
 
-def recv_frame(sock: socket.socket | BinaryIO) -> tuple[Frame, bytearray]:
+def recv_frame(sock: socket.socket | Reader) -> tuple[Frame, bytearray]:
     head = recv_exact(sock, HDR.size, "frame header")
     kind, length = HDR.unpack(head)
     try:
@@ -122,7 +128,7 @@ def pack_sev_start(policy: int, pdh: bytes, session: bytes) -> bytes:
     return (struct.pack(">II", policy, len(pdh)) + pdh + struct.pack(">I", len(session)) + session)
 
 
-def unpack_sev_start(payload: bytes) -> tuple[int, bytes, bytes]:
+def unpack_sev_start(payload: bytes | bytearray) -> tuple[int, bytes, bytes]:
     try:
         policy, pdh_len = struct.unpack_from(">II", payload, 0)
         pdh = bytes(payload[8:8 + pdh_len])
@@ -141,7 +147,7 @@ def packet_dtype(trans_len: int) -> np.dtype:
     return np.dtype([("hl", ">u4"), ("hdr", "u1", (HDR_LEN,)), ("tl", ">u4"), ("trans", "u1", (trans_len,))])
 
 
-def pack_private(gpa: int, headers: bytes, trans: bytes, packet_size: int) -> list[bytes | memoryview]:
+def pack_private(gpa: int, headers: bytes, trans: bytes | bytearray, packet_size: int) -> list[bytes | memoryview]:
     """One PRIVATE frame payload as parts for `sendall_parts`; vectorised so a batch costs one
     copy, not a Python loop per packet."""
     n = len(headers) // HDR_LEN
@@ -152,7 +158,7 @@ def pack_private(gpa: int, headers: bytes, trans: bytes, packet_size: int) -> li
     rec["hdr"] = np.frombuffer(headers, dtype=np.uint8).reshape(n, HDR_LEN)
     rec["tl"] = packet_size
     rec["trans"] = np.frombuffer(trans, dtype=np.uint8).reshape(n, packet_size)
-    return [struct.pack(">QI", gpa, n), memoryview(rec.view(np.uint8))]
+    return [struct.pack(">QI", gpa, n), rec.view(np.uint8).data]
 
 
 def unpack_private(payload: bytes | bytearray) -> tuple[int, bytes, bytes, int]:

@@ -12,15 +12,20 @@ import contextlib
 import hashlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sevconsole.sev.firmware import GuestAccessError
 from sevconsole.sev.pagestate import PageState
 
 from .layout import PAGE_SIZE, VmSpec, default_shared_ranges
 from .psp import Psp
+
+if TYPE_CHECKING:  # migration.py imports this module
+    from .migration import IncomingMigration, OutgoingMigration
 
 RUN_STATES = ("running",)
 # QEMU's blocker for an SEV guest, added at LAUNCH_FINISH. With the SEV migration series it stays
@@ -91,11 +96,11 @@ class LabVm:
         self.dirtied_total = 0  # pages written by the workload, for the dirty rate
         self.final_digest: str | None = None  # digest when it left (SENT: memory frozen)
         self.digest_on_send = False  # x-lab-set digest-on-send: record the digest while stopped
-        self.migration = None  # OutgoingMigration / IncomingMigration, set by the host
-        self.params: dict = {}
+        self.migration: OutgoingMigration | IncomingMigration | None = None  # set by the monitor
+        self.params: dict[str, Any] = {}
         self.capabilities: dict[str, bool] = {}  # migrate-set-capabilities (only `events` acts)
         self.workload = Workload(self, spec.dirty_rate)
-        self.on_status = None  # callback(event, data) for STOP/RESUME events
+        self.on_status: Callable[[str, dict[str, Any] | None], None] | None = None  # STOP/RESUME events
         self.measurement: bytes | None = None  # LAUNCH_MEASURE's answer (query-sev-launch-measure)
         self.launch_digest: bytes | None = None  # SHA-256 of what LAUNCH_UPDATE_DATA measured
         # query-migrate's blocked-reasons; `migrate` is refused with the first
@@ -111,24 +116,31 @@ class LabVm:
             n = min(chunk, self.mem_bytes - off)
             self.memory[off:off + n] = np.frombuffer(rng.bytes(n), dtype=np.uint8)
         if self.sev:
-            res = self.psp.call("launch_start", self.policy, self.memory)
-            self.handle = res.handle
+            fw = self.psp.fw
+            handle = self.handle = self.psp.call(fw.launch_start, self.policy, self.memory).handle
             digest = hashlib.sha256()
             for run in runs_of(np.arange(self.pages), self.shared, self.pages):
                 if not run.shared:
                     gpa, n = run.first * PAGE_SIZE, run.count * PAGE_SIZE
                     digest.update(self.memory[gpa:gpa + n].data)  # the plaintext, before it is encrypted
-                    self.psp.call("launch_update_data", self.handle, gpa, n)
+                    self.psp.call(fw.launch_update_data, handle, gpa, n)
             self.launch_digest = digest.digest()
-            self.measurement = self.psp.call("launch_measure", self.handle).measurement
-            self.psp.call("launch_finish", self.handle)
-            self.psp.call("activate", self.handle, asid)
+            self.measurement = self.psp.call(fw.launch_measure, handle).measurement
+            self.psp.call(fw.launch_finish, handle)
+            self.psp.call(fw.activate, handle, asid)
             if not self.spec.migration_ready:
                 self.blockers.append(SEV_BLOCKER)
         self.status = "running"
         self.workload.start()
 
     # --- guest view ---------------------------------------------------------------------
+
+    def _guest_handle(self) -> int:
+        """The SEV guest's firmware handle, for the guest CPU's own reads and writes."""
+        if self.handle is None:
+            raise GuestAccessError(f"{self.name} has no SEV guest on {self.psp.host}'s firmware: it is "
+                                   "not launched, not received yet, or already closed")
+        return self.handle
 
     def write_page(self, page: int, data: bytes) -> None:
         """The guest writes a page (private through the firmware, shared in clear)."""
@@ -137,7 +149,7 @@ class LabVm:
             if self.shared[page] or not self.sev:
                 self.memory[gpa:gpa + PAGE_SIZE] = np.frombuffer(data, dtype=np.uint8)
             else:
-                self.psp.call("guest_write", self.handle, gpa, data)
+                self.psp.call(self.psp.fw.guest_write, self._guest_handle(), gpa, data)
             self.dirty[page] = True
             s = self.states[page]
             if s == PageState.PRIVATE_SENT:
@@ -155,9 +167,9 @@ class LabVm:
             for run in runs_of(np.arange(self.pages), self.shared, 1024):
                 gpa, n = run.first * PAGE_SIZE, run.count * PAGE_SIZE
                 if run.shared or not self.sev:
-                    h.update(self.memory[gpa:gpa + n])
+                    h.update(self.memory[gpa:gpa + n].data)
                 else:
-                    h.update(self.psp.call("guest_read", self.handle, gpa, n))
+                    h.update(self.psp.call(self.psp.fw.guest_read, self._guest_handle(), gpa, n))
         return h.hexdigest()
 
     # --- run state ----------------------------------------------------------------------
@@ -189,14 +201,10 @@ class LabVm:
             self.dirty[:] = False
         return pages
 
-    def page_state_counts(self) -> dict[str, int]:
-        hist = np.bincount(self.states, minlength=len(PageState))
-        return {s.name: int(hist[s]) for s in PageState}
-
     def close(self) -> None:
         self.workload.stop()
         if self.handle is not None:
-            for command in ("deactivate", "decommission"):
+            for command in (self.psp.fw.deactivate, self.psp.fw.decommission):
                 with contextlib.suppress(Exception):  # a guest already gone is fine at teardown
                     self.psp.raw(command, self.handle)
             self.handle = None

@@ -21,7 +21,7 @@ def psp() -> Psp:
     root = generate_lab_root()
     fw = SevFirmware(ask_key=root.ask_key, ask=root.ask, ark=root.ark, api=(1, 55))
     p = Psp("test-host", fw)
-    p.call("init")
+    p.call(p.fw.init)
     return p
 
 
@@ -42,7 +42,7 @@ def test_private_pages_are_ciphertext_at_rest_shared_pages_are_not(psp: Psp) -> 
         gpa = private * 4096
         # The hypervisor sees ciphertext; the guest reads its image back through the firmware.
         assert not np.array_equal(vm.memory[gpa:gpa + 4096], image[gpa:gpa + 4096])
-        assert psp.call("guest_read", vm.handle, gpa, 4096) == image[gpa:gpa + 4096].tobytes()
+        assert psp.call(psp.fw.guest_read, vm.handle, gpa, 4096) == image[gpa:gpa + 4096].tobytes()
         s = shared[0] * 4096
         assert np.array_equal(vm.memory[s:s + 4096], image[s:s + 4096])
         # The same plaintext written at two addresses is stored differently (address tweak).
@@ -55,7 +55,7 @@ def test_private_pages_are_ciphertext_at_rest_shared_pages_are_not(psp: Psp) -> 
     finally:
         vm.close()
     with pytest.raises(FirmwareError, match="test-host: GUEST_STATUS failed"):
-        psp.call("guest_status", 99)
+        psp.call(psp.fw.guest_status, 99)
 
 
 def make_digest_of(image: np.ndarray) -> str:
