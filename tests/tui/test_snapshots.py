@@ -38,6 +38,9 @@ async def idle(pilot) -> None:  # type: ignore[no-untyped-def]
     while pending():
         await pilot.pause(0.01)
         await app.workers.wait_for_complete()
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+    app.clear_notifications()  # the toasts a start raises (migrations in flight, attention) cover the panels
     await pilot.pause()
 
 

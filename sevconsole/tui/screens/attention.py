@@ -28,9 +28,9 @@ class AttentionScreen(Screen[None]):
     ]
     DEFAULT_CSS = """
     AttentionScreen #hint { height: auto; padding: 0 1; color: $text-muted; }
-    AttentionScreen DataTable { height: auto; max-height: 70%; }
+    AttentionScreen DataTable { height: 1fr; overflow-x: hidden; }
     AttentionScreen #attention-empty { height: auto; padding: 1 2; }
-    AttentionScreen #attention-detail { height: 1fr; padding: 0 1; border: round $panel-lighten-1; }
+    AttentionScreen #attention-detail { height: auto; max-height: 50%; padding: 0 1; border: round $panel-lighten-1; }
     """
 
     def __init__(self, select: int = 0) -> None:

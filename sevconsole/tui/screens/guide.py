@@ -55,6 +55,7 @@ class GuideScreen(Screen[None]):
 
     def on_mount(self) -> None:
         self.sub_title = "guided tour"
+        self.query_one(ReplayView).go_live("each migration step shows here live, then its replay until the next step")
         self.action_next()
 
     # -- narration

@@ -80,7 +80,7 @@ class OverviewScreen(HostsScreen):
     OverviewScreen .ov-box:focus-within { border: round $accent; border-title-color: $text; }
     OverviewScreen .ov-box > DataTable, OverviewScreen .ov-box > LineTable { height: 1fr; overflow-x: hidden; }
     OverviewScreen .ov-empty { height: auto; padding: 0 1; color: $text-muted; }
-    OverviewScreen #ov-hosts-box { max-height: 45%; min-height: 4; }
+    OverviewScreen #ov-hosts-box { max-height: 50%; min-height: 4; }
     OverviewScreen #ov-vms-box { height: 1fr; min-height: 5; }
     OverviewScreen #ov-vm-detail { display: none; height: auto; max-height: 11; padding: 0 1;
                                    border-top: solid $panel-lighten-1; }
@@ -365,7 +365,7 @@ class OverviewScreen(HostsScreen):
         attention = needed("ov-attention", "ov-attention-empty")
         migrations = needed("ov-migrations", "ov-migrations-empty")
         heights = {"#ov-hosts-box": max(1, hosts.row_count) + 3,
-                   "#ov-right": None if wide else min(max(attention, migrations), 14 if tall else 9),
+                   "#ov-right": None if wide else min(max(attention, migrations), 14 if tall else 7),
                    "#ov-attention-box": attention if wide else None}  # None: the stylesheet's
         for selector, height in heights.items():
             if self._heights.get(selector, -1) != height:  # a new height is a new layout: only when it changes

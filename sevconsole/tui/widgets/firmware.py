@@ -57,9 +57,10 @@ class FirmwarePanel(VerticalScroll):
         super().__init__(**kw)  # type: ignore[arg-type]
         self.log_lines = log_lines
 
-    def compose(self) -> ComposeResult:
-        yield Static(id="machines")
-        yield Static(id="sevlog")
+    def compose(self) -> ComposeResult:  # before the first snapshot: what will be here, said so
+        yield Static(safe.lines([*end_lines("source", None), *end_lines("target", None)]), id="machines")
+        yield Static(safe.lines([safe.show("[u]SEV commands[/]"), safe.show("[$text-muted]no SEV command yet[/]")]),
+                     id="sevlog")
 
     def show(self, source: FirmwareView | None, target: FirmwareView | None, log: Sequence[SevLogEntry]) -> None:
         legend = safe.show("[$text-muted]guest states │ platform states, the current one lit[/]")
