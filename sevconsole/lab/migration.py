@@ -171,6 +171,10 @@ class OutgoingMigration:
         self.fault = fault or Fault()
         self.stats = Stats(vm.mem_bytes)
         self.cancel = threading.Event()
+        # QEMU's migrate_cancel shuts the stream down, so a send blocked on a peer that stopped
+        # reading ends at once; but never once SEND_FINISH is under way (the guest then goes on)
+        self._stage = threading.Lock()
+        self._finishing = False
         self.replies: queue.Queue[tuple[Frame | None, bytes]] = queue.Queue()
         self.sock: socket.socket | None = None
         self.thread = threading.Thread(target=self._run, name=f"migrate-out-{vm.name}", daemon=True)
@@ -192,7 +196,11 @@ class OutgoingMigration:
 
     def request_cancel(self) -> None:
         if self.mark_cancelling():
-            self.cancel.set()
+            with self._stage:
+                self.cancel.set()
+                if not self._finishing and self.sock is not None:
+                    with contextlib.suppress(OSError):
+                        self.sock.shutdown(socket.SHUT_RDWR)
 
     def mark_cancelling(self) -> bool:
         """migrate_cancel's own part: "cancelling", announced before its answer. The thread is
@@ -284,6 +292,10 @@ class OutgoingMigration:
                 self._send_frame(Frame.STATE, before.encode(), "downtime")
             self._send_frame(Frame.COMPLETE, b"", "downtime")
             self._await(Frame.READY, "to accept every page")
+            with self._stage:
+                if self.cancel.is_set():
+                    raise OSError("migration cancelled before SEND_FINISH")
+                self._finishing = True
             if vm.sev:
                 psp.call(psp.fw.send_finish, _handle(vm))
             finished = True
