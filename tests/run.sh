@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the tests need, then runs the whole suite (slow tests included).
+# Installs what the tests need, checks the code (ruff, mypy), then runs the whole suite (slow
+# tests included).
 # System packages come from apt-get when missing and running as root; elsewhere the tests
 # that need them skip with a reason.
 set -euo pipefail
@@ -21,5 +22,6 @@ if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null;
 fi
 
 python3 -m pip install -q --root-user-action=ignore -e '.[test]'
-python3 -m ruff check sevconsole tests benchmarks
+python3 -m ruff check sevconsole tests benchmarks screenshots
+python3 -m mypy sevconsole  # strict on sev/ and engine/, the default level elsewhere (pyproject.toml)
 exec python3 -m pytest -q -rs "$@"

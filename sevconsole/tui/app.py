@@ -305,11 +305,14 @@ class SevConsoleApp(App[int]):
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen(self.screen))
 
-    def action_screenshot(self) -> None:
-        self.screenshot_dir.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = self.save_screenshot(f"sevconsole-{stamp}.svg", str(self.screenshot_dir))
-        self.notify(f"Screenshot saved to {path}")
+    def action_screenshot(self, filename: str | None = None, path: str | None = None) -> None:
+        """F8: an SVG of this screen, named by the time, in the screenshot folder (Textual's
+        own arguments are honoured when a caller gives them)."""
+        folder = Path(path) if path else self.screenshot_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        name = filename or f"sevconsole-{time.strftime('%Y%m%d-%H%M%S')}.svg"
+        saved = self.save_screenshot(name, str(folder))
+        self.notify(f"Screenshot saved to {saved}")
 
     def action_next_theme(self) -> None:
         labels = sorted(self.themes)
