@@ -3,9 +3,10 @@
     python -m screenshots.make [--size 120x36] [--out DIR]
 
 Starts a 4-host lab (lab-4 with a realistic PSP), drives the app headless by keys, and saves:
-hosts, host (certificate chain), preflight, refused (NOSEND), live migration mid-way, result,
-guide (the PDH exchange step) and guide-not-converging (the realistic-PSP demo, when the
-prediction turns). The migration is capped at 8 MB/s so a mid-way frame exists.
+overview (the start screen), hosts (the hosts list), host (certificate chain), preflight, refused
+(NOSEND), live migration mid-way, result, replay (the result's replay, scrubbed back to the middle
+of pre-copy), guide (the PDH exchange step) and guide-not-converging (the realistic-PSP demo, when
+the prediction turns). The migration is capped at 8 MB/s so a mid-way frame exists.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from sevconsole.lab.layout import default_layout
 from sevconsole.tui.app import SevConsoleApp
 from sevconsole.tui.live_backend import LiveBackend, open_backend
 from sevconsole.tui.screens.guide import GuideScreen
+from sevconsole.tui.screens.hosts import HostsScreen
 from sevconsole.tui.screens.live import LiveScreen
 from sevconsole.tui.screens.migrate import MigrateScreen
+from sevconsole.tui.screens.overview import OverviewScreen
 from sevconsole.tui.screens.result import ResultScreen
+from sevconsole.tui.widgets.replay_view import ReplayView
 
 MIDWAY_BPS = 8_000_000
 
@@ -48,7 +52,7 @@ async def until(pilot, condition, timeout: float = 120.0) -> None:  # type: igno
 async def shoot(lab_dir: Path, out: Path, size: tuple[int, int]) -> list[Path]:
     live = open_backend(inventory=None, lab_dir=lab_dir)
     backend = SlowBackend(list(live.specs.values()), known_hosts=live.options.known_hosts,
-                          lab_root=live.options.lab_root, lab=True)
+                          lab_root=live.options.lab_root, lab=True, fleet=live.fleet)
     live.close()
     saved: list[Path] = []
     app = SevConsoleApp(backend, screenshot_dir=out)
@@ -59,8 +63,19 @@ async def shoot(lab_dir: Path, out: Path, size: tuple[int, int]) -> list[Path]:
     try:
         async with app.run_test(size=size) as pilot:
             await until(pilot, lambda: len(app.reports) == len(backend.host_names()))
+            overview = app.screen
+            await until(pilot, lambda: isinstance(overview, OverviewScreen) and overview.history_loaded)
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            app.clear_notifications()
+            await pilot.pause()
+            save("overview")
+            await pilot.press("H")
+            await until(pilot, lambda: type(app.screen) is HostsScreen)
             await pilot.pause()
             save("hosts")
+            await pilot.press("escape")
+            await until(pilot, lambda: app.screen is overview)
             await pilot.press("enter")
             await pilot.pause()
             save("host")
@@ -83,9 +98,20 @@ async def shoot(lab_dir: Path, out: Path, size: tuple[int, int]) -> list[Path]:
             await until(pilot, midway)
             await pilot.pause()
             save("live")
-            await until(pilot, lambda: isinstance(app.screen, ResultScreen))
+            await until(pilot, lambda: isinstance(app.screen, ResultScreen) and bool(app.screen.query("#result")))
+            await pilot.pause()
+            app.clear_notifications()
             await pilot.pause()
             save("result")
+            result_screen = app.screen
+            await until(pilot, lambda: result_screen.tape is not None)
+            await pilot.press("r")
+            view = result_screen.query_one(ReplayView)
+            tape = result_screen.tape
+            precopy = [i for i, f in enumerate(tape.frames) if f.phase.value == "pre-copy"]
+            view.show(precopy[len(precopy) // 2] if precopy else len(tape) // 2)
+            await pilot.pause()
+            save("replay")
             await pilot.press("enter")
             await pilot.press("ctrl+g")
             await until(pilot, lambda: isinstance(app.screen, GuideScreen))
@@ -129,6 +155,8 @@ def main() -> int:
 
         os.environ["SEVCONSOLE_DATA_DIR"] = str(Path(tmp) / "data")  # audit log and known_hosts stay here
         os.environ["SEVCONSOLE_CONFIG_DIR"] = str(Path(tmp) / "config")
+        os.environ["SEVCONSOLE_STATE_DIR"] = str(Path(tmp) / "state")  # the runners' journals and snapshots
+        os.environ["SEVCONSOLE_RUNTIME_DIR"] = str(Path(tmp) / "run")  # runner sockets (a short path)
         with Lab.start(Path(tmp) / "lab", len(layout), layout=layout) as lab:
             saved = asyncio.run(shoot(Path(lab.paths.root), args.out, (cols, rows)))
     for path in saved:

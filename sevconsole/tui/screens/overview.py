@@ -283,7 +283,8 @@ class OverviewScreen(HostsScreen):
             self._all_vm_rows = fleet.vm_rows(reports, order)
             self._vm_cells = {}
         rows = [r for r in self._all_vm_rows if fleet.matches(r, self.filter_text)]
-        keep = self.selected_vm_row()
+        # the row under the cursor stays under it; at the top, the top stays (rows arrive as probes end)
+        keep = self.selected_vm_row() if table.cursor_row > 0 else None
         self.vm_rows = fleet.sort_rows(rows, self.sort_key, order)
         table.set_rows([(r.key, self.vm_cells(r)) for r in self.vm_rows], keep=keep.key if keep else None)
         self.show_vm_detail()
