@@ -29,7 +29,7 @@ from tests.tui.scripted import ScriptedBackend, sample_progress, sample_reports
 SIZE = (80, 24)
 
 
-def table_rows(app: SevConsoleApp, selector: str = "DataTable") -> list[list[str]]:
+def table_rows(app: SevConsoleApp, selector: str = "#hosts, DataTable") -> list[list[str]]:
     table = app.screen.query_one(selector)
     return [[str(getattr(c, "plain", c)) for c in table.get_row_at(i)] for i in range(table.row_count)]
 
@@ -288,7 +288,7 @@ async def test_theme_switch_recolours_map_and_tables(backend: ScriptedBackend) -
     app = SevConsoleApp(backend)
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
-        dark_cell = app.screen.query_one("DataTable").get_row_at(0)[1]
+        dark_cell = app.screen.query_one("#hosts").get_row_at(0)[1]
         reports = backend.reports
         screen = LiveScreen(reports["lab-1"].vms[0], reports["lab-1"], reports["lab-2"], (), 300, start=False)
         await app.push_screen(screen)
@@ -303,7 +303,7 @@ async def test_theme_switch_recolours_map_and_tables(backend: ScriptedBackend) -
         assert page_map._palette_key != dark_palette and "#00ff00" in [c.lower() for c in page_map._palette_key]
         app.pop_screen()
         await pilot.pause()
-        assert app.screen.query_one("DataTable").get_row_at(0)[1].spans != dark_cell.spans
+        assert app.screen.query_one("#hosts").get_row_at(0)[1].spans != dark_cell.spans
 
 
 def test_run_console_with_a_bad_lab_folder_says_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

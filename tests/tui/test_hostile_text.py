@@ -15,11 +15,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from textual.widgets import DataTable, RichLog
+from textual.widgets import RichLog
 
 from sevconsole.engine.progress import SevLogEntry
 from sevconsole.engine.run import Outcome
@@ -68,7 +69,7 @@ def text_of(app: SevConsoleApp, selector: str) -> str:
 
 
 def cells(app: SevConsoleApp, selector: str) -> list[list[str]]:
-    table = app.screen.query_one(selector, DataTable)
+    table: Any = app.screen.query_one(selector)  # a DataTable, or one of the overview's LineTables
     return [[c.plain for c in table.get_row_at(i)] for i in range(table.row_count)]
 
 

@@ -118,7 +118,7 @@ class OverviewScreen(HostsScreen):
         with Vertical(id="ov-body"):
             with Vertical(id="ov-left"):
                 with Vertical(id="ov-hosts-box", classes="ov-box"):
-                    yield DataTable(id="hosts", cursor_type="row", zebra_stripes=True)
+                    yield LineTable(HOST_COLUMNS, id="hosts")
                 with Vertical(id="ov-vms-box", classes="ov-box"):
                     yield LineTable(VM_COLUMNS, id="ov-vms")
                     yield Static(id="ov-vms-empty", classes="ov-empty")
@@ -139,9 +139,7 @@ class OverviewScreen(HostsScreen):
         for box, title in (("#ov-hosts-box", "1 Hosts"), ("#ov-vms-box", "2 VMs"),
                            ("#ov-attention-box", "3 Attention"), ("#ov-migrations-box", "4 Migrations")):
             self.query_one(box).border_title = title
-        hosts = self.query_one("#hosts", DataTable)
-        for key, label in HOST_COLUMNS:
-            hosts.add_column(label, key=key)
+        hosts = self.query_one("#hosts", LineTable)
         self.pending = set(self.app.backend.host_names())  # type: ignore[attr-defined]
         self.rebuild()
         hosts.focus()
@@ -167,16 +165,15 @@ class OverviewScreen(HostsScreen):
     def rebuild(self) -> None:
         """The hosts panel: name, state, SEV in a few words, chain, VMs, note (the hosts list's
         cells, fewer of them: the panel shares the width)."""
-        table = self.query_one("#hosts", DataTable)
+        table = self.query_one("#hosts", LineTable)
         visible = self.visible_reports()
         shown = tuple((r.name, id(r), r.name in self.pending) for r in visible)
         if shown == self._hosts_shown and self.is_mounted:  # a keystroke that keeps the same hosts
             self.fill_summary()
             return
         self._hosts_shown = shown
-        keep = table.cursor_row
-        selected = HostsScreen.selected_host(self)
-        table.clear()
+        selected = self.selected_host_row() if table.cursor_row > 0 else None  # at the top, the top stays
+        rows = []
         for report in visible:
             probing = report.name in self.pending and report.name not in self.app.reports  # type: ignore[attr-defined]
             if probing:
@@ -185,11 +182,8 @@ class OverviewScreen(HostsScreen):
                 full = row_cells(report)
                 sev, style = fleet.sev_words(report)
                 cells = [full[0], full[1], safe.plain(sev, style), full[4], full[5], full[7]]
-            table.add_row(*(safe.rich(self.app, c) for c in cells), key=report.name)
-        if selected is not None and selected in table.rows:
-            table.move_cursor(row=table.get_row_index(selected), animate=False)
-        elif table.row_count:
-            table.move_cursor(row=min(keep, table.row_count - 1), animate=False)
+            rows.append((report.name, [safe.rich(self.app, c) for c in cells]))
+        table.set_rows(rows, keep=selected)
         if self.is_mounted:
             self.fill_summary()
             self.apply_heights()
@@ -362,7 +356,7 @@ class OverviewScreen(HostsScreen):
             text = str(self.query_one(f"#{empty_id}", Static).render())
             return 2 + max(1, -(-len(text) // box_width))
 
-        hosts = self.query_one("#hosts", DataTable)
+        hosts = self.query_one("#hosts", LineTable)
         attention = needed("ov-attention", "ov-attention-empty")
         migrations = needed("ov-migrations", "ov-migrations-empty")
         heights = {"#ov-hosts-box": max(1, hosts.row_count) + 3,
@@ -442,12 +436,15 @@ class OverviewScreen(HostsScreen):
         focused = self.focused
         return focused.id if isinstance(focused, DataTable | LineTable) and focused.id else "hosts"
 
+    def selected_host_row(self) -> str | None:
+        return self.query_one("#hosts", LineTable).row_key()
+
     def selected_host(self) -> str | None:
         """The host in view: the hosts row, or the VM row's host (E evacuates it)."""
         if self.focused_panel() == "ov-vms":
             row = self.selected_vm_row()
             return row.host if row is not None else None
-        return super().selected_host()
+        return self.selected_host_row()
 
     # -- keys
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
@@ -546,11 +543,11 @@ class OverviewScreen(HostsScreen):
     def action_clear_filter(self) -> None:
         box = self.query_one("#filter", Input)
         box.value = ""
-        self.query_one("#hosts", DataTable).focus()
+        self.query_one("#hosts", LineTable).focus()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.prevent_default()
-        self.query_one("#hosts", DataTable).focus()
+        self.query_one("#hosts", LineTable).focus()
 
     def palette_commands(self) -> list[tuple[str, str, object]]:
         return [*super().palette_commands(),

@@ -139,14 +139,12 @@ class LineTable(ScrollView, can_focus=True):
 
     def notify_style_update(self) -> None:
         super().notify_style_update()
-        self._strips.clear()  # a theme or focus change: new colours
+        self._strips.clear()  # a theme change: new colours
 
     def _on_focus(self, event: events.Focus) -> None:
-        self._strips.clear()
-        self.refresh()
+        self.refresh()  # the strips of both states are cached: focus is part of their key
 
     def _on_blur(self, event: events.Blur) -> None:
-        self._strips.clear()
         self.refresh()
 
     # -- keys and mouse
