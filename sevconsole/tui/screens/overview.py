@@ -105,6 +105,7 @@ class OverviewScreen(HostsScreen):
         self.history_loaded = False
         self._vms_pending = False
         self._heights: dict[str, int | None] = {}
+        self._filled = False  # on_mount has built the panels
         self._hosts_shown: tuple[tuple[str, int, bool], ...] = ()
         self._all_vm_rows: list[fleet.VmRow] = []
         self._vm_cells: dict[str, list[Any]] = {}
@@ -134,7 +135,7 @@ class OverviewScreen(HostsScreen):
         yield QuickFooter()
 
     def on_mount(self, event: events.Mount) -> None:  # type: ignore[override]
-        event.prevent_default()  # HostsScreen's on_mount runs once, below, not again after this one
+        event.prevent_default()  # not HostsScreen's on_mount: this screen builds its own panels
         self.query_one("#hosts-status").display = False  # the summary line says it at the top
         for box, title in (("#ov-hosts-box", "1 Hosts"), ("#ov-vms-box", "2 VMs"),
                            ("#ov-attention-box", "3 Attention"), ("#ov-migrations-box", "4 Migrations")):
@@ -147,15 +148,25 @@ class OverviewScreen(HostsScreen):
         self.fill_vms()
         self.fill_attention()
         self.fill_migrations()
+        self._filled = True
         self.load_history()
         self.set_interval(HISTORY_EVERY_S, self._tick_history)
 
-    # -- data in
+    # -- data in (the app fans these out to every screen in the stack: this one may not be built yet,
+    # a host-key question pushed over it at start; on_mount fills every panel anyway)
+    @property
+    def ready(self) -> bool:
+        return self._filled
+
     def report_updated(self, report: HostReport) -> None:
-        super().report_updated(report)
-        self._vms_later()
+        self.pending.discard(report.name)
+        if self.ready:
+            self.rebuild()
+            self._vms_later()
 
     def refresh_cells(self) -> None:
+        if not self.ready:
+            return
         self._hosts_shown = ()  # a new theme: every cell again
         super().refresh_cells()
         self.fill_vms()
@@ -189,8 +200,9 @@ class OverviewScreen(HostsScreen):
             self.apply_heights()
 
     def attention_updated(self) -> None:
-        self.fill_attention()
-        self.fill_summary()
+        if self.ready:
+            self.fill_attention()
+            self.fill_summary()
 
     def _vms_later(self) -> None:
         """Many probes finish together on a large fleet: one VM table rebuild for all of them."""
