@@ -87,6 +87,7 @@ class HostScreen(Screen[None]):
     def __init__(self, name: str) -> None:
         super().__init__()
         self.host_name = name
+        self._shown: HostReport | None = None  # the report the screen was last filled from
 
     @property
     def report(self) -> HostReport:
@@ -118,8 +119,14 @@ class HostScreen(Screen[None]):
     def refresh_cells(self) -> None:
         self.fill()
 
+    def on_screen_resume(self) -> None:
+        """Shown again (the overview keeps a host's screen once built): a probe that ended while it
+        was not in view was not fanned out here."""
+        if self.is_mounted and self.query("#vms") and self.app.reports.get(self.host_name) is not self._shown:  # type: ignore[attr-defined]
+            self.fill()
+
     def fill(self) -> None:
-        report = self.report
+        report = self._shown = self.report
         self.query_one("#caps", Static).update(safe.lines(capability_lines(report)))
         tree = self.query_one("#chain", Tree)
         fill_chain_tree(tree, report.capabilities)

@@ -18,6 +18,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.content import Content
 from textual.message import Message
+from textual.screen import Screen
 from textual.widgets import DataTable, Header, Input, Static
 
 from sevconsole.hosts.report import HostReport
@@ -470,9 +471,7 @@ class OverviewScreen(HostsScreen):
             row = self.selected_vm_row()
             if row is None:
                 return
-            from sevconsole.tui.screens.host import HostScreen
-
-            screen = HostScreen(row.host)
+            screen = self.host_screen(row.host)
             await self.app.push_screen(screen)
             vms = screen.query_one("#vms", DataTable)
             if row.index < vms.row_count:
@@ -485,6 +484,25 @@ class OverviewScreen(HostsScreen):
             self.open_migration(self.selected_migration())
         else:
             self.action_open_host()
+
+    def host_screen(self, name: str) -> Screen[None]:
+        """A host's screen, built once and kept (installed): opening it again costs no new screen;
+        it fills itself again when its report changed meanwhile."""
+        from sevconsole.tui.screens.host import HostScreen
+
+        key = f"host:{name}"
+        if not self.app.is_screen_installed(key):
+            self.app.install_screen(HostScreen(name), key)
+        return self.app.get_screen(key)
+
+    def action_open_host(self) -> None:
+        name = self.selected_host_row()
+        if name is None:
+            return
+        if name not in self.app.reports:  # type: ignore[attr-defined]
+            self.notify(f"{name} is still being probed.", severity="warning")
+            return
+        self.app.push_screen(self.host_screen(name))
 
     def open_migration(self, row: fleet.MigrationRow | None) -> None:
         if row is None:
