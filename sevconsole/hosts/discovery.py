@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -22,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import paramiko
 
 from sevconsole import paths
 from sevconsole.hosts import identity, libvirt, storage
@@ -176,7 +179,9 @@ def _discover(spec: HostSpec, ctx: _Context, last: list[HostReport]) -> HostRepo
     if facts is not None:
         extra["libvirt"] = facts
     # who this machine is, whatever name reached it (hosts/identity.py)
-    extra["host_key_fingerprint"] = fingerprint(conn.transport.get_remote_server_key())
+    # a transport that died after the probe answered (or a stand-in with none) gives no identity
+    with contextlib.suppress(paramiko.SSHException, OSError, AttributeError):
+        extra["host_key_fingerprint"] = fingerprint(conn.transport.get_remote_server_key())
     for key in ("machine_id", "boot_id"):
         if isinstance(data.get(key), str):
             extra[key] = data[key][:64]
