@@ -196,7 +196,7 @@ MARK = {"pass": "ok  ", "warn": "WARN", "fail": "FAIL"}
 def _migrate(args: argparse.Namespace, fleet: Any, plan: Any) -> int:
     from sevconsole.engine import audit
     from sevconsole.engine.checks import preflight, refused
-    from sevconsole.engine.run import Outcome
+    from sevconsole.engine.run import Outcome, Result
     from sevconsole.engine.runner import RunnerError, spawn
     from sevconsole.hosts.chains import trust_with_lab_root
 
@@ -211,7 +211,7 @@ def _migrate(args: argparse.Namespace, fleet: Any, plan: Any) -> int:
     if refused(checks):
         _say(args, "refused by preflight: nothing was started.")
         try:
-            audit.record(plan, checks, Outcome("refused", "refused by preflight", runnable=(plan.source.name,)))
+            audit.record(plan, checks, Outcome(Result.REFUSED, "refused by preflight", runnable=(plan.source.name,)))
         except (OSError, ValueError) as exc:
             _say(args, f"audit log not written: {escape_controls(exc)}")
         return EXIT_REFUSED
@@ -234,6 +234,7 @@ def _migrate(args: argparse.Namespace, fleet: Any, plan: Any) -> int:
 
 def follow(args: argparse.Namespace, migration_id: str) -> int:
     """Attach to a runner and show its progress until the outcome; Ctrl-C sends cancel."""
+    from sevconsole.engine.run import Result
     from sevconsole.engine.runner import RunnerError
 
     try:
@@ -250,7 +251,7 @@ def follow(args: argparse.Namespace, migration_id: str) -> int:
         _say(args, f"  {escape_controls(err)}")
     if args.json:
         print(json.dumps({"outcome": outcome.to_json(), "migration": migration_id}), flush=True)
-    return {"done": EXIT_DONE, "refused": EXIT_REFUSED}.get(outcome.result, EXIT_FAILED)
+    return {Result.DONE: EXIT_DONE, Result.REFUSED: EXIT_REFUSED}.get(outcome.result, EXIT_FAILED)
 
 
 async def _follow(args: argparse.Namespace, migration_id: str) -> Any:

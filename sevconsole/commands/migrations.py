@@ -100,6 +100,7 @@ def run_list(args: argparse.Namespace) -> int:
 def run_watch(args: argparse.Namespace) -> int:
     from sevconsole.commands.migrate import follow
     from sevconsole.engine import journal
+    from sevconsole.engine.run import Result
 
     try:
         entry = journal.entry(args.id)
@@ -111,7 +112,7 @@ def run_watch(args: argparse.Namespace) -> int:
         if outcome is not None:
             print(escape_controls(f"{entry.id} ended: {outcome.get('result')}: {outcome.get('message')}"),
                   file=sys.stderr)
-            return 0 if outcome.get("result") == "done" else 1
+            return 0 if outcome.get("result") == Result.DONE else 1
         print(escape_controls(f"{entry.id} has no runner ({state_of(entry)})"), file=sys.stderr)
         return 1
     return follow(args, entry.id)

@@ -28,7 +28,7 @@ from sevconsole.engine.libvirt_link import LibvirtHost
 from sevconsole.engine.machine import Step
 from sevconsole.engine.plan import MigrationPlan
 from sevconsole.engine.progress import Phase, Progress
-from sevconsole.engine.run import Outcome, ProgressCallback, StallCallback, StepCallback
+from sevconsole.engine.run import Outcome, ProgressCallback, Result, StallCallback, StepCallback
 from sevconsole.hosts.libvirt import STATES
 
 JOB_STATUS = {"unbounded": "active", "bounded": "active", "completed": "completed", "failed": "failed",
@@ -122,7 +122,7 @@ class LibvirtMigration:
                 f"{plan.vm.name} is not a libvirt domain"
             f.phase(Phase.FAILED)
             f.error("refused by preflight: " + bad)
-            return Outcome("refused", "refused by preflight: " + bad, runnable=(plan.source.name,))
+            return Outcome(Result.REFUSED, "refused by preflight: " + bad, runnable=(plan.source.name,))
         f.phase(Phase.CONNECTING)
         self._post()
         try:
@@ -130,18 +130,18 @@ class LibvirtMigration:
         except LinkError as exc:
             f.phase(Phase.FAILED)
             f.error(str(exc))
-            return Outcome("failed", f"nothing started: {exc}", runnable=(plan.source.name,))
+            return Outcome(Result.FAILED, f"nothing started: {exc}", runnable=(plan.source.name,))
         state = before.get("state")
         if state not in RUNNABLE:
             f.phase(Phase.FAILED)
             why = f"{plan.vm.name} is '{state}' on {plan.source.name}, not running or paused" if state else \
                 f"libvirt on {plan.source.name} has no domain {plan.vm.name} ({before.get('said')})"
             f.error(why)
-            return Outcome("failed", f"nothing started: {why}", runnable=(plan.source.name,) if state else ())
+            return Outcome(Result.FAILED, f"nothing started: {why}", runnable=(plan.source.name,) if state else ())
         self._was_running = state == "running"
         if self._cancel.is_set():
             f.phase(Phase.CANCELLED)
-            return Outcome("cancelled", f"{self._cancel_reason}; nothing was started", runnable=(plan.source.name,))
+            return Outcome(Result.CANCELLED, f"{self._cancel_reason}; nothing was started", runnable=(plan.source.name,))
         move = bool(before.get("persistent")) and not plan.keep_source  # the definition moves too
         self._record(Step.PLANNED, vm=plan.vm.name, sev=False, source=plan.source.name, target=plan.target.name,
                      source_qmp=plan.vm.qmp_path, source_was_running=self._was_running, libvirt=uuid,
@@ -239,14 +239,14 @@ class LibvirtMigration:
             kept = f"; its definition stays on {plan.source.name} (--keep-source)" if src == "shut off" else ""
             message = (f"{plan.vm.name} now runs on {plan.target.name}; libvirt stopped the source copy"
                        f"{' and moved its definition' if move else ''}{kept}")
-            result = "done"
+            result = Result.DONE
         else:
             f.phase(Phase.CANCELLED if cancelled else Phase.FAILED)
             reason = self._cancel_reason if cancelled else (f"libvirt: {said}" if said else "the migration failed")
             where = f"{plan.vm.name} runs on {plan.source.name}" if src == "running" else \
                 f"{plan.vm.name} is '{src}' on {plan.source.name}"
             message = f"{reason}; {where}" + (f"; but: {'; '.join(problems)}" if problems else "")
-            result = "cancelled" if cancelled else "failed"
+            result = Result.CANCELLED if cancelled else Result.FAILED
             if not cancelled:
                 f.error(reason)
         return Outcome(result, message, runnable=runnable, source_status=src, target_status=dst)

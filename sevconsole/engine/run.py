@@ -15,6 +15,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +51,19 @@ StallCallback = Callable[[Progress], "bool | Awaitable[bool]"]
 StepCallback = Callable[[Step, dict[str, Any]], None]  # the journal: must be durable when it returns
 
 
+class Result(StrEnum):
+    """How a run ended; a StrEnum, so it compares equal to (and serialises as) its old string."""
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    REFUSED = "refused"
+
+
 @dataclass(frozen=True)
 class Outcome:
-    result: str  # done, failed, cancelled, refused
+    # Always a Result once built (__post_init__); a plain string is still accepted from callers
+    # that build one by hand (the TUI's fallbacks) and narrowed to the enum here.
+    result: Result | str
     message: str
     runnable: tuple[str, ...] = ()  # hosts where the guest can run at the end
     source_status: str | None = None
@@ -69,6 +80,10 @@ class Outcome:
     progress: Progress | None = field(default=None, compare=False, repr=False)
     audit: str | None = field(default=None, compare=False)  # the line written to the audit log
     migration_id: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.result, Result):
+            object.__setattr__(self, "result", Result(self.result))
 
     @property
     def one_copy(self) -> bool:
@@ -96,6 +111,10 @@ class Outcome:
         values["runnable"] = tuple(str(x) for x in values.get("runnable", ()))
         values["errors"] = tuple(str(x) for x in values.get("errors", ()))
         values["message"] = str(values.get("message", ""))
+        try:
+            values["result"] = Result(values["result"])
+        except ValueError:
+            raise ValueError(f"an outcome with an unknown result {values['result']!r}") from None
         return cls(**values)
 
     def to_json(self) -> dict[str, Any]:
@@ -184,7 +203,7 @@ class Migration:
                 outcome = await self._run()
             except Exception as exc:  # a bug here must still end with the guest in one place
                 self.folder.error(f"engine error: {type(exc).__name__}: {exc}")
-                outcome = await self._rollback("failed", f"engine error ({type(exc).__name__}: {exc})")
+                outcome = await self._rollback(Result.FAILED, f"engine error ({type(exc).__name__}: {exc})")
         finally:
             for task in self._tasks:
                 task.cancel()
@@ -221,7 +240,7 @@ class Migration:
             bad = [c.sentence for c in self.checks if c.status.value == "fail"]
             f.phase(Phase.FAILED)
             f.error("refused by preflight: " + " ".join(bad))
-            return Outcome("refused", "refused by preflight: " + " ".join(bad),
+            return Outcome(Result.REFUSED, "refused by preflight: " + " ".join(bad),
                            runnable=(self.plan.source.name,))  # nothing was touched
         f.phase(Phase.CONNECTING)
         self._post()
@@ -230,7 +249,7 @@ class Migration:
         except (EngineError, QMPError, OSError) as exc:
             f.phase(Phase.FAILED)
             f.error(str(exc))
-            return Outcome("failed", f"nothing started: {exc}", runnable=(self.plan.source.name,))
+            return Outcome(Result.FAILED, f"nothing started: {exc}", runnable=(self.plan.source.name,))
         self._record(Step.PLANNED, vm=self.plan.vm.name, sev=self.plan.sev, source=self.plan.source.name,
                      target=self.plan.target.name, source_qmp=self.plan.vm.qmp_path,
                      source_was_running=self._source_initial == "running")
@@ -238,9 +257,9 @@ class Migration:
             port = await self._prepare_target()
             await self._configure_source()
         except (TimeoutError, EngineError, QMPError, OSError) as exc:  # _rollback reports it, once
-            return await self._rollback("failed", f"setup failed: {_sentence(exc)}")
+            return await self._rollback(Result.FAILED, f"setup failed: {_sentence(exc)}")
         if self._cancel.is_set():
-            return await self._rollback("cancelled", self._cancel_reason)
+            return await self._rollback(Result.CANCELLED, self._cancel_reason)
         await self._lab_extras(baseline=True)  # the SEV log starts here, not at the guest's launch
         f.phase(Phase.SEND_START)
         self._post()
@@ -249,20 +268,20 @@ class Migration:
             await self.src.execute("migrate", {"uri": f"tcp:{_host(self.target.address)}:{port}"})
         except (EngineError, QMPError, OSError) as exc:
             f.error(_sentence(exc))
-            return await self._rollback("failed", f"migrate refused: {_sentence(exc)}")
+            return await self._rollback(Result.FAILED, f"migrate refused: {_sentence(exc)}")
         try:
             end = await self._watch()
         except _LinkLost as exc:
             return await self._source_lost(str(exc))
         except LinkError as exc:  # the source answered a watch command with an error
             f.error(str(exc))
-            return await self._rollback("failed", str(exc))
+            return await self._rollback(Result.FAILED, str(exc))
         if end.status == "completed":
             self._record(Step.SEND_FINISHED, why="the source completed the stream")
             return await self._finish()
         if end.status == "cancelled" and self._cancel.is_set():
-            return await self._rollback("cancelled", self._cancel_reason)
-        return await self._rollback("failed", end.reason or f"migration {end.status}")
+            return await self._rollback(Result.CANCELLED, self._cancel_reason)
+        return await self._rollback(Result.FAILED, end.reason or f"migration {end.status}")
 
     async def _connect_source(self) -> None:
         vm = self.plan.vm
@@ -496,7 +515,7 @@ class Migration:
             # QEMU's source says "completed" once its last bytes are in socket buffers; a target
             # that then fails to load them never runs. A plain source still holds the whole guest
             # (postmigrate): the rollback stops the target for certain, then resumes the source.
-            return await self._rollback("failed", f"{self.plan.target.name}: the incoming VM did not take "
+            return await self._rollback(Result.FAILED, f"{self.plan.target.name}: the incoming VM did not take "
                                         f"the guest after the source completed (it is '{dst_status}')")
         # QEMU says "completed" a moment before the source leaves finish-migrate
         src_status = await self.src.wait_status(SETTLED, timeout=QMP_TIMEOUT_S)
@@ -541,7 +560,7 @@ class Migration:
             where = f"{self.plan.vm.name} is now on {self.plan.target.name} (paused, as it was)"
         msg = (f"{where}; the source copy is {kind}" + (" and its QEMU quit" if retired else "") if ok
                else f"migration completed, but: {'; '.join(problems)}")
-        return Outcome("done" if ok else "failed", msg, runnable=runnable, source_status=src_status,
+        return Outcome(Result.DONE if ok else Result.FAILED, msg, runnable=runnable, source_status=src_status,
                        target_status=dst_status, source_guest_state=src_state, target_guest_state=dst_state,
                        digest_source=digest_src, digest_target=digest_dst)
 
@@ -636,10 +655,10 @@ class Migration:
                               f"since {self.plan.source.name} can no longer run it")
         return True
 
-    async def _rollback(self, result: str, reason: str) -> Outcome:
+    async def _rollback(self, result: Result, reason: str) -> Outcome:
         """Cancel or failure: the source guest runs again and the target's incoming VM is gone."""
         f = self.folder
-        if result == "failed":
+        if result == Result.FAILED:
             f.error(reason)
         else:
             f.event(reason)
@@ -687,7 +706,7 @@ class Migration:
                     + ("" if could_run else " (it never received the end of the stream, so it cannot run)"))
         if src_status is None:
             f.error(f"{self.plan.source.name}: the source guest could not be confirmed running")
-        f.phase(Phase.CANCELLED if result == "cancelled" else Phase.FAILED)
+        f.phase(Phase.CANCELLED if result == Result.CANCELLED else Phase.FAILED)
         where = f"{self.plan.vm.name} runs on {self.plan.source.name}" if src_status == "running" \
             else f"{self.plan.vm.name} is '{src_status}' on {self.plan.source.name}"
         return Outcome(result, f"{reason}; {where}", runnable=runnable, source_status=src_status,
@@ -714,14 +733,14 @@ class Migration:
             info = await self.src.execute("query-migrate")
             if info.get("status") == "completed":
                 return await self._finish()
-            return await self._rollback("failed", f"{self.plan.source.name}'s QMP link dropped mid-way; "
+            return await self._rollback(Result.FAILED, f"{self.plan.source.name}'s QMP link dropped mid-way; "
                                         "migration rolled back")
         if await self._target_took_over():
             return await self._finish(note=f"{self.plan.source.name} unreachable over QMP after the target "
                                       "received the whole guest")
         gone = await self._stop_target()
         f.phase(Phase.FAILED)
-        return Outcome("failed", f"{self.plan.source.name} unreachable over QMP; the incoming VM on "
+        return Outcome(Result.FAILED, f"{self.plan.source.name} unreachable over QMP; the incoming VM on "
                        f"{self.plan.target.name} was stopped before it had the whole guest, so the source "
                        "QEMU keeps it (not confirmed)",
                        runnable=(self.plan.source.name,) if gone else (), target_status=None if gone else "unknown")

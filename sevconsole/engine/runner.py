@@ -35,7 +35,7 @@ from sevconsole.engine.errors import EngineError
 from sevconsole.engine.machine import Step
 from sevconsole.engine.plan import MigrationPlan
 from sevconsole.engine.progress import Phase, Progress
-from sevconsole.engine.run import Migration, Outcome
+from sevconsole.engine.run import Migration, Outcome, Result
 from sevconsole.engine.wire import progress_to_wire
 
 START_TIMEOUT_S = 20.0
@@ -61,7 +61,7 @@ def check_from_wire(data: Any) -> Check:
 
 
 def terminal_step(outcome: Outcome, plan_source: str) -> Step:
-    if outcome.result == "refused":
+    if outcome.result == Result.REFUSED:
         return Step.REFUSED
     if not outcome.one_copy:
         return Step.NEEDS_OPERATOR
@@ -175,7 +175,7 @@ class Runner:
             for writer in list(self.clients):
                 writer.close()
             self.snapshots.close()
-        return 0 if outcome.result == "done" else 1
+        return 0 if outcome.result == Result.DONE else 1
 
     def _line(self, message: dict[str, Any]) -> bytes:
         return (json.dumps(message, separators=(",", ":")) + "\n").encode()
@@ -242,7 +242,7 @@ class Runner:
         try:
             plan, fleet, pool = await asyncio.to_thread(self._plan)
         except (FleetError, RunnerError, OSError) as exc:
-            outcome = Outcome("failed", f"nothing started: {exc}", runnable=(str(job.get("source")),),
+            outcome = Outcome(Result.FAILED, f"nothing started: {exc}", runnable=(str(job.get("source")),),
                               migration_id=self.id)
             self.record(Step.REFUSED, {"outcome": outcome.to_wire(), "why": str(exc)})
             self.post(Progress(vm=str(job.get("vm")), source=str(job.get("source")),
@@ -257,7 +257,7 @@ class Runner:
                                                "checks": [check_to_wire(c) for c in self.checks]}))
             if refused(self.checks):
                 bad = " ".join(c.sentence for c in self.checks if c.status == CheckStatus.FAIL)
-                outcome = Outcome("refused", f"refused by preflight: {bad}", runnable=(plan.source.name,),
+                outcome = Outcome(Result.REFUSED, f"refused by preflight: {bad}", runnable=(plan.source.name,),
                                   migration_id=self.id)
                 try:
                     line = audit.record(plan, self.checks, outcome)
