@@ -178,16 +178,16 @@ def _decode_any(path: Path) -> list[tuple[str, Any]]:
 
 
 def _fields(cert: Any) -> dict[str, Any]:
+    from sevconsole.hosts.chains import trust_store
     from sevconsole.sev.certs import AmdCert, Usage, curve_name
     from sevconsole.sev.errors import SevFormatError
-    from sevconsole.sev.trust import TrustStore
 
     try:
         fingerprint = cert.fingerprint()
     except SevFormatError as exc:
         fingerprint = f"unusable key: {exc.message}"
     if isinstance(cert, AmdCert):
-        root, why = TrustStore.amd().root_for(cert) if cert.key_usage == Usage.ARK else (None, "")
+        root, why = trust_store().root_for(cert) if cert.key_usage == Usage.ARK else (None, "")
         return {
             "format": "AMD root certificate", "bytes": len(cert.to_bytes()), "version": cert.version,
             "usage": cert.key_usage.name, "key_id": cert.key_id.hex(),
@@ -281,21 +281,17 @@ def _imported_roots() -> list[RootFiles]:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from sevconsole.sev.chain import verify_chain
-    from sevconsole.sev.trust import TrustStore
+    from sevconsole.hosts.chains import trust_store, verify_platform
 
     if args.pdh is not None and args.chain is None:
         return _fail("--pdh goes with --chain; a --platform-dir holds its own pdh.cert", args.json)
     try:
         platform = _load_platform(args)
-        trust = TrustStore.amd()
-        lab = None
-        if args.lab_root is not None:
-            lab = _load_roots(args.lab_root)
-            try:
-                trust = trust.with_lab_root(lab.ark)
-            except ValueError as exc:
-                raise InputError(f"{args.lab_root}: {exc}") from None
+        lab = _load_roots(args.lab_root) if args.lab_root is not None else None
+        try:
+            trust = trust_store(lab.ark if lab is not None else None)
+        except ValueError as exc:
+            raise InputError(f"{args.lab_root}: {exc}") from None
         hint = ""
         roots: RootFiles | None
         if args.amd_dir is not None:
@@ -312,7 +308,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     except InputError as exc:
         return _fail(str(exc), args.json)
 
-    report = verify_chain(**platform, ask=roots.ask if roots else None, ark=roots.ark if roots else None,
+    report = verify_platform(**platform, ask=roots.ask if roots else None, ark=roots.ark if roots else None,
                           trust=trust)
     if args.json:
         print(json.dumps({**report.to_dict(), "amd_roots": str(roots.folder) if roots else None,
@@ -393,15 +389,15 @@ def _can_print(text: str) -> bool:
 
 def _cmd_import(args: argparse.Namespace) -> int:
     from sevconsole import paths
+    from sevconsole.hosts.chains import trust_store
     from sevconsole.sev.chain import LinkFailure, check_link
-    from sevconsole.sev.trust import TrustStore
 
     folder: Path = args.dir
     try:
         ask, ark = _load_roots(folder)[:2]
     except InputError as exc:
         return _fail(str(exc))
-    root, why = TrustStore.amd().root_for(ark)
+    root, why = trust_store().root_for(ark)
     if root is None:
         return _fail(f"refusing to import: {why}")
     own = check_link(ark, ark)

@@ -412,10 +412,9 @@ def _chain(plan: MigrationPlan, policy: Any, trust: Any, pdh: Any, pek: Any, oca
 
 def _verify(dst: HostReport, trust: Any, pdh: Any, pek: Any, oca: Any, cek: Any) -> Any:
     """A ChainReport, or a sentence saying why the chain could not be checked."""
+    from sevconsole.hosts.chains import trust_store, verify_platform
     from sevconsole.sev.certs import split_amd_chain
-    from sevconsole.sev.chain import verify_chain
     from sevconsole.sev.errors import SevFormatError
-    from sevconsole.sev.trust import TrustStore
 
     caps = dst.capabilities
     assert caps is not None
@@ -429,8 +428,8 @@ def _verify(dst: HostReport, trust: Any, pdh: Any, pek: Any, oca: Any, cek: Any)
         ask, ark = split_amd_chain(caps.amd_chain)
     except (SevFormatError, ValueError) as exc:
         return f"{dst.name}: its AMD chain (ASK || ARK) cannot be read: {exc}"
-    store = trust if trust is not None else TrustStore.amd()
-    return verify_chain(pdh=pdh, pek=pek, oca=oca, cek=cek, ask=ask, ark=ark, trust=store)
+    store = trust if trust is not None else trust_store()
+    return verify_platform(pdh, pek, oca, cek, ask=ask, ark=ark, trust=store)
 
 
 def _domain(plan: MigrationPlan, policy: Any, oca: Any) -> Check:

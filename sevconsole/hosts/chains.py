@@ -69,6 +69,19 @@ class ChainCheck:
     amd_chain: bytes | None  # ASK || ARK that completed the chain
 
 
+def trust_store(lab_ark: AmdCert | None = None) -> TrustStore:
+    """The one place a trust store is built: AMD's pinned roots, plus `lab_ark` when one is given.
+    Raises ValueError when `lab_ark` is not a usable lab root (the sentence says why)."""
+    trust = TrustStore.amd()
+    return trust if lab_ark is None else trust.with_lab_root(lab_ark)
+
+
+def verify_platform(pdh: SevCert, pek: SevCert, oca: SevCert, cek: SevCert, *, ask: AmdCert | None,
+                    ark: AmdCert | None, trust: TrustStore) -> ChainReport:
+    """The one entry point for verifying a platform's chain PDH <- PEK <- (OCA, CEK <- ASK <- ARK)."""
+    return verify_chain(pdh=pdh, pek=pek, oca=oca, cek=cek, ask=ask, ark=ark, trust=trust)
+
+
 def check_host_chain(host: str, pdh: bytes, cert_chain: bytes, roots: Roots, *,
                      lab_ark: AmdCert | None) -> ChainCheck:
     """Verify PDH <- PEK <- (OCA, CEK <- ASK <- ARK). `lab_ark` is trusted only when given."""
@@ -77,15 +90,13 @@ def check_host_chain(host: str, pdh: bytes, cert_chain: bytes, roots: Roots, *,
         pek, oca, cek = split_platform_chain(cert_chain)
     except SevFormatError as exc:
         return ChainCheck(None, f"{host}: the host's certificates are malformed: {exc}", None)
-    trust = TrustStore.amd()
-    if lab_ark is not None:
-        try:
-            trust = trust.with_lab_root(lab_ark)
-        except ValueError as exc:
-            return ChainCheck(None, f"{host}: {exc}", None)
+    try:
+        trust = trust_store(lab_ark)
+    except ValueError as exc:
+        return ChainCheck(None, f"{host}: {exc}", None)
     ask = trust.ask_for(cek, roots.asks)
     ark = None if ask is None else next((a for a in roots.arks if a.key_id == ask.certifying_id), None)
-    report = verify_chain(pdh=pdh_cert, pek=pek, oca=oca, cek=cek, ask=ask, ark=ark, trust=trust)
+    report = verify_platform(pdh_cert, pek, oca, cek, ask=ask, ark=ark, trust=trust)
     error = None
     if ask is None:
         error = (f"{host}: no known ASK signed its CEK; "
@@ -105,9 +116,5 @@ def check_host_chain(host: str, pdh: bytes, cert_chain: bytes, roots: Roots, *,
 def trust_with_lab_root(lab_root: Path | None) -> TrustStore:
     """AMD's pinned roots, plus the lab root found under `lab_root` (a lab's state folder or its
     lab-root folder) when one is given: what preflight checks a target's chain against."""
-    trust = TrustStore.amd()
-    if lab_root is not None:
-        roots = load_roots(lab_root)
-        if roots.arks:
-            trust = trust.with_lab_root(roots.arks[0])
-    return trust
+    roots = load_roots(lab_root)
+    return trust_store(roots.arks[0] if roots.arks else None)
