@@ -433,8 +433,12 @@ def _verify(dst: HostReport, trust: Any, pdh: Any, pek: Any, oca: Any, cek: Any)
 
 
 def _domain(plan: MigrationPlan, policy: Any, oca: Any) -> Check:
+    """The verdict is the firmware's own DOMAIN rule (sev.firmware.check_target), run on the
+    target's certificates against the source's OCA; only the sentences are the console's."""
     from sevconsole.sev.certs import split_platform_chain
-    from sevconsole.sev.policy import PolicyFlag
+    from sevconsole.sev.firmware import check_target
+    from sevconsole.sev.policy import GuestPolicy, PolicyFlag
+    from sevconsole.sev.status import Status
 
     src, dst = plan.source, plan.target
     title = "DOMAIN (same owner)"
@@ -448,14 +452,22 @@ def _domain(plan: MigrationPlan, policy: Any, oca: Any) -> Check:
         _, src_oca, _ = split_platform_chain(src.capabilities.cert_chain)
     except ValueError as exc:
         return _c("domain", title, CheckStatus.FAIL, f"{src.name}: its certificate chain cannot be read: {exc}")
+    caps = dst.capabilities
+    assert caps is not None  # _sev_checks returns before the DOMAIN check without them
+    verdict = check_target(GuestPolicy(PolicyFlag.DOMAIN), caps.pdh, caps.cert_chain, b"",
+                           own_oca=src_oca, own_ark=None)
     # The owner is the OCA key: each platform signs its own copy, so the bytes may differ.
-    if src_oca.fingerprint() == oca.fingerprint():
+    if verdict.status is Status.SUCCESS:
         return _c("domain", title, CheckStatus.PASS,
                   f"DOMAIN (bit 4): {dst.name}'s OCA key equals {src.name}'s (fingerprint {oca.fingerprint()[:16]}).")
+    if verdict.detail.startswith("DOMAIN:") and src_oca.fingerprint() != oca.fingerprint():
+        return _c("domain", title, CheckStatus.FAIL,
+                  f"{plan.vm.name}'s policy sets DOMAIN (bit 4): {dst.name}'s OCA key "
+                  f"({oca.fingerprint()[:16]}) differs from {src.name}'s ({src_oca.fingerprint()[:16]}); "
+                  "SEND_START would fail with POLICY_FAILURE.")
     return _c("domain", title, CheckStatus.FAIL,
-              f"{plan.vm.name}'s policy sets DOMAIN (bit 4): {dst.name}'s OCA key "
-              f"({oca.fingerprint()[:16]}) differs from {src.name}'s ({src_oca.fingerprint()[:16]}); "
-              "SEND_START would fail with POLICY_FAILURE.")
+              f"{plan.vm.name}'s policy sets DOMAIN (bit 4) and {dst.name}'s certificates fail the "
+              f"firmware's check ({verdict.detail}); SEND_START would fail with {verdict.status.name}.")
 
 
 def _api(plan: MigrationPlan, policy: Any, pek: Any) -> Check:

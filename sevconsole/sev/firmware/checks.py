@@ -82,9 +82,12 @@ def check_target(
     amd_chain: bytes,
     *,
     own_oca: SevCert,
-    own_ark: AmdCert,
+    own_ark: AmdCert | None,
 ) -> CheckOutcome:
-    """Everything SEND_START checks about the target before it wraps keys for it."""
+    """Everything SEND_START checks about the target before it wraps keys for it.
+
+    `own_ark` is needed only for the SEV rule: a caller predicting the DOMAIN rule alone (the
+    console's preflight, which has no firmware of its own) passes None with a DOMAIN-only policy."""
     pdh, why = parse_pdh(pdh_bytes, "target PDH")
     if pdh is None:
         return _fail(Status.INVALID_CERTIFICATE, why)
@@ -112,6 +115,8 @@ def check_target(
                 "guest may only move between platforms of the same owner",
             )
     if need_sev:
+        if own_ark is None:
+            raise ValueError("the SEV rule needs this platform's ARK (own_ark)")
         try:
             ask, ark = split_amd_chain(amd_chain, "target AMD chain")
         except SevFormatError as exc:
