@@ -246,6 +246,12 @@ async def measure(lab_dir: Path, size: tuple[int, int], seconds: float, go: Any,
             missed: list[str] = []
             flights: list[int] = []  # migrations in flight on the overview as each key was pressed
             cpu_ms: list[float] = []  # the console's CPU time from each key to its frame (its work, not the wait)
+            profile = None
+            if os.environ.get("BENCH_PROFILE"):  # where the console's time goes over the window (stderr)
+                import cProfile
+
+                profile = cProfile.Profile()
+                profile.enable()
             cpu0, wall0, frames0 = time.process_time(), time.monotonic(), frames.frames
             while time.monotonic() - wall0 < seconds:
                 for name, key, prepare in plan_keys(app):
@@ -263,6 +269,11 @@ async def measure(lab_dir: Path, size: tuple[int, int], seconds: float, go: Any,
                         break
             wall = time.monotonic() - wall0
             cpu = time.process_time() - cpu0
+            if profile is not None:
+                import pstats
+
+                profile.disable()
+                pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(40)
             stop.set()
             ordered = sorted(latencies)
             p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))] if ordered else None

@@ -290,3 +290,20 @@ def test_audit_tail_reads_the_last_lines_only(tmp_path: Path) -> None:
     tail = fleet.read_audit_tail(log, 3)
     assert [r["seq"] for r in tail] == [4997, 4998, 4999]
     assert fleet.read_audit_tail(tmp_path / "missing.jsonl", 3) == []
+
+
+async def test_migrations_list_replays_a_finished_one(backend: ScriptedBackend) -> None:
+    backend.entries = [FakeEntry("m-2", "web", "lab-1", "lab-2", time.time() - 60)]
+    backend.tapes["m-2"] = sample_progress(frames=3)
+    app = SevConsoleApp(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("M")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        await pilot.press("enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, ReplayScreen) and screen.migration_id == "m-2"
+        assert screen.query_one(ReplayView).tape is not None

@@ -19,6 +19,7 @@ from textual.containers import Horizontal, Vertical
 from textual.content import Content
 from textual.message import Message
 from textual.screen import Screen
+from textual.widget import Widget
 from textual.widgets import DataTable, Header, Input, Static
 
 from sevconsole.hosts.report import HostReport
@@ -52,6 +53,27 @@ def migration_key(row: fleet.MigrationRow) -> str:
     return row.id or f"audit\x00{row.started}\x00{row.vm}"
 
 
+class Note(Widget):
+    """A text of fixed height (the stylesheet's) set without a new layout: Static.update lays the
+    whole screen out again, which on this screen costs more than everything it draws."""
+
+    DEFAULT_CSS = "Note { height: 1; }"
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._content = Content()
+        self._key: tuple[str, tuple[Any, ...]] = ("", ())
+
+    def set(self, content: Content) -> None:
+        key = (content.plain, tuple(content.spans))  # Content's == looks at the text alone
+        if key != self._key:
+            self._key, self._content = key, content
+            self.refresh()
+
+    def render(self) -> Content:
+        return self._content
+
+
 class HistoryListed(Message):
     """The journal's entries and the audit log's older lines, read in a thread worker."""
 
@@ -83,8 +105,7 @@ class OverviewScreen(HostsScreen):
     OverviewScreen .ov-empty { height: auto; padding: 0 1; color: $text-muted; }
     OverviewScreen #ov-hosts-box { max-height: 50%; min-height: 4; }
     OverviewScreen #ov-vms-box { height: 1fr; min-height: 5; }
-    OverviewScreen #ov-vm-detail { display: none; height: auto; max-height: 11; padding: 0 1;
-                                   border-top: solid $panel-lighten-1; }
+    OverviewScreen #ov-vm-detail { display: none; height: 10; padding: 0 1; border-top: solid $panel-lighten-1; }
     OverviewScreen.-tall #ov-vm-detail { display: block; }
     OverviewScreen #ov-attention-box, OverviewScreen #ov-migrations-box { width: 1fr; height: 1fr; }
     OverviewScreen.-wide #ov-body { layout: horizontal; }
@@ -110,13 +131,12 @@ class OverviewScreen(HostsScreen):
         self._hosts_shown: tuple[tuple[str, int, bool], ...] = ()
         self._all_vm_rows: list[fleet.VmRow] = []
         self._vm_cells: dict[str, list[Any]] = {}
-        self._shown: dict[str, object] = {}  # what each Static shows: updated only when it changes
 
     def compose(self) -> ComposeResult:
         yield Header()
         yield Input(placeholder="/ filters hosts and VMs (name, host, state, policy, migratable)", id="filter",
                     compact=True)
-        yield Static(id="ov-summary")
+        yield Note(id="ov-summary")
         with Vertical(id="ov-body"):
             with Vertical(id="ov-left"):
                 with Vertical(id="ov-hosts-box", classes="ov-box"):
@@ -124,7 +144,7 @@ class OverviewScreen(HostsScreen):
                 with Vertical(id="ov-vms-box", classes="ov-box"):
                     yield LineTable(VM_COLUMNS, id="ov-vms")
                     yield Static(id="ov-vms-empty", classes="ov-empty")
-                    yield Static(id="ov-vm-detail")
+                    yield Note(id="ov-vm-detail")
             with Horizontal(id="ov-right"):
                 with Vertical(id="ov-attention-box", classes="ov-box"):
                     yield LineTable(ATTENTION_COLUMNS, id="ov-attention")
@@ -296,9 +316,10 @@ class OverviewScreen(HostsScreen):
         table.set_rows([(r.key, self.vm_cells(r)) for r in self.vm_rows], keep=keep.key if keep else None)
         self.show_vm_detail()
         total = len(self._all_vm_rows)
+        subtitle = (f"{len(self.vm_rows)} of {total}" if self.filter_text else f"{total}") + f" · by {self.sort_key} (s)"
         box = self.query_one("#ov-vms-box")
-        box.border_subtitle = (f"{len(self.vm_rows)} of {total}" if self.filter_text else f"{total}") + \
-            f" · by {self.sort_key} (s)"
+        if box.border_subtitle != subtitle:
+            box.border_subtitle = subtitle
         empty = self.query_one("#ov-vms-empty", Static)
         empty.display = not self.vm_rows
         table.display = bool(self.vm_rows)
@@ -384,11 +405,7 @@ class OverviewScreen(HostsScreen):
         self.call_after_refresh(self.apply_heights)  # the breakpoint classes change with the size
 
     def _update(self, selector: str, content: Content) -> None:
-        """Static.update lays the screen out again: skip it when nothing changed."""
-        key = (content.plain, tuple(content.spans))  # Content's == looks at the text alone
-        if self._shown.get(selector) != key:
-            self._shown[selector] = key
-            self.query_one(selector, Static).update(content)
+        self.query_one(selector, Note).set(content)
 
     def show_vm_detail(self) -> None:
         """The highlighted VM: its flags in one line and what the ones that matter to a migration

@@ -101,7 +101,9 @@ class LineTable(ScrollView, can_focus=True):
         self.widths = widths
         self._version += 1
         self._strips.clear()
-        self.virtual_size = Size(sum(widths) + 2 * len(widths), len(self.keys) + 1)
+        size = Size(sum(widths) + 2 * len(widths), len(self.keys) + 1)
+        if size != self.virtual_size:  # a new virtual size lays the screen out again: only when it changes
+            self.virtual_size = size
         row = self.keys.index(keep) if keep in self.keys else min(self.cursor_row, max(0, len(self.keys) - 1))
         self.set_reactive(LineTable.cursor_row, row)
         self._scroll_to_cursor()
