@@ -7,6 +7,7 @@ Exit status: 0 every host answered, 1 some host could not be probed (its error s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -56,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from sevconsole import paths
     from sevconsole.hosts.discovery import DiscoveryOptions, discover
     from sevconsole.hosts.errors import InventoryError
-    from sevconsole.hosts.inventory import hosts_from_ssh_config, load_inventory
-    from sevconsole.hosts.labdir import load_lab
+    from sevconsole.hosts.fleet import FleetError, open_fleet
+    from sevconsole.hosts.inventory import hosts_from_ssh_config
     from sevconsole.hosts.ssh import Timeouts
 
     bad = [fp for fp in args.accept_host_key if not FINGERPRINT.match(fp)]
@@ -66,33 +67,34 @@ def run(args: argparse.Namespace) -> int:
                      "characters, as shown in the unknown-key message")
     if args.timeout <= 0 or args.jobs < 1:
         return _fail("--timeout must be positive and --jobs at least 1")
-    known_hosts, lab_root = None, None
+    fleet = None
     try:
-        hosts: list[Any] = []
-        if args.lab is not None:
-            lab = load_lab(args.lab)
-            hosts += lab.inventory.hosts
-            known_hosts, lab_root = lab.known_hosts, lab.lab_root
-        elif args.inventory is not None or args.ssh_config is None or paths.default_inventory().is_file():
-            if args.inventory is None and not paths.default_inventory().is_file():
-                return _fail(f"no inventory: write {paths.default_inventory()}, or give --inventory FILE, "
-                             "--lab DIR or --ssh-config")
-            inventory = load_inventory(args.inventory)
-            hosts += inventory.hosts
-            known_hosts, lab_root = inventory.known_hosts, inventory.lab_root
+        # --ssh-config alone needs no inventory; otherwise the hosts come from open_fleet, as for
+        # every other command (the inventory, the default one, or --lab).
+        if args.lab is not None or args.inventory is not None or args.ssh_config is None \
+                or paths.default_inventory().is_file():
+            fleet = open_fleet(inventory=args.inventory, lab=args.lab)
+        hosts: list[Any] = list(fleet.hosts) if fleet is not None else []
         if args.ssh_config is not None:
             taken = {h.name for h in hosts}
             hosts += [h for h in hosts_from_ssh_config(None if args.ssh_config == "*" else args.ssh_config)
                       if h.name not in taken]
-    except InventoryError as exc:
+    except FleetError as exc:
+        if not exc.problems:
+            return _fail(escape_controls(str(exc)))
         for problem in exc.problems:
             print(escape_controls(problem), file=sys.stderr)
         return 2
+    except InventoryError as exc:  # --ssh-config's file
+        for item in exc.problems:
+            print(escape_controls(str(item)), file=sys.stderr)
+        return 2
     t = args.timeout
-    options = DiscoveryOptions(known_hosts=known_hosts, accept_fingerprints=frozenset(args.accept_host_key),
-                               lab_root=lab_root, max_workers=args.jobs, query_vms=not args.no_vms,
-                               timeouts=Timeouts(connect=t, banner=t, handshake=2 * t, auth=2 * t,
-                                                 channel=2 * t))
+    options = dataclasses.replace(fleet.options if fleet is not None else DiscoveryOptions(),
+                                  accept_fingerprints=frozenset(args.accept_host_key), max_workers=args.jobs,
+                                  query_vms=not args.no_vms,
+                                  timeouts=Timeouts(connect=t, banner=t, handshake=2 * t, auth=2 * t,
+                                                    channel=2 * t))
     progress = (lambda r: print(escape_controls(f"  {r.name}: {'ok' if r.reachable and not r.host_key else 'failed'}"),
                                 file=sys.stderr)) if sys.stderr.isatty() and not args.json else None
     reports = discover(hosts, options, on_report=progress)

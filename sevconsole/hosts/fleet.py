@@ -20,7 +20,12 @@ from sevconsole.hosts.ssh import SshConnection, SshPool
 
 
 class FleetError(Exception):
-    """No hosts to work with; the sentence says what to fix."""
+    """No hosts to work with; the sentence says what to fix. `problems` holds the inventory's
+    problems one by one (file:line: what), for a caller that shows one line each."""
+
+    def __init__(self, message: str, problems: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.problems = problems
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,8 @@ def open_fleet(*, inventory: Path | None = None, lab: Path | None = None) -> Fle
         load_ssh_config(fleet.options.ssh_config)
         return fleet
     except InventoryError as exc:
-        raise FleetError("; ".join(str(p) for p in exc.problems) or str(exc)) from None
+        problems = tuple(str(p) for p in exc.problems)
+        raise FleetError("; ".join(problems) or str(exc), problems) from None
 
 
 def _open(inventory: Path | None, lab: Path | None) -> Fleet:
