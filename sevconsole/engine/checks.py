@@ -146,9 +146,9 @@ def _libvirt(vm: VmInfo, src: HostReport, dst: HostReport) -> list[Check]:
     if vm.libvirt is None:
         return []
     title = "libvirt migration"
-    facts = dst.extra.get("libvirt")
-    if not isinstance(facts, dict) or facts.get("error"):
-        why = facts.get("error") if isinstance(facts, dict) else "virsh -c qemu:///system is not there"
+    facts = dst.libvirt
+    if facts is None or facts.get("error"):
+        why = facts.get("error") if facts is not None else "virsh -c qemu:///system is not there"
         return [_c("libvirt", title, CheckStatus.FAIL,
                    f"{vm.name} is a libvirt domain on {src.name}, but {dst.name} has no working libvirt ({why}); "
                    "a libvirt domain moves only to another libvirt host.")]
@@ -159,7 +159,7 @@ def _libvirt(vm: VmInfo, src: HostReport, dst: HostReport) -> list[Check]:
         return [_c("libvirt", title, CheckStatus.FAIL,
                    f"libvirt on {src.name} refuses to migrate {vm.name}: Requested operation is not valid: "
                    f"cannot migrate domain: {reasons}.")]
-    version = src.extra.get("libvirt", {}).get("version") if isinstance(src.extra.get("libvirt"), dict) else None
+    version = src.libvirt.get("version") if src.libvirt is not None else None
     return [_c("libvirt", title, CheckStatus.PASS,
                f"libvirt migrates {vm.name} itself, {src.name} to {dst.name}"
                + (f" ({version})." if version else "."))]
@@ -167,8 +167,7 @@ def _libvirt(vm: VmInfo, src: HostReport, dst: HostReport) -> list[Check]:
 
 def target_storage(dst: HostReport) -> tuple[str, ...]:
     """The target's shared storage folders (the inventory's, carried by discovery)."""
-    value = dst.extra.get("shared_storage")
-    return tuple(str(f) for f in value) if isinstance(value, list | tuple) else ()
+    return dst.shared_storage
 
 
 def _disks(vm: VmInfo, dst: HostReport) -> list[Check]:
@@ -181,8 +180,7 @@ def _disks(vm: VmInfo, dst: HostReport) -> list[Check]:
     storage = target_storage(dst)
     if not paths or not all(under_storage(p, storage) for p in paths):
         return []  # none, or the argv check already refused them
-    files = dst.extra.get("files")
-    seen = files if isinstance(files, dict) else {}
+    seen = dst.storage_files
     missing = [f"{p} {seen[p]}" for p in paths if p in seen and seen[p] != "present"]
     unknown = [p for p in paths if p not in seen]
     if missing:
@@ -232,9 +230,8 @@ def _qemu_support(vm: VmInfo, src: HostReport, dst: HostReport) -> list[Check]:
 
 
 def _target_qemu_support(dst: HostReport) -> bool | None:
-    explicit = dst.extra.get("qemu_sev_migration")
-    if isinstance(explicit, bool):
-        return explicit
+    if dst.qemu_sev_migration is not None:
+        return dst.qemu_sev_migration
     if any(_qemu_blockers(v) for v in dst.vms):
         return False
     known = [v.migration_support for v in dst.vms if v.migration_support is not None]
@@ -269,11 +266,11 @@ def _guest_consent(vm: VmInfo, src: HostReport, dst: HostReport) -> list[Check]:
 
 
 def _memory(vm: VmInfo, dst: HostReport) -> Check:
-    free = dst.extra.get("mem_available_mib")
+    free = dst.mem_available_mib
     if vm.memory_mib is None:
         return _c("memory", "Memory on target", CheckStatus.WARN,
                   f"the memory size of {vm.name} is unknown; {dst.name} may not fit it.")
-    if not isinstance(free, int | float):
+    if free is None:
         return _c("memory", "Memory on target", CheckStatus.WARN,
                   f"{dst.name} did not report its free memory; {vm.name} needs {vm.memory_mib} MiB.")
     if free < vm.memory_mib:

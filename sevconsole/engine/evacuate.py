@@ -39,6 +39,7 @@ from sevconsole.engine.evac_record import EvacRecord
 from sevconsole.engine.evac_view import EvacView, Row, summarize
 from sevconsole.engine.plan import MigrationPlan
 from sevconsole.engine.progress import Phase, Progress
+from sevconsole.hosts.report import HostReport
 
 EXIT_DONE, EXIT_FAILED, EXIT_REFUSED, EXIT_UNKNOWN = 0, 1, 2, 3
 MIN_RATE_WINDOW_S = 1.0  # pre-copy time before a page rate counts as the PSP's
@@ -208,9 +209,8 @@ def _guests_on(report: Any) -> list[Any]:
     return [vm for vm in picked if vm is not None and vm.status in RUNNABLE and vm.firmware_guest_state != 6]
 
 
-def _free_mib(report: Any) -> int | None:
-    free = report.extra.get("mem_available_mib")
-    return int(free) if isinstance(free, int | float) else None
+def _free_mib(report: HostReport) -> int | None:
+    return report.mem_available_mib
 
 
 def _migration_plan(vm: Any, source: Any, target: Any, options: EvacOptions) -> MigrationPlan:

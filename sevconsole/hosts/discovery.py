@@ -173,11 +173,7 @@ def _discover(spec: HostSpec, ctx: _Context, last: list[HostReport]) -> HostRepo
     caps = _capabilities(spec, data, qmp_caps, ctx, errors, sev)
     extra = {"helper": data.get("helper"), "python": data.get("python"), "endpoint": endpoint.where(),
              "host_claims_lab": bool(data.get("lab"))}
-    if spec.shared_storage:
-        extra["shared_storage"] = list(spec.shared_storage)
     facts = libvirt.host_facts(data)
-    if facts is not None:
-        extra["libvirt"] = facts
     # who this machine is, whatever name reached it (hosts/identity.py)
     # a transport that died after the probe answered (or a stand-in with none) gives no identity
     with contextlib.suppress(paramiko.SSHException, OSError, AttributeError):
@@ -186,13 +182,13 @@ def _discover(spec: HostSpec, ctx: _Context, last: list[HostReport]) -> HostRepo
         if isinstance(data.get(key), str):
             extra[key] = data[key][:64]
     memory = _dict(data.get("memory"))
-    for key in ("total_mib", "available_mib"):
-        value = memory.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            extra[f"mem_{key}"] = value
+    mem = {key: value for key in ("total_mib", "available_mib")
+           if isinstance(value := memory.get(key), int) and not isinstance(value, bool) and value >= 0}
     text = {k: str(data[k]) if data.get(k) is not None else None for k in ("hostname", "kernel", "cpu")}
     return replace(base, hostname=text["hostname"] or "?", kernel=text["kernel"], cpu=text["cpu"],
-                   sev=sev, capabilities=caps, vms=tuple(vms), errors=tuple(errors), extra=extra)
+                   sev=sev, capabilities=caps, vms=tuple(vms), errors=tuple(errors), extra=extra,
+                   mem_total_mib=mem.get("total_mib"), mem_available_mib=mem.get("available_mib"),
+                   shared_storage=tuple(spec.shared_storage), libvirt=facts)
 
 
 def _flag(value: Any) -> bool | None:

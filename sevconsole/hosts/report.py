@@ -93,6 +93,13 @@ class HostReport:
     errors: tuple[str, ...] = ()  # sentences a person can act on
     labels: tuple[str, ...] = ()
     probed_at: float = 0.0
+    # what preflight and evacuation decide on (typed; `extra` holds diagnostics only)
+    mem_total_mib: int | None = None  # the probe's MemTotal
+    mem_available_mib: int | None = None  # the probe's MemAvailable: does a guest fit?
+    shared_storage: tuple[str, ...] = ()  # the inventory's shared folders on this host
+    storage_files: dict[str, str] = field(default_factory=dict)  # {disk path: "present" | why not} (storage.py)
+    libvirt: dict[str, Any] | None = None  # libvirt.host_facts: uri and version, or error; None: no virsh
+    qemu_sev_migration: bool | None = None  # said outright; None: inferred from its VMs (checks.py)
     extra: dict[str, Any] = field(default_factory=dict)
     host_key: HostKeyInfo | None = None  # set when a host key stopped the probe
 

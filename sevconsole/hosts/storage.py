@@ -3,7 +3,7 @@
 After a discovery of several hosts, each host that declares shared storage is asked (one helper
 `files` call) about the images the other hosts' VMs name under its folders, so preflight can say,
 per file, whether a target would find it ("storage not shared") before anything starts. The
-answers land in `HostReport.extra["files"]` as {path: "present" | why not}.
+answers land in `HostReport.storage_files` as {path: "present" | why not}.
 """
 
 from __future__ import annotations
@@ -39,5 +39,5 @@ def seen_disks(reports: list[HostReport], specs: Sequence[HostSpec],
             out.append(replace(report, errors=(*report.errors, f"{report.name}: its shared storage could not be "
                                                           f"looked at: {exc}")))
             continue
-        out.append(replace(report, extra={**report.extra, "files": files}))
+        out.append(replace(report, storage_files=files))
     return out

@@ -90,7 +90,7 @@ def guests(tmp_path: Path) -> Iterator[LocalGuests]:
 def plain_reports(vm: VmInfo) -> tuple[HostReport, HostReport]:
     src = HostReport(name="src", address="127.0.0.1", port=22, reachable=True, vms=(vm,))
     dst = HostReport(name="dst", address="127.0.0.1", port=22, reachable=True,
-                     extra={"mem_available_mib": 4096})
+                     mem_available_mib=4096)
     return src, dst
 
 

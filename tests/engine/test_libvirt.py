@@ -90,8 +90,8 @@ async def test_discovery_sees_libvirt_domains_through_libvirt(pair: LibvirtPair,
         assert vm.libvirt == uuid and vm.qmp_path == f"libvirt:{uuid}" and vm.status == "running"
         assert vm.memory_mib == 64 and not vm.sev_enabled and vm.pid is not None and vm.migration_blocker is None
         assert [v.name for v in a.vms].count("disc") == 1  # its QEMU is listed once, as the domain
-        facts = a.extra["libvirt"]
-        assert facts["uri"] == "qemu:///system" and facts["version"].startswith("QEMU")
+        facts = a.libvirt
+        assert facts is not None and facts["uri"] == "qemu:///system" and facts["version"].startswith("QEMU")
         # SEV as libvirt sees it, in libvirt's words
         assert facts["sev_supported"] is False and "QEMU does not support SEV guest" in facts["sev_refusal"]
         assert b.vm("disc") is None and b.extra["machine_id"] != a.extra["machine_id"]
@@ -208,9 +208,9 @@ def _libvirt_plan(**vm: object) -> MigrationPlan:
                     argv=("qemu-system-x86_64", "-object", '{"qom-type":"secret","file":"/var/lib/x.aes"}'),
                     status="running", memory_mib=64, libvirt="8d6f3c5e-35ac-4b4e-9d5a-0e4f3c9b2a11", **vm)  # type: ignore[arg-type]
     src = HostReport(name="hv-a", address="10.0.0.1", port=22, reachable=True, hostname="a", vms=(domain,),
-                     extra={"libvirt": {"uri": "qemu:///system", "version": "QEMU 7.2.0"}})
+                     libvirt={"uri": "qemu:///system", "version": "QEMU 7.2.0"})
     dst = HostReport(name="hv-b", address="10.0.0.2", port=22, reachable=True, hostname="b",
-                     extra={"mem_available_mib": 4096, "libvirt": {"uri": "qemu:///system", "version": "QEMU 7.2.0"}})
+                     mem_available_mib=4096, libvirt={"uri": "qemu:///system", "version": "QEMU 7.2.0"})
     return MigrationPlan(vm=domain, source=src, target=dst)
 
 
@@ -227,7 +227,7 @@ def test_a_libvirt_domain_goes_only_to_a_libvirt_host() -> None:
     checks = {c.key: c for c in preflight(plan)}
     assert checks["libvirt"].status is CheckStatus.PASS and "argv" not in checks  # libvirt builds that line
     bare = MigrationPlan(vm=plan.vm, source=plan.source, target=HostReport(
-        name="hv-c", address="10.0.0.3", port=22, reachable=True, hostname="c", extra={"mem_available_mib": 4096}))
+        name="hv-c", address="10.0.0.3", port=22, reachable=True, hostname="c", mem_available_mib=4096))
     check = next(c for c in preflight(bare) if c.key == "libvirt")
     assert check.status is CheckStatus.FAIL and "hv-c has no working libvirt" in check.sentence
 

@@ -36,7 +36,7 @@ def _host(name: str, caps: Capabilities, api: tuple[int, int], *, es: bool = Tru
     sev = SevSupport(kernel_sev=True, kernel_sev_es=es, dev_sev=True, api_major=api[0], api_minor=api[1],
                      platform_state=state, es_configured=es)
     return HostReport(name=name, address="10.0.0.1", port=22, reachable=True, sev=sev, capabilities=caps,
-                      vms=vms, extra={"mem_available_mib": 8192, "qemu_sev_migration": True})
+                      vms=vms, mem_available_mib=8192, qemu_sev_migration=True)
 
 
 def _vm(policy: GuestPolicy) -> VmInfo:
@@ -177,7 +177,7 @@ def test_bad_input_never_crashes(sev_certs: Path) -> None:
 def _plain(argv: tuple[str, ...]) -> list[Check]:
     vm = VmInfo(name="web", pid=7, qmp_path="/run/web.qmp", argv=argv, status="running", memory_mib=64)
     src = HostReport(name="alpha", address="10.0.0.1", port=22, reachable=True, vms=(vm,))
-    dst = HostReport(name="beta", address="10.0.0.2", port=22, reachable=True, extra={"mem_available_mib": 4096})
+    dst = HostReport(name="beta", address="10.0.0.2", port=22, reachable=True, mem_available_mib=4096)
     return preflight(MigrationPlan(vm, src, dst))
 
 

@@ -88,10 +88,8 @@ def _plan(files: dict[str, str] | None) -> MigrationPlan:
             "-drive", "file=/srv/vms/swap.raw,format=raw,if=virtio")
     vm = VmInfo(name="web", pid=10, qmp_path="/run/web.qmp", argv=argv, status="running", memory_mib=64)
     src = HostReport(name="hv-a", address="10.0.0.1", port=22, reachable=True, hostname="a", vms=(vm,))
-    extra: dict[str, object] = {"mem_available_mib": 4096, "shared_storage": list(SHARED)}
-    if files is not None:
-        extra["files"] = files
-    dst = HostReport(name="hv-b", address="10.0.0.2", port=22, reachable=True, hostname="b", extra=extra)
+    dst = HostReport(name="hv-b", address="10.0.0.2", port=22, reachable=True, hostname="b", mem_available_mib=4096,
+                     shared_storage=tuple(SHARED), storage_files=files or {})
     return MigrationPlan(vm=vm, source=src, target=dst)
 
 
@@ -159,7 +157,7 @@ async def test_a_guest_with_a_disk_on_shared_storage_migrates_and_a_missing_one_
     pool = pool2
     target_spec = machine_b.spec("h2", shared_storage=(str(shared),))
     src, dst = discover([sshd.spec("h1"), target_spec], options, pool=pool)
-    assert dst.extra["files"] == {str(image): "present"}  # discovery asked the target
+    assert dst.storage_files == {str(image): "present"}  # discovery asked the target
     vm = src.vm(name)
     assert vm is not None
     checks = preflight(MigrationPlan(vm=vm, source=src, target=dst))
