@@ -205,7 +205,8 @@ async def walk_every_screen(backend: ScriptedBackend, host: str, vm: str, senten
         check()
 
         # a result whose every string came from a host
-        hostile_result = Outcome(result=sentence, message=sentence, runnable=(host,), source_status=sentence,
+        # the result word is the engine's own (a Result); every other string came from a host
+        hostile_result = Outcome(result="failed", message=sentence, runnable=(host,), source_status=sentence,
                                 target_status=vm, errors=(sentence,), audit=sentence)
         await app.push_screen(ResultScreen(hostile_result, latest))
         while not app.screen.query("#result"):

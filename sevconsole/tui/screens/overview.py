@@ -177,7 +177,8 @@ class OverviewScreen(HostsScreen):
     # a host-key question pushed over it at start; on_mount fills every panel anyway)
     @property
     def ready(self) -> bool:
-        return self._filled
+        """Built, and not being taken down (an answer may arrive as the app exits)."""
+        return self._filled and bool(self.query("#ov-attention"))
 
     def report_updated(self, report: HostReport) -> None:
         self.pending.discard(report.name)
@@ -233,6 +234,8 @@ class OverviewScreen(HostsScreen):
 
     def _vms_now(self) -> None:
         self._vms_pending = False
+        if not self.ready:
+            return
         self.fill_vms()
         self.fill_summary()
 
@@ -256,6 +259,8 @@ class OverviewScreen(HostsScreen):
         self.post_message(HistoryListed(entries, audit))
 
     def on_history_listed(self, message: HistoryListed) -> None:
+        if not self.ready:
+            return
         rows = fleet.migration_rows(message.entries, message.audit)
         if self.history_loaded and rows == self.migration_rows:
             self.entries = message.entries  # the same rows: no redraw every two seconds
