@@ -379,6 +379,10 @@ def main() -> int:
         deadline = time.monotonic() + 120
         while any(e.in_flight for e in journal.entries()) and time.monotonic() < deadline:
             time.sleep(0.5)  # waiting for runners to end, with a deadline
+    import shutil
+
+    shutil.rmtree(base, ignore_errors=True)  # the lab's state, journals, logs: this run's only
+    shutil.rmtree(os.environ["SEVCONSOLE_RUNTIME_DIR"], ignore_errors=True)
     print(json.dumps({
         "hosts": args.hosts, "vms_per_host": args.vms, "migrations_in_flight": args.migrations,
         "guest_mib": args.mem, "migrating_guest_mib": args.migrating_mem, "size": args.size,
