@@ -285,6 +285,9 @@ async def _query_vm(conn: SshConnection, entry: dict[str, Any], *, lab: bool, ca
             return await _ask_vm(qmp, vm, lab=lab, caps_out=caps_out, timeout=timeouts.channel)
     except HostError as exc:
         return replace(vm, errors=(str(exc),))
+    except (EOFError, OSError, paramiko.SSHException) as exc:  # the link died under the QMP client
+        return replace(vm, errors=(f"{conn.name}: VM {vm.name}: the QMP link broke while it was asked "
+                                   f"({type(exc).__name__}: {exc}); probe the host again",))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:  # an answer of the wrong shape
         return replace(vm, errors=(f"{conn.name}: VM {vm.name}: QEMU answered something unexpected "
                                    f"({type(exc).__name__}: {exc})",))

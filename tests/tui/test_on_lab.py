@@ -169,7 +169,9 @@ async def test_unknown_host_key_on_the_lab_is_asked_then_remembered(lab: Lab, tm
     app = SevConsoleApp(backend)
     try:
         async with app.run_test(size=(100, 30)) as pilot:
-            await wait_for(pilot, lambda: isinstance(app.screen, HostKeyScreen))
+            # the modal is pushed, then composed: wait until its fingerprint line is on screen
+            await wait_for(pilot, lambda: isinstance(app.screen, HostKeyScreen)
+                           and bool(app.screen.query("#fingerprint")))
             question = app.screen.question
             assert question.host == "lab-1" and question.fingerprint.startswith("SHA256:")
             assert question.fingerprint in str(app.screen.query_one("#fingerprint").render())
