@@ -6,7 +6,7 @@ import gc
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from textual import work
 from textual.app import App, SystemCommand
@@ -28,6 +28,27 @@ from sevconsole.tui.messages import (
     RecoverDone,
 )
 from sevconsole.tui.themes import DEFAULT, NamedTheme, load_themes
+
+
+@runtime_checkable
+class ShowsReports(Protocol):
+    """A screen that redraws a host when its report changes."""
+
+    def report_updated(self, report: HostReport) -> None: ...
+
+
+@runtime_checkable
+class RecolorsCells(Protocol):
+    """A screen whose table cells hold resolved theme colours."""
+
+    def refresh_cells(self) -> None: ...
+
+
+@runtime_checkable
+class ShowsAttention(Protocol):
+    """A screen that shows the attention list."""
+
+    def attention_updated(self) -> None: ...
 
 
 class SevConsoleApp(App[int]):
@@ -119,7 +140,9 @@ class SevConsoleApp(App[int]):
 
     def _theme_changed(self, _theme: object) -> None:
         # DataTable cells hold resolved colours: rebuild them in the new theme's
-        self._fan_out("refresh_cells")
+        for screen in self.screen_stack:
+            if isinstance(screen, RecolorsCells):
+                screen.refresh_cells()
 
     @property
     def theme_label(self) -> str:
@@ -160,7 +183,9 @@ class SevConsoleApp(App[int]):
         if key is not None and key.status == "changed":  # refused, always: say so loudly
             self.notify(report.errors[0] if report.errors else f"{report.name}: host key changed",
                         title="Host key changed: refused", severity="error", timeout=20)
-        self._fan_out("report_updated", report)
+        for screen in self.screen_stack:
+            if isinstance(screen, ShowsReports):
+                screen.report_updated(report)
         self._freeze_startup_heap()
         self._check_attention()
 
@@ -173,7 +198,9 @@ class SevConsoleApp(App[int]):
             report = HostReport(name=old.name, address=old.address, port=old.port, reachable=False,
                                 lab=old.lab, errors=(message.sentence,), probed_at=report.probed_at)
         self.reports[message.host] = report
-        self._fan_out("report_updated", report)
+        for screen in self.screen_stack:
+            if isinstance(screen, ShowsReports):
+                screen.report_updated(report)
         self._freeze_startup_heap()
         self._check_attention()
 
@@ -244,7 +271,9 @@ class SevConsoleApp(App[int]):
     def on_attention_found(self, message: AttentionFound) -> None:
         new = [i for i in message.items if i not in self.attention]
         self.attention = message.items
-        self._fan_out("attention_updated")
+        for screen in self.screen_stack:
+            if isinstance(screen, ShowsAttention):
+                screen.attention_updated()
         if new:
             self.notify("; ".join(f"{i.vm or i.host}: {i.problem}" for i in new[:3]),
                         title=f"{len(message.items)} item(s) need attention: press A", severity="warning",
@@ -291,12 +320,6 @@ class SevConsoleApp(App[int]):
                 self.notify("Cancelling: the console quits once each guest is back on its source.")
 
         self.push_screen(QuitScreen([s.vm.name for s in running]), answer)
-
-    def _fan_out(self, method: str, *args: object) -> None:
-        for screen in self.screen_stack:
-            handler = getattr(screen, method, None)
-            if handler is not None:
-                handler(*args)
 
     # -- actions (each one also in the command palette)
     def action_help(self) -> None:
