@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sevconsole import paths
+from sevconsole import leases, paths
 from sevconsole.engine.machine import Step
 
 VERSION = 1
@@ -225,17 +225,7 @@ def lock_path(where: Path) -> Path:
 
 def runner_alive(where: Path) -> bool:
     """Whether a runner holds this migration's lock (a lock test, never a pid guess)."""
-    try:
-        fd = os.open(lock_path(where), os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return leases.held_exclusive(lock_path(where))
 
 
 @contextlib.contextmanager

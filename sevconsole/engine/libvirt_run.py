@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sevconsole.engine import audit
 from sevconsole.engine.checks import Check, refused
 from sevconsole.engine.errors import LinkError
 from sevconsole.engine.fold import ProgressFolder
@@ -28,7 +26,14 @@ from sevconsole.engine.libvirt_link import LibvirtHost
 from sevconsole.engine.machine import Step
 from sevconsole.engine.plan import MigrationPlan
 from sevconsole.engine.progress import Phase, Progress
-from sevconsole.engine.run import Outcome, ProgressCallback, Result, StallCallback, StepCallback
+from sevconsole.engine.run import (
+    Outcome,
+    ProgressCallback,
+    Result,
+    StallCallback,
+    StepCallback,
+    audited,
+)
 from sevconsole.hosts.libvirt import STATES
 
 JOB_STATUS = {"unbounded": "active", "bounded": "active", "completed": "completed", "failed": "failed",
@@ -96,12 +101,7 @@ class LibvirtMigration:
                         bytes_transferred=self.folder.current.bytes_transferred, errors=self.folder.current.errors)
         self.outcome = outcome
         self._post()
-        if self._audit_log is not False:
-            try:
-                line = audit.record(self.plan, self.checks, outcome, None if self._audit_log is True else self._audit_log)
-                outcome = _with(outcome, audit=json.dumps(line, sort_keys=True))
-            except OSError as exc:
-                outcome = _with(outcome, errors=(*outcome.errors, f"audit log not written: {exc}"))
+        outcome = audited(self.plan, self.checks, outcome, self._audit_log)
         return _with(outcome, progress=self.folder.snapshot())
 
     def _record(self, step: Step, **data: Any) -> None:

@@ -218,13 +218,7 @@ class Migration:
                         errors=self.folder.current.errors)
         self.outcome = outcome
         self._post()
-        if self._audit_log is not False:
-            path = None if self._audit_log is True else self._audit_log
-            try:
-                line = audit.record(self.plan, self.checks, outcome, path)
-                outcome = _with(outcome, audit=json.dumps(line, sort_keys=True))
-            except OSError as exc:
-                outcome = _with(outcome, errors=(*outcome.errors, f"audit log not written: {exc}"))
+        outcome = audited(self.plan, self.checks, outcome, self._audit_log)
         return _with(outcome, progress=self.folder.snapshot())
 
     def _record(self, step: Step, **data: Any) -> None:
@@ -803,6 +797,19 @@ class Migration:
             self._on_progress(self.folder.snapshot())
         except Exception as exc:  # a broken watcher must not strand a guest mid-migration
             self.folder.event(f"progress watcher failed: {type(exc).__name__}: {exc}")
+
+
+def audited(plan: MigrationPlan, checks: Sequence[Check], outcome: Outcome,
+            audit_log: Path | None | bool = True) -> Outcome:
+    """`outcome` with the audit line written for it (True: the console's log; False: none); a
+    log that cannot be written is one more error of the outcome, never a lost result."""
+    if audit_log is False:
+        return outcome
+    try:
+        line = audit.record(plan, checks, outcome, None if audit_log is True else audit_log)
+    except OSError as exc:
+        return _with(outcome, errors=(*outcome.errors, f"audit log not written: {exc}"))
+    return _with(outcome, audit=json.dumps(line, sort_keys=True))
 
 
 def _host(address: str) -> str:
