@@ -301,9 +301,14 @@ async def measure(lab_dir: Path, size: tuple[int, int], seconds: float, go: Any,
 
 
 def renice(pids: list[int], nice: int) -> int:
-    """Every thread of these processes to `nice` (Linux keeps a nice value per thread)."""
+    """Every thread of these processes to `nice` (Linux keeps a nice value per thread), and their
+    sessions' groups where the kernel groups by session (each lab host leads its own session:
+    without this its nice would count only inside it, see sevconsole/priority.py)."""
+    from sevconsole.priority import set_group_nice
+
     count = 0
     for pid in pids:
+        set_group_nice(nice, pid)
         try:
             tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
         except OSError:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from sevconsole.priority import yield_cpu
 from sevconsole.sev.certs import AmdCert
 from sevconsole.sev.firmware import PspTiming, SevFirmware
 
@@ -255,6 +256,9 @@ class LabHost:
             self.run_dir.rmdir()
 
 
+LAB_NICE = 5  # a lab host's nice, and its session's
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
@@ -262,9 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = json.loads(Path(args[0]).read_text())
     # A lab host stands for another machine: on this one it yields the CPU to the console, as
-    # a remote hypervisor would never compete with the operator's terminal.
-    with contextlib.suppress(OSError):
-        os.nice(5)
+    # a remote hypervisor would never compete with the operator's terminal (its session's group
+    # too: it leads a session of its own, see sevconsole/priority.py).
+    yield_cpu(LAB_NICE)
     # stdout carries only the ready line; everything else goes to stderr (the host's log).
     ready_out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())

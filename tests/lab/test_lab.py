@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from sevconsole.lab import Lab
+from sevconsole.lab.host import LAB_NICE
 from sevconsole.lab.layout import DB_POLICY, WEB_POLICY, default_layout
+from sevconsole.priority import group_nice
 from sevconsole.sev.certs import AmdCert, is_lab_key_id
 from sevconsole.sev.policy import GuestPolicy
 
@@ -53,6 +55,10 @@ def test_start_writes_state_and_stop_leaves_nothing(tmp_path: Path) -> None:
         assert is_lab_key_id(ark.key_id)
         assert {v for v in lab.host("lab-4").qmp} == {"db-4"}
         pids = [h.pid for h in lab.hosts]
+        # each host stands for another machine: it yields the CPU, as a process and as a session
+        assert all(os.getpriority(os.PRIO_PROCESS, pid) >= LAB_NICE for pid in pids)
+        groups = [group_nice(pid) for pid in pids]
+        assert all(g is None or g >= LAB_NICE for g in groups), groups
         sockets = [p for h in lab.hosts for p in h.qmp.values()]
         assert all(Path(p).is_socket() for p in sockets)
         assert json.loads((state / "lab.json").read_text())["hosts"][0]["name"] == "lab-1"
