@@ -127,9 +127,9 @@ class LineTable(ScrollView, can_focus=True):
             self.post_message(self.RowHighlighted(self, new, self.row_key(new)))
 
     def _refresh_row(self, row: int) -> None:
-        y = row + 1 - round(self.scroll_offset.y)
+        y = row + 1 - round(self.scroll_offset.y)  # on screen, under the header
         if 0 < y < self.size.height:
-            self.refresh_line(y)
+            self.refresh_line(row + 1)  # ScrollView's refresh_line takes the line in the scrolled space
 
     def _scroll_to_cursor(self) -> None:
         height = max(1, self.size.height - 1)  # the header stays
