@@ -11,17 +11,17 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.content import Content
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from sevconsole.tui import safe
+from sevconsole.tui.screens.base import ConsoleScreen
 
 COLUMNS = (("vm", "Guest or host"), ("problem", "What is wrong"), ("action", "Safe action"))
 KIND_WORDS = {"host-down": "host down", "host-key-changed": "key changed", "host-key-unknown": "new key",
               "monitor-held": "monitor held", "stale-copy": "stale copy"}
 
 
-class AttentionScreen(Screen[None]):
+class AttentionScreen(ConsoleScreen):
     BINDINGS = [
         Binding("enter", "fix", "Apply safe action", id="attention.fix"),
         Binding("escape", "app.pop_screen", "Back", id="attention.back"),

@@ -15,10 +15,10 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from sevconsole.tui import safe
+from sevconsole.tui.screens.base import ConsoleScreen
 
 STATUS_STYLE = {"moved": "$success", "failed": "$error", "needs-operator": "$error", "blocked": "$warning",
                 "skipped": "$text-muted", "waiting": "$text-muted", "starting": "$accent", "migrating": "$accent"}
@@ -47,7 +47,7 @@ def start_evacuation(app: Any) -> None:
     app.push_screen(EvacuateScreen(host, fleet))
 
 
-class EvacuateScreen(Screen[None]):
+class EvacuateScreen(ConsoleScreen):
     BINDINGS = [
         Binding("enter,y", "start", "Start", id="evacuate.start"),
         Binding("c", "cancel", "Cancel evacuation", id="evacuate.cancel"),

@@ -10,7 +10,6 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.content import Content
-from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
 from sevconsole.engine.progress import Phase, Progress
@@ -21,12 +20,13 @@ from sevconsole.tui import safe
 from sevconsole.tui.backend import RUNNABLE, MigrationHandle, find_vm
 from sevconsole.tui.guide_steps import PHASE_NOTES, STEPS, Step
 from sevconsole.tui.messages import HostProbed, MigrationEnded, ProgressPosted
+from sevconsole.tui.screens.base import ConsoleScreen
 from sevconsole.tui.screens.migrate import checklist, first_failure
 from sevconsole.tui.screens.result import result_lines
 from sevconsole.tui.widgets.replay_view import ReplayView
 
 
-class GuideScreen(Screen[None]):
+class GuideScreen(ConsoleScreen):
     BINDINGS = [
         Binding("space,n", "next", "Next step", id="guide.next"),
         Binding("c", "cancel", "Cancel migration", id="guide.cancel"),

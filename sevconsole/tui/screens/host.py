@@ -8,7 +8,6 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.content import Content
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static, Tree
 
 from sevconsole.hosts.report import HostReport, VmInfo
@@ -16,6 +15,7 @@ from sevconsole.textsafe import escape_controls
 from sevconsole.tui import format as fmt
 from sevconsole.tui import safe
 from sevconsole.tui.fleet import migratable
+from sevconsole.tui.screens.base import ConsoleScreen
 from sevconsole.tui.widgets.chain_tree import fill_chain_tree
 
 
@@ -73,7 +73,7 @@ def policy_lines(vm: VmInfo) -> list[Content]:
     return lines
 
 
-class HostScreen(Screen[None]):
+class HostScreen(ConsoleScreen):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back", id="host.back"),
         Binding("m", "migrate", "Migrate VM", id="host.migrate"),

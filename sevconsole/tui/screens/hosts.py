@@ -6,13 +6,13 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.content import Content
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Static
 
 from sevconsole.hosts.report import HostReport
 from sevconsole.tui import format as fmt
 from sevconsole.tui import safe
 from sevconsole.tui.backend import RUNNABLE
+from sevconsole.tui.screens.base import ConsoleScreen
 
 COLUMNS = (("host", "Host"), ("state", "State"), ("sev", "SEV API"), ("platform", "Platform"),
            ("chain", "Chain"), ("vms", "VMs"), ("latency", "Latency"), ("note", "Note"))
@@ -53,7 +53,7 @@ def probing_cells(report: HostReport) -> list[Content]:
     return [safe.plain(report.name), safe.show("[$text-muted]probing…[/]"), *(Content(),) * 6]
 
 
-class HostsScreen(Screen[None]):
+class HostsScreen(ConsoleScreen):
     BINDINGS = [
         Binding("enter", "open_host", "Open", id="hosts.open"),
         Binding("r", "reprobe", "Re-probe", id="reprobe"),

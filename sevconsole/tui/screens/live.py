@@ -8,7 +8,6 @@ from dataclasses import replace
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.screen import Screen
 from textual.widgets import Footer, Header
 
 from sevconsole.engine.checks import Check
@@ -18,10 +17,11 @@ from sevconsole.hosts.report import HostReport, VmInfo
 from sevconsole.textsafe import escape_controls
 from sevconsole.tui.backend import MigrationHandle
 from sevconsole.tui.messages import MigrationEnded, ProgressPosted
+from sevconsole.tui.screens.base import ConsoleScreen
 from sevconsole.tui.widgets.migration_view import MigrationView
 
 
-class LiveScreen(Screen[None]):
+class LiveScreen(ConsoleScreen):
     BINDINGS = [
         Binding("c", "cancel", "Cancel migration", id="live.cancel"),
         Binding("f", "tab('tab-firmware')", "Firmware", id="live.firmware"),

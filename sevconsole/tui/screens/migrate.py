@@ -8,7 +8,6 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.content import Content
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from sevconsole.engine.checks import Check, CheckStatus
@@ -18,6 +17,7 @@ from sevconsole.tui import format as fmt
 from sevconsole.tui import safe
 from sevconsole.tui.backend import find_vm
 from sevconsole.tui.messages import PreflightDone
+from sevconsole.tui.screens.base import ConsoleScreen
 
 MARKS = {"pass": "[$success]✓[/]", "warn": "[$warning]![/]", "fail": "[$error]✗[/]"}
 DOWNTIME_STEPS = (100, 300, 1000, 3000, 10000)
@@ -32,7 +32,7 @@ def checklist(checks: tuple[Check, ...]) -> Content:
                                 sentence=c.sentence) for c in checks)
 
 
-class MigrateScreen(Screen[None]):
+class MigrateScreen(ConsoleScreen):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back", id="migrate.back"),
         Binding("enter", "start", "Migrate", id="migrate.start"),

@@ -21,6 +21,7 @@ from textual.widgets import Button, DataTable, Footer, Header, Static
 from sevconsole.hosts.report import HostReport, VmInfo
 from sevconsole.tui import safe
 from sevconsole.tui.messages import MigrationsListed
+from sevconsole.tui.screens.base import ConsoleScreen
 
 COLUMNS = (("id", "Migration"), ("vm", "VM"), ("route", "From → To"), ("started", "Started"),
            ("state", "State"))
@@ -41,7 +42,7 @@ def state_cell(entry: Any) -> Content:
     return safe.show("[$warning]$step[/]", step=step)
 
 
-class MigrationsScreen(Screen[None]):
+class MigrationsScreen(ConsoleScreen):
     """`enter` on a migration in flight opens its live view, on a finished one its replay; `r`
     reads the journal again."""
 

@@ -15,6 +15,7 @@ from typing import Any
 from textual import events, work
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.color import Color
 from textual.containers import Horizontal, Vertical
 from textual.content import Content
 from textual.message import Message
@@ -47,6 +48,15 @@ def policy_words(policy: int | None) -> str:
     text = fmt.policy(policy)
     words = text.split(" ", 1)
     return words[1] if len(words) == 2 and words[1] != "none" else text
+
+
+def theme_color(value: str) -> Color:
+    """A theme variable's colour: `#RRGGBB`, a name, or `auto 87%` (white or black, whichever
+    contrasts with what is behind, as the stylesheet's `$text`), with an optional opacity."""
+    words = value.split()
+    alpha = next((float(w[:-1]) / 100 for w in words if w.endswith("%")), 1.0)
+    name = next((w for w in words if not w.endswith("%")), "auto")
+    return Color.automatic(alpha * 100) if name == "auto" else Color.parse(name).multiply_alpha(alpha)
 
 
 def migration_key(row: fleet.MigrationRow) -> str:
@@ -100,7 +110,6 @@ class OverviewScreen(HostsScreen):
     OverviewScreen #ov-left { height: 1fr; }
     OverviewScreen .ov-box { border: round $panel-lighten-1; border-title-color: $text-muted;
                              border-subtitle-color: $text-muted; }
-    OverviewScreen .ov-box:focus-within { border: round $accent; border-title-color: $text; }
     OverviewScreen .ov-box > DataTable, OverviewScreen .ov-box > LineTable { height: 1fr; overflow-x: hidden; }
     OverviewScreen .ov-empty { height: auto; padding: 0 1; color: $text-muted; }
     OverviewScreen #ov-hosts-box { max-height: 50%; min-height: 4; }
@@ -131,6 +140,7 @@ class OverviewScreen(HostsScreen):
         self._hosts_shown: tuple[tuple[str, int, bool], ...] = ()
         self._all_vm_rows: list[fleet.VmRow] = []
         self._vm_cells: dict[str, list[Any]] = {}
+        self._panel_marks: dict[str, tuple[bool, str, str, str]] = {}
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -165,6 +175,7 @@ class OverviewScreen(HostsScreen):
         self.pending = set(self.app.backend.host_names())  # type: ignore[attr-defined]
         self.rebuild()
         hosts.focus()
+        self.mark_focused_panel()
         self.sub_title = "fleet overview"
         self.fill_vms()
         self.fill_attention()
@@ -191,6 +202,7 @@ class OverviewScreen(HostsScreen):
             return
         self._hosts_shown = ()  # a new theme: every cell again
         super().refresh_cells()
+        self.mark_focused_panel()
         self.fill_vms()
         self.fill_attention()
         self.fill_migrations()
@@ -405,6 +417,29 @@ class OverviewScreen(HostsScreen):
             if self._heights.get(selector, -1) != height:  # a new height is a new layout: only when it changes
                 self._heights[selector] = height
                 self.query_one(selector).styles.height = height
+
+    # -- the panel with the focus: its border in the accent colour, its title bright. Set inline, not
+    # by a :focus-within rule: restyling a box restyles its table's scrollbar, which lays the
+    # whole screen out again (tens of ms a focus change on a fleet).
+    def mark_focused_panel(self) -> None:
+        if not self.is_mounted:
+            return
+        variables = self.app.theme_variables
+        focused = self.focused
+        for box in self.query(".ov-box"):
+            active = focused is not None and box in focused.ancestors
+            mark = (active, variables["accent"], variables["panel-lighten-1"], variables["text"])
+            if self._panel_marks.get(box.id or "") == mark:
+                continue
+            self._panel_marks[box.id or ""] = mark
+            box.styles.border = ("round", theme_color(mark[1] if active else mark[2]))
+            box.styles.border_title_color = theme_color(mark[3]) if active else None  # None: the stylesheet's
+
+    def on_descendant_focus(self, event: events.DescendantFocus) -> None:
+        self.mark_focused_panel()
+
+    def on_descendant_blur(self, event: events.DescendantBlur) -> None:
+        self.call_after_refresh(self.mark_focused_panel)  # the focus may be on its way to another panel
 
     def on_resize(self, event: events.Resize) -> None:
         self.call_after_refresh(self.apply_heights)  # the breakpoint classes change with the size

@@ -14,12 +14,12 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.content import Content
 from textual.message import Message
-from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
 from sevconsole.engine.replay import ReplayError, Tape
 from sevconsole.textsafe import escape_controls
 from sevconsole.tui import safe
+from sevconsole.tui.screens.base import ConsoleScreen
 from sevconsole.tui.widgets.replay_view import ReplayView
 
 
@@ -30,7 +30,7 @@ class TapeLoaded(Message):
         self.sentence = sentence
 
 
-class ReplayScreen(Screen[None]):
+class ReplayScreen(ConsoleScreen):
     BINDINGS = [
         Binding("escape", "leave", "Back", id="replay.leave"),
     ]

@@ -9,7 +9,6 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.content import Content
-from textual.screen import Screen
 from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
 
 from sevconsole.engine.progress import Progress
@@ -18,6 +17,7 @@ from sevconsole.engine.run import Outcome
 from sevconsole.textsafe import escape_controls
 from sevconsole.tui import format as fmt
 from sevconsole.tui import safe
+from sevconsole.tui.screens.base import ConsoleScreen
 from sevconsole.tui.widgets.replay_view import ReplayView
 
 HEADLINES = {
@@ -81,7 +81,7 @@ def audit_summary(line: str) -> str:
         return line
 
 
-class ResultScreen(Screen[None]):
+class ResultScreen(ConsoleScreen):
     """The outcome, and the migration's replay in the next tab (r): a one-second migration is
     over before its panels can be read, so they can be played again, slowly, or scrubbed."""
 
