@@ -11,10 +11,11 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.content import Content
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import DataTable, Header, Static
 
 from sevconsole.tui import safe
 from sevconsole.tui.screens.base import ConsoleScreen
+from sevconsole.tui.widgets.footer import QuickFooter
 
 COLUMNS = (("vm", "Guest or host"), ("problem", "What is wrong"), ("action", "Safe action"))
 KIND_WORDS = {"host-down": "host down", "host-key-changed": "key changed", "host-key-unknown": "new key",
@@ -47,7 +48,7 @@ class AttentionScreen(ConsoleScreen):
         yield table
         yield Static(id="attention-empty")
         yield Static(id="attention-detail")
-        yield Footer()
+        yield QuickFooter()
 
     def on_mount(self) -> None:
         self.sub_title = "attention"

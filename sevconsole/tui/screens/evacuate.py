@@ -15,10 +15,11 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import DataTable, Header, Static
 
 from sevconsole.tui import safe
 from sevconsole.tui.screens.base import ConsoleScreen
+from sevconsole.tui.widgets.footer import QuickFooter
 
 STATUS_STYLE = {"moved": "$success", "failed": "$error", "needs-operator": "$error", "blocked": "$warning",
                 "skipped": "$text-muted", "waiting": "$text-muted", "starting": "$accent", "migrating": "$accent"}
@@ -77,7 +78,7 @@ class EvacuateScreen(ConsoleScreen):
             yield Static(id="evac-plan-text")
         yield DataTable(id="evac-fleet", cursor_type="row", zebra_stripes=True)
         yield Static(id="evac-summary")
-        yield Footer()
+        yield QuickFooter()
 
     def on_mount(self) -> None:
         from sevconsole.engine.evac_view import HEADER

@@ -10,7 +10,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.content import Content
-from textual.widgets import Footer, Header, Static
+from textual.widgets import Header, Static
 
 from sevconsole.engine.progress import Phase, Progress
 from sevconsole.engine.replay import Tape
@@ -23,6 +23,7 @@ from sevconsole.tui.messages import HostProbed, MigrationEnded, ProgressPosted
 from sevconsole.tui.screens.base import ConsoleScreen
 from sevconsole.tui.screens.migrate import checklist, first_failure
 from sevconsole.tui.screens.result import result_lines
+from sevconsole.tui.widgets.footer import QuickFooter
 from sevconsole.tui.widgets.replay_view import ReplayView
 
 
@@ -51,7 +52,7 @@ class GuideScreen(ConsoleScreen):
             yield Static(id="guide-text")
             yield Static(id="guide-now")
         yield ReplayView()  # live during a step, its replay between steps
-        yield Footer()
+        yield QuickFooter()
 
     def on_mount(self) -> None:
         self.sub_title = "guided tour"

@@ -8,7 +8,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.content import Content
-from textual.widgets import DataTable, Footer, Header, Static, Tree
+from textual.widgets import DataTable, Header, Static, Tree
 
 from sevconsole.hosts.report import HostReport, VmInfo
 from sevconsole.textsafe import escape_controls
@@ -17,6 +17,7 @@ from sevconsole.tui import safe
 from sevconsole.tui.fleet import migratable
 from sevconsole.tui.screens.base import ConsoleScreen
 from sevconsole.tui.widgets.chain_tree import fill_chain_tree
+from sevconsole.tui.widgets.footer import QuickFooter
 
 
 def capability_lines(report: HostReport) -> list[Content]:
@@ -101,7 +102,7 @@ class HostScreen(ConsoleScreen):
         with Vertical(id="host-vms"):
             yield DataTable(id="vms", cursor_type="row", zebra_stripes=True)
             yield Static(id="policy")
-        yield Footer()
+        yield QuickFooter()
 
     def on_mount(self) -> None:
         self.sub_title = escape_controls(self.host_name)

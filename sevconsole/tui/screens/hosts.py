@@ -6,13 +6,15 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.content import Content
-from textual.widgets import DataTable, Footer, Header, Input, Static
+from textual.widgets import Header, Input, Static
 
 from sevconsole.hosts.report import HostReport
 from sevconsole.tui import format as fmt
 from sevconsole.tui import safe
 from sevconsole.tui.backend import RUNNABLE
 from sevconsole.tui.screens.base import ConsoleScreen
+from sevconsole.tui.widgets.footer import QuickFooter
+from sevconsole.tui.widgets.line_table import LineTable
 
 COLUMNS = (("host", "Host"), ("state", "State"), ("sev", "SEV API"), ("platform", "Platform"),
            ("chain", "Chain"), ("vms", "VMs"), ("latency", "Latency"), ("note", "Note"))
@@ -68,8 +70,10 @@ class HostsScreen(ConsoleScreen):
         super().__init__()
         self.filter_text = ""
         self.pending: set[str] = set()
+        self._built: tuple[tuple[str, int, bool], ...] | None = None  # the rows the table holds
 
     DEFAULT_CSS = """
+    HostsScreen > #hosts { height: auto; max-height: 60%; }
     HostsScreen #hosts-detail-box { height: 1fr; min-height: 4; border: round $panel-lighten-1;
                                     border-title-color: $text-muted; padding: 0 1; }
     """
@@ -77,11 +81,11 @@ class HostsScreen(ConsoleScreen):
     def compose(self) -> ComposeResult:
         yield Header()
         yield Input(placeholder="filter hosts (name, VM, note); Enter keeps it, Esc clears", id="filter")
-        yield DataTable(id="hosts", cursor_type="row", zebra_stripes=True)
+        yield LineTable(COLUMNS, id="hosts")
         with VerticalScroll(id="hosts-detail-box"):  # the highlighted host: no screen of empty lines
             yield Static(id="hosts-detail")
         yield Static(id="hosts-status")
-        yield Footer()
+        yield QuickFooter()
 
     def show_detail(self) -> None:
         """The highlighted host's SEV capabilities and VMs, below the list."""
@@ -109,7 +113,7 @@ class HostsScreen(ConsoleScreen):
                                    policy="plain" if not vm.sev_enabled else fmt.policy(vm.policy)))
         self.query_one("#hosts-detail", Static).update(safe.lines(lines))
 
-    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+    def on_line_table_row_highlighted(self, event: LineTable.RowHighlighted) -> None:
         self.show_detail()
 
     def on_screen_resume(self) -> None:
@@ -120,9 +124,7 @@ class HostsScreen(ConsoleScreen):
 
     def on_mount(self) -> None:
         self.sub_title = "hosts"
-        table = self.query_one(DataTable)
-        for key, label in COLUMNS:
-            table.add_column(label, key=key)
+        table = self.query_one("#hosts", LineTable)
         self.pending = set(self.app.backend.host_names())  # type: ignore[attr-defined]
         self.rebuild()
         table.focus()
@@ -133,6 +135,7 @@ class HostsScreen(ConsoleScreen):
         self.rebuild()
 
     def refresh_cells(self) -> None:
+        self._built = None  # a new theme: every cell again
         self.rebuild()
 
     def visible_reports(self) -> list[HostReport]:
@@ -148,18 +151,18 @@ class HostsScreen(ConsoleScreen):
         return out
 
     def rebuild(self) -> None:
-        table = self.query_one(DataTable)
-        keep = table.cursor_row
-        selected = self.selected_host()
-        table.clear()
-        for report in self.visible_reports():
+        table = self.query_one("#hosts", LineTable)
+        visible = self.visible_reports()
+        built = tuple((r.name, id(r), r.name in self.pending) for r in visible)  # reports are immutable
+        if built == self._built:  # opened again with nothing new: its rows (and their rendering) stay
+            return
+        self._built = built
+        rows = []
+        for report in visible:
             probing = report.name in self.pending and report.name not in self.app.reports  # type: ignore[attr-defined]
             cells = probing_cells(report) if probing else row_cells(report)
-            table.add_row(*(safe.rich(self.app, c) for c in cells), key=report.name)
-        if selected is not None and selected in table.rows:
-            table.move_cursor(row=table.get_row_index(selected))
-        elif table.row_count:
-            table.move_cursor(row=min(keep, table.row_count - 1))
+            rows.append((report.name, [safe.rich(self.app, c) for c in cells]))
+        table.set_rows(rows, keep=self.selected_host())  # elsewhere the cursor keeps its place
         total = len(self.app.backend.host_names())  # type: ignore[attr-defined]
         done = total - len(self.pending)
         shown = table.row_count
@@ -170,13 +173,7 @@ class HostsScreen(ConsoleScreen):
         self.show_detail()
 
     def selected_host(self) -> str | None:
-        table = self.query_one(DataTable)
-        if not table.row_count:
-            return None
-        try:
-            return str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
-        except Exception:
-            return None
+        return self.query_one("#hosts", LineTable).row_key()
 
     # -- actions
     def action_open_host(self) -> None:
@@ -190,7 +187,7 @@ class HostsScreen(ConsoleScreen):
 
         self.app.push_screen(HostScreen(name))
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+    def on_line_table_row_selected(self, event: LineTable.RowSelected) -> None:
         self.action_open_host()
 
     def action_reprobe(self) -> None:
@@ -227,7 +224,7 @@ class HostsScreen(ConsoleScreen):
             return
         box.value = ""
         box.display = False
-        self.query_one(DataTable).focus()
+        self.query_one("#hosts", LineTable).focus()
 
     def on_input_changed(self, event: Input.Changed) -> None:
         self.filter_text = event.value.strip()
@@ -236,7 +233,7 @@ class HostsScreen(ConsoleScreen):
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if not event.value.strip():
             event.input.display = False
-        self.query_one(DataTable).focus()
+        self.query_one("#hosts", LineTable).focus()
 
     def palette_commands(self) -> list[tuple[str, str, object]]:
         return [

@@ -8,7 +8,7 @@ from dataclasses import replace
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.widgets import Footer, Header
+from textual.widgets import Header
 
 from sevconsole.engine.checks import Check
 from sevconsole.engine.progress import Progress
@@ -18,6 +18,7 @@ from sevconsole.textsafe import escape_controls
 from sevconsole.tui.backend import MigrationHandle
 from sevconsole.tui.messages import MigrationEnded, ProgressPosted
 from sevconsole.tui.screens.base import ConsoleScreen
+from sevconsole.tui.widgets.footer import QuickFooter
 from sevconsole.tui.widgets.migration_view import MigrationView
 
 
@@ -44,7 +45,7 @@ class LiveScreen(ConsoleScreen):
     def compose(self) -> ComposeResult:
         yield Header()
         yield MigrationView()
-        yield Footer()
+        yield QuickFooter()
 
     @property
     def running(self) -> bool:

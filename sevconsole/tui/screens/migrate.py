@@ -8,7 +8,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.content import Content
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import DataTable, Header, Static
 
 from sevconsole.engine.checks import Check, CheckStatus
 from sevconsole.hosts.report import HostReport, VmInfo
@@ -18,6 +18,7 @@ from sevconsole.tui import safe
 from sevconsole.tui.backend import find_vm
 from sevconsole.tui.messages import PreflightDone
 from sevconsole.tui.screens.base import ConsoleScreen
+from sevconsole.tui.widgets.footer import QuickFooter
 
 MARKS = {"pass": "[$success]✓[/]", "warn": "[$warning]![/]", "fail": "[$error]✗[/]"}
 DOWNTIME_STEPS = (100, 300, 1000, 3000, 10000)
@@ -77,7 +78,7 @@ class MigrateScreen(ConsoleScreen):
                 yield DataTable(id="targets", cursor_type="row")
             with VerticalScroll(id="checks-box"):
                 yield Static(id="checks")
-        yield Footer()
+        yield QuickFooter()
 
     def on_mount(self) -> None:
         self.sub_title = escape_controls(f"migrate {self.vm_name}")

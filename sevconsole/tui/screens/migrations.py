@@ -16,12 +16,13 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.content import Content
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Button, DataTable, Footer, Header, Static
+from textual.widgets import Button, DataTable, Header, Static
 
 from sevconsole.hosts.report import HostReport, VmInfo
 from sevconsole.tui import safe
 from sevconsole.tui.messages import MigrationsListed
 from sevconsole.tui.screens.base import ConsoleScreen
+from sevconsole.tui.widgets.footer import QuickFooter
 
 COLUMNS = (("id", "Migration"), ("vm", "VM"), ("route", "From → To"), ("started", "Started"),
            ("state", "State"))
@@ -68,7 +69,7 @@ class MigrationsScreen(ConsoleScreen):
         for key, label in COLUMNS:
             table.add_column(label, key=key)
         yield table
-        yield Footer()
+        yield QuickFooter()
 
     def on_mount(self) -> None:
         self.sub_title = "migrations"

@@ -480,11 +480,13 @@ class OverviewScreen(HostsScreen):
         self._update("#ov-vm-detail", safe.lines(lines))
 
     def on_line_table_row_highlighted(self, event: LineTable.RowHighlighted) -> None:
+        event.prevent_default()  # HostsScreen's detail panel is not on this screen
         if event.table.id == "ov-vms":
             self.show_vm_detail()
 
     def on_line_table_row_selected(self, event: LineTable.RowSelected) -> None:
         event.stop()
+        event.prevent_default()  # not HostsScreen's too: the panel decides what Enter opens
         self.call_next(self.action_open)
 
     # -- selection

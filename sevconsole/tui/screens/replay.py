@@ -14,12 +14,13 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.content import Content
 from textual.message import Message
-from textual.widgets import Footer, Header, Static
+from textual.widgets import Header, Static
 
 from sevconsole.engine.replay import ReplayError, Tape
 from sevconsole.textsafe import escape_controls
 from sevconsole.tui import safe
 from sevconsole.tui.screens.base import ConsoleScreen
+from sevconsole.tui.widgets.footer import QuickFooter
 from sevconsole.tui.widgets.replay_view import ReplayView
 
 
@@ -52,7 +53,7 @@ class ReplayScreen(ConsoleScreen):
         yield Header()
         yield Static(id="replay-note")
         yield ReplayView()
-        yield Footer()
+        yield QuickFooter()
 
     def on_mount(self) -> None:
         self.sub_title = escape_controls(f"replay {self.title_text or self.migration_id or ''}".strip())

@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.content import Content
-from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
+from textual.widgets import Header, Static, TabbedContent, TabPane
 
 from sevconsole.engine.progress import Progress
 from sevconsole.engine.replay import Tape
@@ -18,6 +18,7 @@ from sevconsole.textsafe import escape_controls
 from sevconsole.tui import format as fmt
 from sevconsole.tui import safe
 from sevconsole.tui.screens.base import ConsoleScreen
+from sevconsole.tui.widgets.footer import QuickFooter
 from sevconsole.tui.widgets.replay_view import ReplayView
 
 HEADLINES = {
@@ -108,7 +109,7 @@ class ResultScreen(ConsoleScreen):
                 yield Static(safe.lines(result_lines(self.result, self.progress)), id="result")
             with TabPane("Replay (r)", id="result-replay"):
                 yield ReplayView()
-        yield Footer()
+        yield QuickFooter()
 
     def on_mount(self) -> None:
         self.sub_title = escape_controls(f"result: {self.result.result}")

@@ -3,7 +3,7 @@
 For the fleet's VM list (hundreds of rows, re-sorted and re-filtered as the operator types): a
 DataTable measures every cell it is given and redraws every visible row on a sort, a filter or a
 focus change; here `set_rows` only replaces a list, column widths come from the cells' lengths,
-and a Strip is made once per row, width, cursor and focus (Toolong's pattern). It answers the
+and a Strip is made once per row, width, cursor and colours (Toolong's pattern). It answers the
 part of DataTable's API the console uses (row_count, cursor_row, move_cursor, get_row_at) and
 posts RowHighlighted, RowSelected and HeaderSelected.
 """
@@ -84,6 +84,7 @@ class LineTable(ScrollView, can_focus=True):
         self.widths: list[int] = [cell_len(label) for _, label in self.columns]
         self._strips: OrderedDict[tuple[Any, ...], Strip] = OrderedDict()
         self._version = 0
+        self._look: tuple[Style, Style, Style, Style] | None = None
 
     # -- data
     @property
@@ -141,10 +142,19 @@ class LineTable(ScrollView, can_focus=True):
 
     def notify_style_update(self) -> None:
         super().notify_style_update()
-        self._strips.clear()  # a theme change: new colours
+        self._look = None  # new colours (a theme, or :focus): strips are keyed by them, see _colours
+
+    def _colours(self) -> tuple[Style, Style, Style, Style]:
+        """The table's style and its header, even-row and cursor styles, as they are now. Part of
+        each strip's key, so a focus change back and forth finds its strips made already."""
+        if self._look is None:
+            self._look = (self.rich_style, self.get_component_rich_style("linetable--header"),
+                          self.get_component_rich_style("linetable--even", partial=True),
+                          self.get_component_rich_style("linetable--cursor", partial=True))
+        return self._look
 
     def _on_focus(self, event: events.Focus) -> None:
-        self.refresh()  # the strips of both states are cached: focus is part of their key
+        self.refresh()
 
     def _on_blur(self, event: events.Blur) -> None:
         self.refresh()
@@ -181,22 +191,23 @@ class LineTable(ScrollView, can_focus=True):
     # -- drawing
     def render_line(self, y: int) -> Strip:
         width = self.size.width
+        look = self._colours()
+        base, header, even, cursor_style = look
         if y == 0:
-            return self._strip(("header", width), lambda: self._line([Text(label) for _, label in self.columns],
-                                                                     self.get_component_rich_style(
-                                                                         "linetable--header"), width))
+            return self._strip(("header", width, look, self._version),
+                               lambda: self._line([Text(label) for _, label in self.columns], header, width))
         row = y - 1 + round(self.scroll_offset.y)
         if row >= len(self.keys):
-            return Strip.blank(width, self.rich_style)
+            return Strip.blank(width, base)
         cursor = row == self.cursor_row
-        key = ("row", self.keys[row], width, cursor, self.has_focus, row % 2, self._version)
+        key = ("row", self.keys[row], width, cursor, look, row % 2, self._version)
 
         def make() -> Strip:
-            style = self.rich_style
+            style = base
             if row % 2:
-                style += self.get_component_rich_style("linetable--even", partial=True)
+                style += even
             if cursor:
-                style += self.get_component_rich_style("linetable--cursor", partial=True)
+                style += cursor_style
             return self._line(self.cells[row], style, width)
 
         return self._strip(key, make)
