@@ -37,11 +37,13 @@ from sevconsole.engine.plan import MigrationPlan
 from sevconsole.engine.progress import Phase, Progress
 from sevconsole.engine.run import Migration, Outcome, Result
 from sevconsole.engine.wire import progress_to_wire
+from sevconsole.priority import yield_cpu
 
 START_TIMEOUT_S = 20.0
 LINGER_S = 3.0  # after the outcome: time for attached clients to read it
 MAX_CLIENT_BACKLOG = 32 << 20  # a client that reads nothing is dropped, never waited for
 MAX_LINE = 64 << 20
+RUNNER_NICE = 10
 
 
 class RunnerError(EngineError):
@@ -350,6 +352,9 @@ def main(argv: list[str]) -> int:
     os.umask(0o077)  # journals, logs and snapshots name hosts and guests: the user's alone
     with contextlib.suppress(OSError):
         os.setsid()
+    # A runner mostly waits on its hosts; the CPU it wants (start-up, probes, snapshots) can wait a
+    # few ms for the operator's keys in the console beside it (a session's group too: priority.py).
+    yield_cpu(RUNNER_NICE)
     try:
         with journal.hold(where) as held:
             if not held:

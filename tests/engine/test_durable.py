@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from sevconsole.engine import journal
+from sevconsole import priority
+from sevconsole.engine import journal, runner
 from sevconsole.lab import Lab
 from tests.reliability.rig import Census, Client, Console, census, outcome_of, reach, settle, tidy
 
@@ -176,7 +177,11 @@ def test_the_runner_ignores_sighup(lab: Lab, console: Console, start: Start) -> 
     client, folder = migrate(console, lab, start)
     try:
         reach(client, folder, "pre-copy", 0.2)
-        os.kill(console.runner_pid(folder), signal.SIGHUP)
+        pid = console.runner_pid(folder)
+        # it yields the CPU to the console beside it, as a process and as its own session's group
+        assert os.getpriority(os.PRIO_PROCESS, pid) >= runner.RUNNER_NICE
+        assert priority.group_nice(pid) in (None, runner.RUNNER_NICE)
+        os.kill(pid, signal.SIGHUP)
         lines = client.rest()
         assert client.proc.returncode == 0, client.stderr()
     finally:
