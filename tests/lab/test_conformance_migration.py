@@ -4,9 +4,12 @@ query-migrate's shapes on both ends.
 The same chain runs on real QEMUs (TCG, 16 MiB) and on lab VMs: A (running) -> B, started
 without -S, over TCP; B paused -> C, started without -S, over a UNIX socket (a paused source
 arrives paused: QEMU's global state, whatever the target's -S); then C's migration to a sink
-that never reads is cancelled. Before its migration B meets the incoming errors. Last, a migration
-blocker: lab-1's `legacy` (an SEV guest that never enabled migration: QEMU's SEV blocker) against a
-QEMU whose ivshmem device blocks migration, the two sentences aside.
+that never reads is cancelled, at 4 KiB/s so that it is still active (sleeping between two
+rate-limited sends) whenever the cancel comes: at 1 MB/s QEMU had sent all of a small guest's
+few hundred KiB, and completed, when the test came 0.3 s late. Before its migration B meets the
+incoming errors. Last, a migration blocker: lab-1's `legacy` (an SEV guest that never enabled
+migration: QEMU's SEV blocker) against a QEMU whose ivshmem device blocks migration, the two
+sentences aside.
 """
 
 from __future__ import annotations
@@ -129,7 +132,7 @@ def _script(busy: int, sink: int) -> Iterator[tuple[str, object]]:
     for who in "bc":
         for name in ("query-migrate", "query-status"):
             yield f"{who.upper()} {name} after", req(who, command(name))
-    yield "C max-bandwidth 1 MB/s", req("c", command("migrate-set-parameters", {"max-bandwidth": 1 << 20}))
+    yield "C max-bandwidth 4 KiB/s", req("c", command("migrate-set-parameters", {"max-bandwidth": 4096}))
 
     def c_to_sink(s: Side) -> list:
         s.c.send(command("migrate", {"uri": f"tcp:127.0.0.1:{sink}"}))
