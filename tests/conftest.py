@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from sevconsole.hosts import passphrases
+
 ROOT = Path(__file__).resolve().parents[1]
 CERTS_DIR = ROOT / "tests" / "fixtures" / "sev-certs"  # public AMD data, kept in the repository
 
@@ -36,3 +38,15 @@ def isolated_migration_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     with tempfile.TemporaryDirectory(prefix="sc-", dir="/tmp") as runtime:
         monkeypatch.setenv("SEVCONSOLE_RUNTIME_DIR", runtime)
         yield
+
+
+@pytest.fixture(autouse=True)
+def forgotten_passphrases() -> Iterator[None]:
+    """Who asks for passphrases, and those learnt, are process-wide: the console (tui/app.py)
+    and the migrate and evacuate commands set an asker. Each test starts with none of either,
+    whichever tests ran before it in this process."""
+    passphrases.set_asker(None)
+    passphrases._known.clear()
+    yield
+    passphrases.set_asker(None)
+    passphrases._known.clear()
