@@ -204,8 +204,8 @@ def plan_keys(app: Any) -> list[tuple[str, str, Effect]]:
              ("focus hosts", "1", focused("hosts"))]
     keys += [("down in hosts", "down", moved("hosts", 1)) for _ in range(5)]
     keys += [("open host", "enter", on(HostScreen, "#vms")), ("back", "escape", back),
-             ("migrations list", "M", on(MigrationsScreen, "DataTable")), ("back", "escape", back),
-             ("attention list", "A", on(AttentionScreen, "DataTable")), ("back", "escape", back),
+             ("migrations list", "M", on(MigrationsScreen, "LineTable")), ("back", "escape", back),
+             ("attention list", "A", on(AttentionScreen, "LineTable")), ("back", "escape", back),
              ("hosts list", "H", on(HostsScreen, "#hosts-detail")), ("back", "escape", back)]
     keys += [("up in hosts", "up", moved("hosts", -1)) for _ in range(5)]
     return keys

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from textual.widgets import DataTable
 
 from sevconsole.engine import attention
 from sevconsole.engine.machine import Step
@@ -22,6 +21,7 @@ from sevconsole.tui.screens.hosts import HostsScreen
 from sevconsole.tui.screens.migrate import MigrateScreen
 from sevconsole.tui.screens.overview import OverviewScreen
 from sevconsole.tui.screens.replay import ReplayScreen
+from sevconsole.tui.widgets.line_table import LineTable
 from sevconsole.tui.widgets.replay_view import ReplayView
 from tests.tui.scripted import (
     POLICY_NOSEND,
@@ -187,7 +187,7 @@ async def test_attention_panel_and_list(backend: ScriptedBackend) -> None:
         await pilot.press("3", "down", "enter")
         screen = app.screen
         assert isinstance(screen, AttentionScreen)
-        assert screen.query_one(DataTable).cursor_row == 1
+        assert screen.query_one(LineTable).cursor_row == 1
         detail = str(screen.query_one("#attention-detail").render())
         assert "copy on lab-2: pid 4016, postmigrate" in detail and "Enter: stop the stale copy" in detail
         await pilot.press("up")

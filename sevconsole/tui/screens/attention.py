@@ -10,12 +10,12 @@ from typing import Any
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.content import Content
-from textual.widgets import DataTable, Header, Static
+from textual.widgets import Header, Static
 
 from sevconsole.tui import safe
 from sevconsole.tui.screens.base import ConsoleScreen
 from sevconsole.tui.widgets.footer import QuickFooter
+from sevconsole.tui.widgets.line_table import LineTable
 
 COLUMNS = (("vm", "Guest or host"), ("problem", "What is wrong"), ("action", "Safe action"))
 KIND_WORDS = {"host-down": "host down", "host-key-changed": "key changed", "host-key-unknown": "new key",
@@ -29,7 +29,7 @@ class AttentionScreen(ConsoleScreen):
     ]
     DEFAULT_CSS = """
     AttentionScreen #hint { height: auto; padding: 0 1; color: $text-muted; }
-    AttentionScreen DataTable { height: 1fr; overflow-x: hidden; }
+    AttentionScreen LineTable { height: 1fr; }
     AttentionScreen #attention-empty { height: auto; padding: 1 2; }
     AttentionScreen #attention-detail { height: auto; max-height: 50%; padding: 0 1; border: round $panel-lighten-1; }
     """
@@ -42,10 +42,7 @@ class AttentionScreen(ConsoleScreen):
         yield Header()
         yield Static("Each action is what `sevconsole recover` would do; it runs only after you confirm.",
                      id="hint")
-        table: DataTable[Content] = DataTable(cursor_type="row", zebra_stripes=True)
-        for key, label in COLUMNS:
-            table.add_column(label, key=key)
-        yield table
+        yield LineTable(COLUMNS, id="attention-table")
         yield Static(id="attention-empty")
         yield Static(id="attention-detail")
         yield QuickFooter()
@@ -59,18 +56,19 @@ class AttentionScreen(ConsoleScreen):
         return list(getattr(self.app, "attention", []))
 
     def refresh_items(self) -> None:
-        table = self.query_one(DataTable)
+        table = self.query_one(LineTable)
         row = table.cursor_row if table.row_count else self.select
-        table.clear()
-        for item in self.items:
+        rows = []
+        for index, item in enumerate(self.items):
             action = item.action.sentence if item.action is not None else "none: check by hand"
             kind = KIND_WORDS.get(getattr(item, "kind", "guest"))
             what = (safe.show("[b]$what[/] [$warning]($kind)[/]", what=item.vm or item.host or "?", kind=kind)
                     if kind else safe.show("[b]$what[/]", what=item.vm or item.host or "?"))
-            table.add_row(safe.rich(self.app, what), safe.rich(self.app, safe.plain(item.problem)),
-                          safe.rich(self.app, safe.plain(action)))
+            rows.append((str(index), [safe.rich(self.app, what), safe.rich(self.app, safe.plain(item.problem)),
+                                      safe.rich(self.app, safe.plain(action))]))
+        table.set_rows(rows)
         if self.items:
-            table.move_cursor(row=min(row, len(self.items) - 1), animate=False)
+            table.move_cursor(row=min(row, len(self.items) - 1))
         table.display = bool(self.items)
         empty = self.query_one("#attention-empty", Static)
         empty.display = not self.items
@@ -86,7 +84,7 @@ class AttentionScreen(ConsoleScreen):
         """The highlighted item in full: a table cell cuts long sentences."""
         detail = self.query_one("#attention-detail", Static)
         items = self.items
-        row = self.query_one(DataTable).cursor_row
+        row = self.query_one(LineTable).cursor_row
         detail.display = bool(items)
         if not items or row >= len(items):
             return
@@ -100,13 +98,13 @@ class AttentionScreen(ConsoleScreen):
                      safe.show("[$text-muted]No safe action: the console will not guess; check the hosts.[/]"))
         detail.update(safe.lines(lines))
 
-    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+    def on_line_table_row_highlighted(self, event: LineTable.RowHighlighted) -> None:
         self.show_detail()
 
     def attention_updated(self) -> None:
         self.refresh_items()
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+    def on_line_table_row_selected(self, event: LineTable.RowSelected) -> None:
         event.stop()
         self.action_fix()
 
@@ -114,7 +112,7 @@ class AttentionScreen(ConsoleScreen):
         from sevconsole.tui.screens.modals import ConfirmScreen
 
         items = self.items
-        row = self.query_one(DataTable).cursor_row
+        row = self.query_one(LineTable).cursor_row
         if not items or row >= len(items):
             return
         item = items[row]

@@ -16,13 +16,14 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.content import Content
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Button, DataTable, Header, Static
+from textual.widgets import Button, Header, Static
 
 from sevconsole.hosts.report import HostReport, VmInfo
 from sevconsole.tui import safe
 from sevconsole.tui.messages import MigrationsListed
 from sevconsole.tui.screens.base import ConsoleScreen
 from sevconsole.tui.widgets.footer import QuickFooter
+from sevconsole.tui.widgets.line_table import LineTable
 
 COLUMNS = (("id", "Migration"), ("vm", "VM"), ("route", "From → To"), ("started", "Started"),
            ("state", "State"))
@@ -54,7 +55,7 @@ class MigrationsScreen(ConsoleScreen):
     ]
     DEFAULT_CSS = """
     MigrationsScreen #hint { height: auto; padding: 0 1; color: $text-muted; }
-    MigrationsScreen DataTable { height: 1fr; }
+    MigrationsScreen LineTable { height: 1fr; }
     """
 
     def __init__(self) -> None:
@@ -65,10 +66,7 @@ class MigrationsScreen(ConsoleScreen):
         yield Header()
         yield Static("Migrations are owned by runner processes: leaving the console never stops "
                      "one. Enter re-attaches to a migration in flight, or replays a finished one.", id="hint")
-        table: DataTable[Content] = DataTable(cursor_type="row", zebra_stripes=True)
-        for key, label in COLUMNS:
-            table.add_column(label, key=key)
-        yield table
+        yield LineTable(COLUMNS, id="migrations-table")
         yield QuickFooter()
 
     def on_mount(self) -> None:
@@ -89,22 +87,24 @@ class MigrationsScreen(ConsoleScreen):
         entries = list(message.entries)
         self.entries = [e for e in entries if e.in_flight or e.unfinished] + \
             [e for e in entries if not (e.in_flight or e.unfinished)][:50]
-        table = self.query_one(DataTable)
-        table.clear()
+        table = self.query_one(LineTable)
+        rows = []
         for e in self.entries:
             started = datetime.datetime.fromtimestamp(e.started).strftime("%Y-%m-%d %H:%M:%S") \
                 if e.started else "?"
-            table.add_row(safe.plain(e.id), safe.plain(e.vm), safe.plain(f"{e.source} → {e.target}"),
-                          Content(started), state_cell(e), key=e.id)
+            cells = (safe.plain(e.id), safe.plain(e.vm), safe.plain(f"{e.source} → {e.target}"), Content(started),
+                     state_cell(e))
+            rows.append((e.id, [safe.rich(self.app, c) for c in cells]))
         if not self.entries:
-            table.add_row(safe.plain("no migrations yet"), Content(), Content(), Content(), Content())
+            rows.append(("", [safe.rich(self.app, safe.plain("no migrations yet"))]))
+        table.set_rows(rows, keep=table.row_key())
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+    def on_line_table_row_selected(self, event: LineTable.RowSelected) -> None:
         event.stop()
         self.action_open()
 
     def action_open(self) -> None:
-        table = self.query_one(DataTable)
+        table = self.query_one(LineTable)
         if not self.entries or table.cursor_row >= len(self.entries):
             return
         entry = self.entries[table.cursor_row]
