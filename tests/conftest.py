@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -50,3 +53,39 @@ def forgotten_passphrases() -> Iterator[None]:
     yield
     passphrases.set_asker(None)
     passphrases._known.clear()
+
+
+# ------------------------------------------------------------------ tests that time real work
+#
+# A test marked `alone` asserts a rate or a latency of real processes (the lab's PSP pace, the
+# console's answer to a key). Under pytest-xdist (tests/run.sh) it runs while the other worker
+# waits between two of its tests: a 64-host lab starting beside it measured the PSP at 145
+# pages/s instead of ~400. Two locks shared by the workers: every test holds `room` shared; an
+# `alone` test holds it exclusive, and first takes `gate`, which each test passes on its way in,
+# so that the other worker cannot keep `room` busy with test after test. Setup and teardown are
+# inside (a module's lab starts in its first test's setup).
+
+
+@contextlib.contextmanager
+def _turn(item: pytest.Item) -> Iterator[None]:
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    run_dir = item.config._tmp_path_factory.getbasetemp().parent  # type: ignore[attr-defined]  # the run's, shared by its workers
+    alone = item.get_closest_marker("alone") is not None
+    with open(run_dir / "alone.gate", "a") as gate, open(run_dir / "alone.room", "a") as room:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(room, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(room, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    with _turn(item):
+        yield

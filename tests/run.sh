@@ -24,4 +24,6 @@ fi
 python3 -m pip install -q --root-user-action=ignore -e '.[test]'
 python3 -m ruff check sevconsole tests benchmarks screenshots
 python3 -m mypy sevconsole  # strict on sev/ and engine/, the default level elsewhere (pyproject.toml)
-exec python3 -m pytest -q -rs "$@"
+# Two workers (pytest-xdist), each given whole test files: a module's shared lab stays on one
+# worker. Most of a serial run is spent waiting on labs, QEMUs and runners, not on the CPU.
+exec python3 -m pytest -q -rs -n 2 --dist loadfile "$@"

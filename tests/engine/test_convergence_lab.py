@@ -15,7 +15,7 @@ from sevconsole.engine.run import Migration
 from sevconsole.sev.status import GuestState
 from tests.engine.conftest import LabSession, open_lab_session
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120), pytest.mark.alone]  # the PSP's measured rate
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from sevconsole.sev.status import Command, Status
 from tests.sev.test_firmware import PAGE, lab_root, launch, make_fw, random_memory
 
 __all__ = ["lab_root"]
+pytestmark = pytest.mark.alone  # rates of real time: 350-450 pages/s
 
 PAGES = 100
 

@@ -98,6 +98,7 @@ def _discover_all(rig: Rig, specs: list) -> tuple[list, float]:  # type: ignore[
     return reports, time.monotonic() - t0
 
 
+@pytest.mark.alone  # key latencies, with both cores on this test's migration
 async def test_console_answers_keys_during_a_full_speed_migration(tmp_path: Path) -> None:
     """The console itself migrates `web` (256 MiB, no bandwidth cap) on a lab; meanwhile the
     Firmware/Events tab keys are pressed and each answer (the tab switched) is timed. The lab's
