@@ -1,7 +1,8 @@
 """The console on a large fleet while migrations stream: is it still quick to the keys?
 
 Starts a lab of N hosts with K VMs each (default 32 x 4), opens the real console on it with
-Pilot (headless, the live backend: SSH, QMP, the journal), waits for every probe, then keeps M
+Pilot (headless, the live backend: SSH, QMP, the journal), waits for every probe, presses the
+keys below on the idle fleet first (the baseline, side by side in the same run), then keeps M
 migrations in flight at full speed (default 8; each a runner process, started by a driver
 process so the console's own figures stay its own: a migration that ends is followed by the
 same guest going back). Meanwhile it presses keys on the overview and its screens (move in the
@@ -10,10 +11,11 @@ the hosts list, back) and measures each key's latency: from the key to the first
 console draws that shows its effect (the app's display hook, called with the frame the
 compositor made). Prints JSON: latency median, p99 and max (goal: p99 under 50 ms), the
 console's CPU share (process CPU seconds / wall seconds over the window: 1.0 = one core) and
-memory (RSS now and peak), and what the lab did meanwhile.
+memory (RSS now and peak), the idle fleet's figures and the loaded/idle ratios, and what the
+lab did meanwhile.
 
     python -m benchmarks.console [--hosts 32] [--vms 4] [--migrations 8] [--seconds 40]
-                                 [--mem 32] [--migrating-mem 256] [--size 120x40]
+                                 [--idle-seconds 20] [--mem 32] [--migrating-mem 256] [--size 120x40]
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ class Frames:
 Effect = Callable[[], Callable[[], bool]]  # called as the key is pressed: the check of its frame
 
 
-def plan_keys(app: Any) -> list[tuple[str, str, Effect]]:
+def plan_keys(app: Any, migrations: bool = True) -> list[tuple[str, str, Effect]]:
     """One round of keys: (name, key, the effect its frame must show)."""
     from sevconsole.tui.screens.attention import AttentionScreen
     from sevconsole.tui.screens.host import HostScreen
@@ -199,9 +201,10 @@ def plan_keys(app: Any) -> list[tuple[str, str, Effect]]:
              ("filter type", "minus", filtered("vm-")), ("filter type", "1", filtered("vm-1")),
              ("filter keep", "enter", now(lambda: getattr(app.focused, "id", None) == "hosts")),
              ("filter clear", "escape", filtered(""))]
-    keys += [("focus migrations", "4", focused("ov-migrations")), ("down in migrations", "down",
-                                                                    moved("ov-migrations", 1)),
-             ("focus hosts", "1", focused("hosts"))]
+    if migrations:  # an idle fleet's migrations panel is empty (nothing to focus)
+        keys += [("focus migrations", "4", focused("ov-migrations")),
+                 ("down in migrations", "down", moved("ov-migrations", 1))]
+    keys += [("focus hosts", "1", focused("hosts"))]
     keys += [("down in hosts", "down", moved("hosts", 1)) for _ in range(5)]
     keys += [("open host", "enter", on(HostScreen, "#vms")), ("back", "escape", back),
              ("migrations list", "M", on(MigrationsScreen, "LineTable")), ("back", "escape", back),
@@ -211,7 +214,57 @@ def plan_keys(app: Any) -> list[tuple[str, str, Effect]]:
     return keys
 
 
-async def measure(lab_dir: Path, size: tuple[int, int], seconds: float, go: Any, stop: Any,
+OPENS = ("open host", "migrations list", "attention list", "hosts list")
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def press_keys(app: Any, pilot: Any, frames: Frames, seconds: float,
+                     flying: Callable[[], int], migrations: bool = True) -> dict[str, Any]:
+    """Rounds of plan_keys for `seconds`: each key's latency, and what the console spent meanwhile."""
+    latencies: list[float] = []
+    by_key: dict[str, list[float]] = {}
+    missed: list[str] = []
+    flights: list[int] = []  # migrations in flight on the overview as each key was pressed
+    cpu_ms: list[float] = []  # the console's CPU time from each key to its frame
+    first: dict[str, float] = {}  # each key's first latency: a screen opened the first time is built
+    cpu0, wall0, frames0 = time.process_time(), time.monotonic(), frames.frames
+    while time.monotonic() - wall0 < seconds:  # whole rounds: each ends on the overview, as it began
+        for name, key, prepare in plan_keys(app, migrations):
+            flights.append(flying())
+            cpu_before = time.process_time()
+            ms = await frames.key(pilot, key, prepare())
+            cpu_ms.append((time.process_time() - cpu_before) * 1000)
+            if ms is None:
+                missed.append(name)
+            else:
+                latencies.append(ms)
+                by_key.setdefault(name, []).append(ms)
+                first.setdefault(name, ms)
+            await pilot.pause(0.05)  # an operator's pace, not a flood: ~20 keys a second at most
+    wall = time.monotonic() - wall0
+    ordered = sorted(latencies)
+    return {
+        "window_s": round(wall, 1), "keys": len(latencies), "missed": missed,
+        "latency_ms": {"median": round(statistics.median(ordered), 1) if ordered else None,
+                       "p90": round(percentile(ordered, 0.9), 1) if ordered else None,
+                       "p99": round(percentile(ordered, 0.99), 1) if ordered else None,
+                       "max": round(ordered[-1], 1) if ordered else None},
+        "latency_median_by_key_ms": {k: round(statistics.median(v), 1) for k, v in sorted(by_key.items())},
+        "latency_max_by_key_ms": {k: round(max(v), 1) for k, v in sorted(by_key.items())},
+        "first_open_ms": {k: round(v, 1) for k, v in first.items() if k in OPENS},
+        "cpu_ms_per_key": {"median": round(statistics.median(cpu_ms), 1),
+                           "p99": round(percentile(sorted(cpu_ms), 0.99), 1)},
+        "console_cpu_share": round((time.process_time() - cpu0) / wall, 3),
+        "frames_per_s": round((frames.frames - frames0) / wall, 1),
+        "in_flight_on_overview": {"mean": round(statistics.mean(flights), 1), "min": min(flights),
+                                  "max": max(flights)},
+    }
+
+
+async def measure(lab_dir: Path, size: tuple[int, int], seconds: float, idle_seconds: float, go: Any, stop: Any,
                   migrations: int) -> dict[str, Any]:
     from sevconsole.tui.app import SevConsoleApp
     from sevconsole.tui.live_backend import open_backend
@@ -227,73 +280,59 @@ async def measure(lab_dir: Path, size: tuple[int, int], seconds: float, go: Any,
             while len(app.reports) < hosts:
                 await pilot.pause(0.05)
             out["probe_all_s"] = round(time.monotonic() - t0, 2)
-            say(f"{hosts} hosts probed in {out['probe_all_s']} s; starting the migrations")
             out["unreachable"] = sorted(n for n, r in app.reports.items() if not r.reachable)
             out["vms_seen"] = sum(len(r.vms) for r in app.reports.values())
-            go.set()  # the driver starts the migrations
-            deadline = time.monotonic() + 60
             screen = app.screen
+
             def flying() -> int:
                 return sum(1 for r in getattr(screen, "migration_rows", ()) if r.in_flight)
 
+            idle = None
+            if idle_seconds > 0:  # the same keys on the same fleet with nothing migrating: the baseline
+                say(f"{hosts} hosts probed in {out['probe_all_s']} s; pressing keys on the idle fleet "
+                    f"for {idle_seconds:g} s")
+                idle = await press_keys(app, pilot, frames, idle_seconds, flying, migrations=False)
+            say("starting the migrations")
+            go.set()  # the driver starts the migrations
+            deadline = time.monotonic() + 60
             while flying() < max(1, migrations - 2):  # each ends and restarts: rarely all at once
                 assert time.monotonic() < deadline, "the migrations did not show as in flight within 60 s"
                 await pilot.pause(0.1)
             in_flight_seen = flying()
             say(f"{in_flight_seen} migrations in flight on the overview; pressing keys for {seconds:g} s")
-            latencies: list[float] = []
-            by_key: dict[str, list[float]] = {}
-            missed: list[str] = []
-            flights: list[int] = []  # migrations in flight on the overview as each key was pressed
-            cpu_ms: list[float] = []  # the console's CPU time from each key to its frame (its work, not the wait)
             profile = None
             if os.environ.get("BENCH_PROFILE"):  # where the console's time goes over the window (stderr)
                 import cProfile
 
                 profile = cProfile.Profile()
                 profile.enable()
-            cpu0, wall0, frames0 = time.process_time(), time.monotonic(), frames.frames
-            while time.monotonic() - wall0 < seconds:
-                for name, key, prepare in plan_keys(app):
-                    flights.append(flying())
-                    cpu_before = time.process_time()
-                    ms = await frames.key(pilot, key, prepare())
-                    cpu_ms.append((time.process_time() - cpu_before) * 1000)
-                    if ms is None:
-                        missed.append(name)
-                    else:
-                        latencies.append(ms)
-                        by_key.setdefault(name, []).append(ms)
-                    await pilot.pause(0.05)  # an operator's pace, not a flood: ~20 keys a second at most
-                    if time.monotonic() - wall0 >= seconds:
-                        break
-            wall = time.monotonic() - wall0
-            cpu = time.process_time() - cpu0
+            loaded = await press_keys(app, pilot, frames, seconds, flying)
             if profile is not None:
                 import pstats
 
                 profile.disable()
                 pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(40)
             stop.set()
-            ordered = sorted(latencies)
-            p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))] if ordered else None
+            loaded["in_flight_on_overview"]["at_start"] = in_flight_seen
+            if idle is not None:
+                del loaded["first_open_ms"]  # the idle round opened them first (see idle_fleet)
+            p99 = loaded["latency_ms"]["p99"]
+            out.update(loaded)
             out.update({
-                "window_s": round(wall, 1), "keys": len(latencies), "missed": missed,
-                "latency_ms": {"median": round(statistics.median(ordered), 1) if ordered else None,
-                               "p90": round(ordered[int(0.9 * (len(ordered) - 1))], 1) if ordered else None,
-                               "p99": round(p99, 1) if p99 is not None else None,
-                               "max": round(ordered[-1], 1) if ordered else None},
-                "latency_median_by_key_ms": {k: round(statistics.median(v), 1) for k, v in sorted(by_key.items())},
-                "cpu_ms_per_key": {"median": round(statistics.median(cpu_ms), 1),
-                                   "p99": round(sorted(cpu_ms)[min(len(cpu_ms) - 1, round(0.99 * (len(cpu_ms) - 1)))], 1)},
-                "console_cpu_share": round(cpu / wall, 3),
-                "frames_per_s": round((frames.frames - frames0) / wall, 1),
-                "in_flight_on_overview": {"at_start": in_flight_seen, "mean": round(statistics.mean(flights), 1),
-                                          "min": min(flights), "max": max(flights)},
                 "rss_mib": round(_rss_bytes() / 2**20, 1),
                 "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                "goal_p99_ms": 50, "goal_met": p99 is not None and p99 < 50 and not missed,
+                "goal_p99_ms": 50, "goal_met": p99 is not None and p99 < 50 and not loaded["missed"],
             })
+            if idle is not None:
+                # side by side in one run: what the migrations cost the console's keys
+                # the idle round came first: the first opening of each screen (built then, kept or
+                # quick to build again after) is in its figures, and in first_open_ms
+                out["idle_fleet"] = {k: idle[k] for k in ("keys", "missed", "latency_ms", "first_open_ms",
+                                                          "cpu_ms_per_key", "console_cpu_share",
+                                                          "latency_median_by_key_ms")}
+                out["loaded_over_idle"] = {q: round(loaded["latency_ms"][q] / idle["latency_ms"][q], 2)
+                                           for q in ("median", "p99")
+                                           if loaded["latency_ms"][q] and idle["latency_ms"][q]}
     finally:
         stop.set()
         backend.close()
@@ -337,7 +376,9 @@ def main() -> int:
     parser.add_argument("--hosts", type=int, default=32)
     parser.add_argument("--vms", type=int, default=4, help="VMs per host")
     parser.add_argument("--migrations", type=int, default=8, help="kept in flight")
-    parser.add_argument("--seconds", type=float, default=40.0, help="how long keys are pressed")
+    parser.add_argument("--seconds", type=float, default=40.0, help="how long keys are pressed while migrating")
+    parser.add_argument("--idle-seconds", type=float, default=20.0,
+                        help="how long the same keys are pressed first with nothing migrating (the baseline; 0: none)")
     parser.add_argument("--mem", type=int, default=32, help="MiB of each guest that stays")
     parser.add_argument("--migrating-mem", type=int, default=256, help="MiB of each guest that migrates")
     parser.add_argument("--size", default="120x40", help="terminal COLSxROWS")
@@ -365,7 +406,8 @@ def main() -> int:
         driver = ctx.Process(target=drive, args=(where, pairs, go, stop, results), daemon=True)
         driver.start()
         try:
-            figures = asyncio.run(measure(Path(lab.paths.root), size, args.seconds, go, stop, args.migrations))
+            figures = asyncio.run(measure(Path(lab.paths.root), size, args.seconds, args.idle_seconds, go, stop,
+                                               args.migrations))
         finally:
             stop.set()
             go.set()
