@@ -170,6 +170,9 @@ async def test_paused_guest_migration_is_done_with_one_copy(guests: Guests, tmp_
     assert outcome.result == "done" and outcome.runnable == ("dst",), outcome.message
 
 
+# the cut lands 2 bytes before the end of a first run's stream: a loaded machine can make QEMU
+# send another pass, and a longer stream, the second time (then the cut misses what matters)
+@pytest.mark.alone
 async def test_real_qemu_cut_in_the_last_bytes_keeps_one_copy(guests: Guests, tmp_path: Path) -> None:
     _, _, _, proxy = await migrate_with(guests, tmp_path, "size", [])
     total = proxy.forwarded["out"]
