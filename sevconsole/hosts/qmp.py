@@ -226,7 +226,10 @@ async def connect_qmp(conn: SshConnection, path: str, *, greeting_timeout: float
     client = QMPClient(name or f"{conn.name}:{path}")
     try:
         await asyncio.wait_for(client.connect(bridge.local), greeting_timeout + conn.timeouts.channel)
-    except (ConnectError, QMPError, TimeoutError, OSError, EOFError) as exc:
+    except (ConnectError, QMPError, TimeoutError, OSError, EOFError, AssertionError) as exc:
+        # AssertionError: qemu.qmp asserts it is running once the session is set up; a link that
+        # breaks in that instant (its reader already hung up) fails that assert instead of raising
+        exc = exc if not isinstance(exc, AssertionError) else EOFError("the link closed during the handshake")
         bridge.close()
         with contextlib.suppress(QMPError, EOFError, OSError):
             await client.disconnect()

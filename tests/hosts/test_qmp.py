@@ -99,6 +99,30 @@ async def test_dropped_link_is_a_typed_error(sshd: Sshd, pool: SshPool, qemu_vm)
         assert qmp.dropped
 
 
+async def test_a_link_breaking_as_the_handshake_ends_is_a_typed_error(sshd: Sshd, pool: SshPool, qemu_vm,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """qemu.qmp asserts it is running once its session is set up; when the link breaks in that
+    instant (the cut-at-random-bytes fuzzing found it) that assert is what comes out of connect."""
+    from qemu.qmp import QMPClient
+
+    vm = qemu_vm()
+    conn = pool.get(resolve(sshd.spec()))
+    real_connect = QMPClient.connect
+
+    async def connect_then_hung_up(self: QMPClient, address: object, *args: object, **kw: object) -> None:
+        await real_connect(self, address, *args, **kw)  # type: ignore[arg-type]
+        raise AssertionError  # what its `assert self.runstate == Runstate.RUNNING` raises then
+
+    monkeypatch.setattr(QMPClient, "connect", connect_then_hung_up)
+    with pytest.raises(QmpLinkError) as info:
+        await open_qmp(conn, str(vm.qmp)).__aenter__()
+    assert "QMP negotiation on" in str(info.value) and "the link closed during the handshake" in str(info.value)
+    monkeypatch.undo()
+    # the half-made link was closed: QEMU (one client at a time) serves the next one at once
+    async with open_qmp(conn, str(vm.qmp)) as qmp:
+        assert (await qmp.execute("query-status"))["status"] == "running"
+
+
 async def test_ssh_transport_dying_under_a_link_is_a_typed_error(sshd: Sshd, pool: SshPool, qemu_vm) -> None:
     vm = qemu_vm()
     conn = pool.get(resolve(sshd.spec()))
