@@ -19,7 +19,7 @@ from sevconsole.tui.screens.attention import AttentionScreen
 from sevconsole.tui.screens.host import HostScreen
 from sevconsole.tui.screens.hosts import HostsScreen
 from sevconsole.tui.screens.migrate import MigrateScreen
-from sevconsole.tui.screens.overview import OverviewScreen
+from sevconsole.tui.screens.overview import HistoryListed, OverviewScreen
 from sevconsole.tui.screens.replay import ReplayScreen
 from sevconsole.tui.widgets.line_table import LineTable
 from sevconsole.tui.widgets.replay_view import ReplayView
@@ -202,6 +202,27 @@ async def test_nothing_needs_attention_is_said(backend: ScriptedBackend) -> None
         assert "No migration yet" in str(app.screen.query_one("#ov-migrations-empty").render())
         await pilot.press("A")
         assert "Nothing needs attention" in str(app.screen.query_one("#attention-empty").render())
+
+
+@pytest.mark.parametrize("gone", ["#ov-summary", "#ov-attention-box", "#ov-migrations", "#ov-vm-detail"])
+async def test_answers_arriving_as_the_panels_are_taken_down_are_dropped(backend: ScriptedBackend, gone: str) -> None:
+    """An answer (a probe, the attention list, the journal) may arrive while the app exits and its
+    panels are removed, in whatever order: the overview drops it instead of failing on a lookup."""
+    app = SevConsoleApp(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        screen = app.screen
+        assert isinstance(screen, OverviewScreen) and screen.ready
+        await screen.query_one(gone).remove()
+        assert not screen.ready
+        screen.attention_updated()
+        screen.report_updated(app.reports["lab-1"])
+        screen.refresh_cells()
+        screen.apply_heights()
+        screen.on_history_listed(HistoryListed((), ({"vm": "web", "source": "lab-1", "target": "lab-2",
+                                                     "outcome": "done", "time": "2026-01-01T00:00:00+00:00"},)))
+        await pilot.pause()
+        assert screen.migration_rows == []  # dropped, not drawn half
 
 
 async def test_migrations_in_flight_recent_and_older_from_the_audit_log(backend: ScriptedBackend) -> None:

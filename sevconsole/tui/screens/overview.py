@@ -36,6 +36,9 @@ VM_COLUMNS = (("vm", "VM"), ("host", "Host"), ("status", "Status"), ("mig", "Mig
               ("policy", "Policy"))  # the policy last: it is long
 ATTENTION_COLUMNS = (("what", "What"), ("problem", "Problem"), ("action", "Safe action"))
 MIGRATION_COLUMNS = (("when", "When"), ("vm", "VM"), ("route", "From → To"), ("state", "State"))
+PANEL_PARTS = ("#hosts, #ov-hosts-box, #ov-summary, #ov-right, #ov-vms, #ov-vms-box, #ov-vms-empty, #ov-vm-detail, "
+               "#ov-attention, #ov-attention-box, #ov-attention-empty, #ov-migrations, #ov-migrations-box, "
+               "#ov-migrations-empty")  # what the panels' updates touch
 HISTORY_EVERY_S = 2.0  # the migrations panel reads the journal this often while in view
 KIND_WORDS = {"host-down": "host down", "host-key-changed": "key changed", "host-key-unknown": "new key",
               "monitor-held": "monitor held", "stale-copy": "stale copy", "guest": "guest"}
@@ -188,8 +191,12 @@ class OverviewScreen(HostsScreen):
     # a host-key question pushed over it at start; on_mount fills every panel anyway)
     @property
     def ready(self) -> bool:
-        """Built, and not being taken down (an answer may arrive as the app exits)."""
-        return self._filled and bool(self.query("#ov-attention"))
+        """Built, and not being taken down: an answer may arrive as the app exits, when any of the
+        panels may be gone already (whichever the teardown removed first)."""
+        return self._filled and self._whole()
+
+    def _whole(self) -> bool:
+        return self.is_mounted and len(self.query(PANEL_PARTS)) == PANEL_PARTS.count(",") + 1
 
     def report_updated(self, report: HostReport) -> None:
         self.pending.discard(report.name)
@@ -395,7 +402,7 @@ class OverviewScreen(HostsScreen):
         self.apply_heights()
 
     def apply_heights(self) -> None:
-        if not self.is_mounted:
+        if not self._whole():  # on_mount calls it before `ready`; a teardown may have begun
             return
         wide, tall = self.has_class("-wide"), self.has_class("-tall")
 
