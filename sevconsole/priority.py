@@ -40,14 +40,18 @@ def set_group_nice(nice: int, pid: int | str = "self") -> bool:
     return True
 
 
-def yield_cpu(nice: int) -> None:
-    """This process at `nice` (only ever lowered), and its session's group with it when it leads
-    its own session: call it after setsid."""
+def yield_cpu(nice: int, pid: int = 0) -> None:
+    """A process (this one by default, or a child of this user's) at `nice` (only ever lowered),
+    and its session's group with it when it leads its own session: call it after setsid."""
+    pid = pid or os.getpid()
     with contextlib.suppress(OSError):
-        current = os.getpriority(os.PRIO_PROCESS, 0)
-        if nice > current:
-            os.nice(nice - current)
-    if os.getsid(0) == os.getpid():
-        current_group = group_nice()
+        if nice > os.getpriority(os.PRIO_PROCESS, pid):
+            os.setpriority(os.PRIO_PROCESS, pid, nice)
+    try:
+        leads = os.getsid(pid) == pid
+    except OSError:  # gone already
+        return
+    if leads:
+        current_group = group_nice(pid)
         if current_group is not None and nice > current_group:
-            set_group_nice(nice)
+            set_group_nice(nice, pid)

@@ -54,3 +54,21 @@ def test_a_process_that_does_not_lead_its_session_leaves_the_group_alone() -> No
 def test_group_nice_of_a_missing_process_is_none() -> None:
     assert priority.group_nice(2**22 + 12345) is None
     assert priority.set_group_nice(5, 2**22 + 12345) is False
+
+
+def test_a_parent_lowers_a_child_that_leads_its_own_session() -> None:
+    """How `spawn` puts a runner behind the console from its first import on."""
+    start = os.getpriority(os.PRIO_PROCESS, 0)
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE,
+                             start_new_session=True)
+    try:
+        before = priority.group_nice(child.pid)
+        priority.yield_cpu(start + 5, child.pid)
+        assert os.getpriority(os.PRIO_PROCESS, child.pid) == start + 5
+        if before is not None:
+            assert priority.group_nice(child.pid) == max(before, start + 5)
+        assert os.getpriority(os.PRIO_PROCESS, 0) == start  # this process is left as it was
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(timeout=30)

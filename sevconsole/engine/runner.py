@@ -93,6 +93,7 @@ def spawn(job: dict[str, Any]) -> str:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     start_new_session=True, close_fds=True, env={**os.environ, **env},
                                     pass_fds=((lease.fd,) if lease is not None else ()) + secret_fds)
+        yield_cpu(RUNNER_NICE, proc.pid)  # from its first import on, not only once it has forked
         try:
             proc.wait(timeout=START_TIMEOUT_S)  # the intermediate exits once the runner is forked
         except subprocess.TimeoutExpired:
