@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import multiprocessing
 import os
@@ -230,6 +231,16 @@ async def press_keys(app: Any, pilot: Any, frames: Frames, seconds: float,
     flights: list[int] = []  # migrations in flight on the overview as each key was pressed
     cpu_ms: list[float] = []  # the console's CPU time from each key to its frame
     first: dict[str, float] = {}  # each key's first latency: a screen opened the first time is built
+    pauses: list[tuple[int, float]] = []  # the garbage collector's collections: (generation, ms)
+    began: list[float] = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            pauses.append((info["generation"], (time.perf_counter() - began[0]) * 1000))
+
+    gc.callbacks.append(on_gc)
     cpu0, wall0, frames0 = time.process_time(), time.monotonic(), frames.frames
     while time.monotonic() - wall0 < seconds:  # whole rounds: each ends on the overview, as it began
         for name, key, prepare in plan_keys(app, migrations):
@@ -245,6 +256,7 @@ async def press_keys(app: Any, pilot: Any, frames: Frames, seconds: float,
                 first.setdefault(name, ms)
             await pilot.pause(0.05)  # an operator's pace, not a flood: ~20 keys a second at most
     wall = time.monotonic() - wall0
+    gc.callbacks.remove(on_gc)
     ordered = sorted(latencies)
     return {
         "window_s": round(wall, 1), "keys": len(latencies), "missed": missed,
@@ -261,6 +273,8 @@ async def press_keys(app: Any, pilot: Any, frames: Frames, seconds: float,
         "frames_per_s": round((frames.frames - frames0) / wall, 1),
         "in_flight_on_overview": {"mean": round(statistics.mean(flights), 1), "min": min(flights),
                                   "max": max(flights)},
+        "gc_collections": {f"gen{g}": {"count": len(ms), "max_ms": round(max(ms), 1) if ms else None}
+                           for g in (0, 1, 2) for ms in [[m for gen, m in pauses if gen == g]]},
     }
 
 
@@ -329,7 +343,7 @@ async def measure(lab_dir: Path, size: tuple[int, int], seconds: float, idle_sec
                 # quick to build again after) is in its figures, and in first_open_ms
                 out["idle_fleet"] = {k: idle[k] for k in ("keys", "missed", "latency_ms", "first_open_ms",
                                                           "cpu_ms_per_key", "console_cpu_share",
-                                                          "latency_median_by_key_ms")}
+                                                          "latency_median_by_key_ms", "gc_collections")}
                 out["loaded_over_idle"] = {q: round(loaded["latency_ms"][q] / idle["latency_ms"][q], 2)
                                            for q in ("median", "p99")
                                            if loaded["latency_ms"][q] and idle["latency_ms"][q]}

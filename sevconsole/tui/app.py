@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from textual import work
+from textual import events, work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.content import Content
@@ -19,6 +19,7 @@ from sevconsole.engine.attention import Attention
 from sevconsole.hosts.report import HostReport
 from sevconsole.textsafe import escape_controls, escape_lines
 from sevconsole.tui.backend import ConsoleBackend, HostKeyPending
+from sevconsole.tui.collector import IdleCollector
 from sevconsole.tui.config import ConsoleConfig
 from sevconsole.tui.messages import (
     AttentionFound,
@@ -83,11 +84,14 @@ class SevConsoleApp(App[int]):
         self.probe_on_start = probe_on_start
         self.screenshot_dir = screenshot_dir or Path.cwd()
         self._heap_frozen = False
+        self.collector = IdleCollector()  # full collections between keys (tui/collector.py)
         self.quit_when_ended = False  # set when the operator cancels running migrations to quit
         self.attention: tuple[Attention, ...] = ()  # engine.attention.Attention items, after each full probe
 
     # -- start
     def on_mount(self) -> None:
+        self.collector.start()
+        self.set_interval(0.5, self.collector.tick, name="idle-collector")
         for named in self.themes.values():
             self.register_theme(named.theme)
         self.theme_changed_signal.subscribe(self, self._theme_changed)
@@ -166,6 +170,14 @@ class SevConsoleApp(App[int]):
             self.post_message(HostProbeFailed(name, str(exc) or type(exc).__name__))
         else:
             self.post_message(HostProbed(report))
+
+    def on_unmount(self) -> None:
+        self.collector.stop()  # CPython's own thresholds again (tests run many consoles in one process)
+
+    async def on_event(self, event: events.Event) -> None:
+        if isinstance(event, events.Key | events.MouseDown | events.MouseScrollUp | events.MouseScrollDown):
+            self.collector.input()
+        await super().on_event(event)
 
     def _freeze_startup_heap(self) -> None:
         """Once every host has answered: start-up garbage (imports, first probes) would otherwise
