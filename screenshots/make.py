@@ -92,7 +92,8 @@ async def shoot(lab_dir: Path, out: Path, size: tuple[int, int]) -> list[Path]:
             live_screen = app.screen
 
             def midway() -> bool:
-                p = live_screen.query_one("MigrationView").latest
+                views = live_screen.query("MigrationView")  # composed once the runner answers
+                p = views.first().latest if views else None
                 return p is not None and p.bytes_total > 0 and p.bytes_transferred > 0.45 * p.bytes_total
 
             await until(pilot, midway)
@@ -129,7 +130,8 @@ async def shoot(lab_dir: Path, out: Path, size: tuple[int, int]) -> list[Path]:
                 await pilot.pause()
 
             def predicted() -> bool:
-                p = guide.query_one("MigrationView").latest
+                views = guide.query("MigrationView")
+                p = views.first().latest if views else None
                 return p is not None and p.converging is False
 
             await until(pilot, predicted, timeout=300)
