@@ -61,9 +61,7 @@ class Result(StrEnum):
 
 @dataclass(frozen=True)
 class Outcome:
-    # Always a Result once built (__post_init__); a plain string is still accepted from callers
-    # that build one by hand (the TUI's fallbacks) and narrowed to the enum here.
-    result: Result | str
+    result: Result  # a plain string of the same value is narrowed to it (__post_init__)
     message: str
     runnable: tuple[str, ...] = ()  # hosts where the guest can run at the end
     source_status: str | None = None

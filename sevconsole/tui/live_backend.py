@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sevconsole.engine.checks import Check
-from sevconsole.engine.run import Outcome
+from sevconsole.engine.run import Outcome, Result
 from sevconsole.hosts.report import HostReport, VmInfo
 from sevconsole.tui.backend import HostKeyPending, HostKeyQuestion, ProgressSink
 
@@ -225,8 +225,8 @@ class LiveMigration:
                 elif isinstance(message, Ended):
                     return message.outcome
                 elif isinstance(message, RunnerGone):
-                    return Outcome(result="failed", message=message.sentence)
-            return Outcome(result="failed", message=f"migration {self.migration_id}: no outcome")
+                    return Outcome(result=Result.FAILED, message=message.sentence)
+            return Outcome(result=Result.FAILED, message=f"migration {self.migration_id}: no outcome")
         finally:
             self.running = False
             if self._client is not None:

@@ -14,7 +14,7 @@ from textual.widgets import Header, Static
 
 from sevconsole.engine.progress import Phase, Progress
 from sevconsole.engine.replay import Tape
-from sevconsole.engine.run import Outcome
+from sevconsole.engine.run import Outcome, Result
 from sevconsole.hosts.report import HostReport
 from sevconsole.tui import safe
 from sevconsole.tui.backend import RUNNABLE, MigrationHandle, find_vm
@@ -142,7 +142,7 @@ class GuideScreen(ConsoleScreen):
                                             bandwidth_bps=step.bandwidth_bps)
             result = await self.handle.run()
         except Exception as exc:
-            result = Outcome(result="failed", message=str(exc) or type(exc).__name__)
+            result = Outcome(result=Result.FAILED, message=str(exc) or type(exc).__name__)
         self.post_message(MigrationEnded(result))
 
     def post_progress(self, progress: Progress) -> None:

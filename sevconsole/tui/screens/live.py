@@ -12,7 +12,7 @@ from textual.widgets import Header
 
 from sevconsole.engine.checks import Check
 from sevconsole.engine.progress import Progress
-from sevconsole.engine.run import Outcome
+from sevconsole.engine.run import Outcome, Result
 from sevconsole.hosts.report import HostReport, VmInfo
 from sevconsole.textsafe import escape_controls
 from sevconsole.tui.backend import MigrationHandle
@@ -68,7 +68,7 @@ class LiveScreen(ConsoleScreen):
                                                 self.checks, self.post_progress)
             result = await self.handle.run()
         except Exception as exc:  # the engine's own errors carry sentences
-            result = Outcome(result="failed", message=str(exc) or type(exc).__name__)
+            result = Outcome(result=Result.FAILED, message=str(exc) or type(exc).__name__)
         known = getattr(self.handle, "migration_id", None) or self.attach_id
         if result.migration_id is None and known is not None:  # its snapshots can still be replayed
             result = replace(result, migration_id=known)
