@@ -8,7 +8,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.content import Content
-from textual.widgets import DataTable, Header, Static
+from textual.widgets import Header, Static
 
 from sevconsole.engine.checks import Check, CheckStatus
 from sevconsole.hosts.report import HostReport, VmInfo
@@ -19,6 +19,7 @@ from sevconsole.tui.backend import find_vm
 from sevconsole.tui.messages import PreflightDone
 from sevconsole.tui.screens.base import ConsoleScreen
 from sevconsole.tui.widgets.footer import QuickFooter
+from sevconsole.tui.widgets.line_table import LineTable
 
 MARKS = {"pass": "[$success]✓[/]", "warn": "[$warning]![/]", "fail": "[$error]✗[/]"}
 DOWNTIME_STEPS = (100, 300, 1000, 3000, 10000)
@@ -75,16 +76,14 @@ class MigrateScreen(ConsoleScreen):
         with Horizontal(id="migrate-top"):
             with Vertical(id="migrate-left"):
                 yield Static(id="plan")
-                yield DataTable(id="targets", cursor_type="row")
+                yield LineTable((("target", "Target"), ("verdict", "Verdict")), id="targets")
             with VerticalScroll(id="checks-box"):
                 yield Static(id="checks")
         yield QuickFooter()
 
     def on_mount(self) -> None:
         self.sub_title = escape_controls(f"migrate {self.vm_name}")
-        table = self.query_one("#targets", DataTable)
-        table.add_column("Target", key="target")
-        table.add_column("Verdict", key="verdict")
+        table = self.query_one("#targets", LineTable)
         self.show_plan()
         self.run_preflight()
         table.focus()
@@ -128,9 +127,10 @@ class MigrateScreen(ConsoleScreen):
         self.fill_targets()
 
     def fill_targets(self) -> None:
-        table = self.query_one("#targets", DataTable)
-        current = self.selected_target()
-        table.clear()
+        """Every target with its verdict so far. Column widths come from these cells each time (the
+        verdicts arrive one by one, in any order, and the longest one is never cut)."""
+        table = self.query_one("#targets", LineTable)
+        rows = []
         for target, checks in self.ordered():
             bad = first_failure(checks) if checks is not None else None
             if checks is None:
@@ -141,16 +141,12 @@ class MigrateScreen(ConsoleScreen):
                 verdict = safe.cell(self.app, "[$warning]! allowed (warnings)[/]")
             else:
                 verdict = safe.cell(self.app, "[$success]✓ allowed[/]")
-            table.add_row(safe.cell(self.app, "$name", name=target.name), verdict, key=target.name)
-        if current is not None and current in table.rows:
-            table.move_cursor(row=table.get_row_index(current))
+            rows.append((target.name, [safe.cell(self.app, "$name", name=target.name), verdict]))
+        table.set_rows(rows, keep=self.selected_target())
         self.show_checks()
 
     def selected_target(self) -> str | None:
-        table = self.query_one("#targets", DataTable)
-        if not table.row_count:
-            return None
-        return str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+        return self.query_one("#targets", LineTable).row_key()
 
     def show_checks(self) -> None:
         name = self.selected_target()
@@ -168,10 +164,10 @@ class MigrateScreen(ConsoleScreen):
         title = safe.show("[b]Preflight $vm → $target[/]", vm=self.vm_name, target=name)
         box.update(safe.lines([title, verdict, Content(), checklist(checks)]))
 
-    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+    def on_line_table_row_highlighted(self, event: LineTable.RowHighlighted) -> None:
         self.show_checks()
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+    def on_line_table_row_selected(self, event: LineTable.RowSelected) -> None:
         self.action_start()
 
     def action_downtime(self, step: int) -> None:
