@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,9 @@ from sevconsole.engine.run import (
     StallCallback,
     StepCallback,
     audited,
+    measured,
+    refused_outcome,
+    uri_host,
 )
 from sevconsole.hosts.libvirt import STATES
 
@@ -97,12 +101,9 @@ class LibvirtMigration:
         except Exception as exc:  # a bug here must still end with the census of both ends
             self.folder.error(f"engine error: {type(exc).__name__}: {exc}")
             outcome = await self._settle(None, f"engine error ({type(exc).__name__}: {exc})", started=True)
-        outcome = _with(outcome, duration_s=self._clock() - t0,
-                        bytes_transferred=self.folder.current.bytes_transferred, errors=self.folder.current.errors)
-        self.outcome = outcome
+        self.outcome = measured(outcome, self.folder, self._clock() - t0)
         self._post()
-        outcome = audited(self.plan, self.checks, outcome, self._audit_log)
-        return _with(outcome, progress=self.folder.snapshot())
+        return replace(audited(self.plan, self.checks, self.outcome, self._audit_log), progress=self.folder.snapshot())
 
     def _record(self, step: Step, **data: Any) -> None:
         self.step = step
@@ -118,11 +119,7 @@ class LibvirtMigration:
     async def _run(self) -> Outcome:
         f, plan, uuid = self.folder, self.plan, self.plan.vm.libvirt
         if refused(self.checks) or uuid is None:
-            bad = " ".join(c.sentence for c in self.checks if c.status.value == "fail") or \
-                f"{plan.vm.name} is not a libvirt domain"
-            f.phase(Phase.FAILED)
-            f.error("refused by preflight: " + bad)
-            return Outcome(Result.REFUSED, "refused by preflight: " + bad, runnable=(plan.source.name,))
+            return refused_outcome(f, self.checks, plan.source.name, f"{plan.vm.name} is not a libvirt domain")
         f.phase(Phase.CONNECTING)
         self._post()
         try:
@@ -146,7 +143,7 @@ class LibvirtMigration:
         self._record(Step.PLANNED, vm=plan.vm.name, sev=False, source=plan.source.name, target=plan.target.name,
                      source_qmp=plan.vm.qmp_path, source_was_running=self._was_running, libvirt=uuid,
                      mode=self.source.mode)
-        options: dict[str, Any] = {"undefine_source": move, "migrate_uri": f"tcp://{_uri_host(plan.target.address)}",
+        options: dict[str, Any] = {"undefine_source": move, "migrate_uri": f"tcp://{uri_host(plan.target.address)}",
                                    "downtime_ms": int(plan.downtime_limit_ms)}
         if _is_ip(plan.target.address):
             options["listen_address"] = plan.target.address
@@ -276,11 +273,3 @@ def _is_ip(address: str) -> bool:
     return True
 
 
-def _uri_host(address: str) -> str:
-    return f"[{address}]" if ":" in address and not address.startswith("[") else address
-
-
-def _with(outcome: Outcome, **changes: Any) -> Outcome:
-    from dataclasses import replace
-
-    return replace(outcome, **changes)

@@ -211,13 +211,9 @@ class Migration:
             await self.dst.drop()
         if self._incoming is not None:
             outcome = _with(outcome, target_pid=self._incoming.pid, target_qmp=self._incoming.qmp)
-        outcome = _with(outcome, duration_s=self._clock() - t0,
-                        bytes_transferred=self.folder.current.bytes_transferred,
-                        errors=self.folder.current.errors)
-        self.outcome = outcome
+        self.outcome = measured(outcome, self.folder, self._clock() - t0)
         self._post()
-        outcome = audited(self.plan, self.checks, outcome, self._audit_log)
-        return _with(outcome, progress=self.folder.snapshot())
+        return _with(audited(self.plan, self.checks, self.outcome, self._audit_log), progress=self.folder.snapshot())
 
     def _record(self, step: Step, **data: Any) -> None:
         """A decision on which copy may run, made durable (journal) before it is acted on."""
@@ -229,11 +225,7 @@ class Migration:
     async def _run(self) -> Outcome:
         f = self.folder
         if refused(self.checks):
-            bad = [c.sentence for c in self.checks if c.status.value == "fail"]
-            f.phase(Phase.FAILED)
-            f.error("refused by preflight: " + " ".join(bad))
-            return Outcome(Result.REFUSED, "refused by preflight: " + " ".join(bad),
-                           runnable=(self.plan.source.name,))  # nothing was touched
+            return refused_outcome(f, self.checks, self.plan.source.name)
         f.phase(Phase.CONNECTING)
         self._post()
         try:
@@ -257,7 +249,7 @@ class Migration:
         self._post()
         self._record(Step.STREAMING)
         try:
-            await self.src.execute("migrate", {"uri": f"tcp:{_host(self.target.address)}:{port}"})
+            await self.src.execute("migrate", {"uri": f"tcp:{uri_host(self.target.address)}:{port}"})
         except (EngineError, QMPError, OSError) as exc:
             f.error(_sentence(exc))
             return await self._rollback(Result.FAILED, f"migrate refused: {_sentence(exc)}")
@@ -316,7 +308,7 @@ class Migration:
             await self._check_target_pdh()
         self._listen(self.dst, ("MIGRATION", "RESUME", "STOP"))
         await self._enable_events(self.dst)
-        await self.dst.execute("migrate-incoming", {"uri": f"tcp:{_host(self.target.address)}:0"})
+        await self.dst.execute("migrate-incoming", {"uri": f"tcp:{uri_host(self.target.address)}:0"})
         info = await self.dst.execute("query-migrate")
         for addr in info.get("socket-address") or []:
             if addr.get("type") == "inet" and addr.get("port"):
@@ -797,6 +789,21 @@ class Migration:
             self.folder.event(f"progress watcher failed: {type(exc).__name__}: {exc}")
 
 
+def refused_outcome(folder: ProgressFolder, checks: Sequence[Check], source: str, why: str = "") -> Outcome:
+    """The preflight's failures (or `why`) as the outcome of a run that touched nothing."""
+    bad = " ".join(c.sentence for c in checks if c.status.value == "fail") or why
+    folder.phase(Phase.FAILED)
+    folder.error("refused by preflight: " + bad)
+    return Outcome(Result.REFUSED, "refused by preflight: " + bad, runnable=(source,))
+
+
+def measured(outcome: Outcome, folder: ProgressFolder, duration_s: float) -> Outcome:
+    """`outcome` with what the run's progress measured: its length, bytes and errors."""
+    current = folder.current
+    return _with(outcome, duration_s=duration_s, bytes_transferred=current.bytes_transferred,
+                 errors=current.errors)
+
+
 def audited(plan: MigrationPlan, checks: Sequence[Check], outcome: Outcome,
             audit_log: Path | None | bool = True) -> Outcome:
     """`outcome` with the audit line written for it (True: the console's log; False: none); a
@@ -810,8 +817,8 @@ def audited(plan: MigrationPlan, checks: Sequence[Check], outcome: Outcome,
     return _with(outcome, audit=json.dumps(line, sort_keys=True))
 
 
-def _host(address: str) -> str:
-    """An address as QEMU's tcp: URIs want it (IPv6 in brackets)."""
+def uri_host(address: str) -> str:
+    """An address as tcp: URIs want it (IPv6 in brackets)."""
     return f"[{address}]" if ":" in address and not address.startswith("[") else address
 
 
