@@ -4,13 +4,13 @@ open, on a scripted fleet; the engine's fleet-wide attention items; the migratio
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sevconsole.engine import attention
+from sevconsole.engine import attention, journal
 from sevconsole.engine.machine import Step
 from sevconsole.hosts.report import Capabilities, HostKeyInfo, HostReport
 from sevconsole.tui import fleet
@@ -51,37 +51,18 @@ async def settle(app: SevConsoleApp, pilot) -> None:  # type: ignore[no-untyped-
     await pilot.pause()
 
 
-@dataclass
-class FakeRead:
-    trusted: bool = True
-    problems: tuple[str, ...] = ()
+DONE_OUTCOME = {"result": "done", "message": "moved"}
 
 
-@dataclass
-class FakeEntry:
-    """What the overview reads of an engine.journal.Entry."""
-
-    id: str
-    vm: str
-    source: str
-    target: str
-    started: float
-    step: Step | None = Step.DONE
-    runner_alive: bool = False
-    outcome: dict[str, Any] | None = field(default_factory=lambda: {"result": "done", "message": "moved"})
-    journal: FakeRead = field(default_factory=FakeRead)
-
-    @property
-    def finished(self) -> bool:
-        return self.step is not None and self.step.terminal
-
-    @property
-    def in_flight(self) -> bool:
-        return self.runner_alive and not self.finished
-
-    @property
-    def unfinished(self) -> bool:
-        return not self.runner_alive and not self.finished and self.step is not None
+def journal_entry(mid: str, vm: str, source: str, target: str, started: float, *,
+                  step: Step | None = Step.DONE, runner_alive: bool = False,
+                  outcome: dict[str, Any] | None = DONE_OUTCOME) -> journal.Entry:
+    """A real engine.journal.Entry, its journal one record (`step` at `started`, with `outcome`)."""
+    records = () if step is None else (
+        journal.Record(1, started, step, {"outcome": dict(outcome)} if outcome is not None else {}),)
+    return journal.Entry(mid, Path("/nonexistent") / mid, {"vm": vm, "source": source, "target": target,
+                                                           "created": started},
+                         journal.JournalRead(records), runner_alive)
 
 
 def fleet_backend(rome: Capabilities, naples: Capabilities) -> ScriptedBackend:
@@ -228,9 +209,9 @@ async def test_answers_arriving_as_the_panels_are_taken_down_are_dropped(backend
 async def test_migrations_in_flight_recent_and_older_from_the_audit_log(backend: ScriptedBackend) -> None:
     now = time.time()
     backend.entries = [
-        FakeEntry("m-3", "db", "lab-2", "lab-1", now - 10, step=Step.STREAMING, runner_alive=True, outcome=None),
-        FakeEntry("m-2", "web", "lab-1", "lab-2", now - 600),
-        FakeEntry("m-1", "vault", "lab-1", "lab-3", now - 900, step=Step.REFUSED,
+        journal_entry("m-3", "db", "lab-2", "lab-1", now - 10, step=Step.STREAMING, runner_alive=True, outcome=None),
+        journal_entry("m-2", "web", "lab-1", "lab-2", now - 600),
+        journal_entry("m-1", "vault", "lab-1", "lab-3", now - 900, step=Step.REFUSED,
                   outcome={"result": "refused", "message": "NOSEND"}),
     ]
     backend.audit = [
@@ -290,7 +271,7 @@ def test_fleet_items_hosts_keys_monitors_and_stale_copies() -> None:
 def test_a_migration_in_flight_owns_its_copies() -> None:
     sent = replace(sample_vm("web", 4096, POLICY_RECOMMENDED, state=6, status="postmigrate"), pid=9)
     reports = [_report("lab-1", sent), _report("lab-2", sample_vm("web", 4096, POLICY_RECOMMENDED))]
-    flying = FakeEntry("m-1", "web", "lab-1", "lab-2", 0.0, step=Step.STREAMING, runner_alive=True)
+    flying = journal_entry("m-1", "web", "lab-1", "lab-2", 0.0, step=Step.STREAMING, runner_alive=True)
     assert [i.kind for i in attention.find(reports, fleet=True)] == ["stale-copy"]
     assert attention.find(reports, [flying], fleet=True) == []
 
@@ -314,7 +295,7 @@ def test_audit_tail_reads_the_last_lines_only(tmp_path: Path) -> None:
 
 
 async def test_migrations_list_replays_a_finished_one(backend: ScriptedBackend) -> None:
-    backend.entries = [FakeEntry("m-2", "web", "lab-1", "lab-2", time.time() - 60)]
+    backend.entries = [journal_entry("m-2", "web", "lab-1", "lab-2", time.time() - 60)]
     backend.tapes["m-2"] = sample_progress(frames=3)
     app = SevConsoleApp(backend)
     async with app.run_test(size=SIZE) as pilot:

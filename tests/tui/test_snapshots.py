@@ -15,7 +15,7 @@ from sevconsole.tui.screens.overview import OverviewScreen
 from sevconsole.tui.screens.replay import ReplayScreen
 from sevconsole.tui.screens.result import ResultScreen
 from tests.tui.scripted import ScriptedBackend, sample_progress, sample_reports, sample_result
-from tests.tui.test_overview import FakeEntry, fleet_backend
+from tests.tui.test_overview import fleet_backend, journal_entry
 
 
 def make_app(rome: Capabilities, naples: Capabilities, theme: str | None = None) -> SevConsoleApp:
@@ -157,10 +157,10 @@ def _busy_fleet(rome: Capabilities, naples: Capabilities) -> SevConsoleApp:
                             kind="stale-copy", host="lab-2")]
     base = 1_796_000_000.0  # fixed times: the snapshot must not change with the clock
     backend.entries = [
-        FakeEntry("20261130-140501-a1b2", "db", "lab-2", "lab-1", base + 300, step=Step.STREAMING,
+        journal_entry("20261130-140501-a1b2", "db", "lab-2", "lab-1", base + 300, step=Step.STREAMING,
                   runner_alive=True, outcome=None),
-        FakeEntry("20261130-140002-c3d4", "web", "lab-2", "lab-1", base),
-        FakeEntry("20261130-135502-e5f6", "vault", "lab-1", "lab-2", base - 300, step=Step.REFUSED,
+        journal_entry("20261130-140002-c3d4", "web", "lab-2", "lab-1", base),
+        journal_entry("20261130-135502-e5f6", "vault", "lab-1", "lab-2", base - 300, step=Step.REFUSED,
                   outcome={"result": "refused", "message": "NOSEND"})]
     backend.audit = [{"time": "2026-11-29T09:12:00+00:00", "vm": "web", "source": "lab-1", "target": "lab-2",
                       "outcome": "done"}]
