@@ -6,6 +6,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.content import Content
+from textual.screen import Screen
 from textual.widgets import Header, Input, Static
 
 from sevconsole.hosts.report import HostReport
@@ -150,13 +151,20 @@ class HostsScreen(ConsoleScreen):
             out.append(report)
         return out
 
+    def same_rows(self, visible: list[HostReport]) -> bool:
+        """The table holds these hosts' rows already (reports are immutable: a new one is a new
+        object); otherwise they are taken as built from here on."""
+        built = tuple((r.name, id(r), r.name in self.pending) for r in visible)
+        if built == self._built:
+            return True
+        self._built = built
+        return False
+
     def rebuild(self) -> None:
         table = self.query_one("#hosts", LineTable)
         visible = self.visible_reports()
-        built = tuple((r.name, id(r), r.name in self.pending) for r in visible)  # reports are immutable
-        if built == self._built:  # opened again with nothing new: its rows (and their rendering) stay
+        if self.same_rows(visible):  # opened again with nothing new: its rows (and their rendering) stay
             return
-        self._built = built
         rows = []
         for report in visible:
             probing = report.name in self.pending and report.name not in self.app.reports  # type: ignore[attr-defined]
@@ -172,20 +180,32 @@ class HostsScreen(ConsoleScreen):
             done=done, total=total, shown=shown, filt=filt))
         self.show_detail()
 
-    def selected_host(self) -> str | None:
+    def selected_host_row(self) -> str | None:
         return self.query_one("#hosts", LineTable).row_key()
+
+    def selected_host(self) -> str | None:
+        """The host in view (r re-probes it, m migrates from it): the hosts row here."""
+        return self.selected_host_row()
+
+    def host_screen(self, name: str) -> Screen[None]:
+        """A host's screen, built once and kept (installed): opening it again costs no new screen;
+        it fills itself again when its report changed meanwhile."""
+        from sevconsole.tui.screens.host import HostScreen
+
+        key = f"host:{name}"
+        if not self.app.is_screen_installed(key):
+            self.app.install_screen(HostScreen(name), key)
+        return self.app.get_screen(key)
 
     # -- actions
     def action_open_host(self) -> None:
-        name = self.selected_host()
+        name = self.selected_host_row()
         if name is None:
             return
         if name not in self.app.reports:  # type: ignore[attr-defined]
             self.notify(f"{name} is still being probed.", severity="warning")
             return
-        from sevconsole.tui.screens.host import HostScreen
-
-        self.app.push_screen(HostScreen(name))
+        self.app.push_screen(self.host_screen(name))
 
     def on_line_table_row_selected(self, event: LineTable.RowSelected) -> None:
         self.action_open_host()

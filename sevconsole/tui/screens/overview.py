@@ -19,7 +19,6 @@ from textual.color import Color
 from textual.containers import Horizontal, Vertical
 from textual.content import Content
 from textual.message import Message
-from textual.screen import Screen
 from textual.widget import Widget
 from textual.widgets import DataTable, Header, Input, Static
 
@@ -113,7 +112,7 @@ class OverviewScreen(HostsScreen):
     OverviewScreen #ov-left { height: 1fr; }
     OverviewScreen .ov-box { border: round $panel-lighten-1; border-title-color: $text-muted;
                              border-subtitle-color: $text-muted; }
-    OverviewScreen .ov-box > DataTable, OverviewScreen .ov-box > LineTable { height: 1fr; overflow-x: hidden; }
+    OverviewScreen .ov-box > LineTable { height: 1fr; overflow-x: hidden; }
     OverviewScreen .ov-empty { height: auto; padding: 0 1; color: $text-muted; }
     OverviewScreen #ov-hosts-box { max-height: 50%; min-height: 4; }
     OverviewScreen #ov-vms-box { height: 1fr; min-height: 5; }
@@ -140,7 +139,6 @@ class OverviewScreen(HostsScreen):
         self._vms_pending = False
         self._heights: dict[str, int | None] = {}
         self._filled = False  # on_mount has built the panels
-        self._hosts_shown: tuple[tuple[str, int, bool], ...] = ()
         self._all_vm_rows: list[fleet.VmRow] = []
         self._vm_cells: dict[str, list[Any]] = {}
         self._panel_marks: dict[str, tuple[bool, str, str, str]] = {}
@@ -207,8 +205,7 @@ class OverviewScreen(HostsScreen):
     def refresh_cells(self) -> None:
         if not self.ready:
             return
-        self._hosts_shown = ()  # a new theme: every cell again
-        super().refresh_cells()
+        super().refresh_cells()  # every host cell again (a new theme)
         self.mark_focused_panel()
         self.fill_vms()
         self.fill_attention()
@@ -219,11 +216,9 @@ class OverviewScreen(HostsScreen):
         cells, fewer of them: the panel shares the width)."""
         table = self.query_one("#hosts", LineTable)
         visible = self.visible_reports()
-        shown = tuple((r.name, id(r), r.name in self.pending) for r in visible)
-        if shown == self._hosts_shown and self.is_mounted:  # a keystroke that keeps the same hosts
+        if self.same_rows(visible):  # a keystroke that keeps the same hosts
             self.fill_summary()
             return
-        self._hosts_shown = shown
         selected = self.selected_host_row() if table.cursor_row > 0 else None  # at the top, the top stays
         rows = []
         for report in visible:
@@ -513,10 +508,7 @@ class OverviewScreen(HostsScreen):
 
     def focused_panel(self) -> str:
         focused = self.focused
-        return focused.id if isinstance(focused, DataTable | LineTable) and focused.id else "hosts"
-
-    def selected_host_row(self) -> str | None:
-        return self.query_one("#hosts", LineTable).row_key()
+        return focused.id if isinstance(focused, LineTable) and focused.id else "hosts"
 
     def selected_host(self) -> str | None:
         """The host in view: the hosts row, or the VM row's host (E evacuates it)."""
@@ -526,11 +518,6 @@ class OverviewScreen(HostsScreen):
         return self.selected_host_row()
 
     # -- keys
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
-        event.stop()
-        event.prevent_default()  # not HostsScreen's too: the panel decides what Enter opens
-        self.call_next(self.action_open)
-
     async def action_open(self) -> None:
         panel = self.focused_panel()
         if panel == "ov-vms":
@@ -550,25 +537,6 @@ class OverviewScreen(HostsScreen):
             self.open_migration(self.selected_migration())
         else:
             self.action_open_host()
-
-    def host_screen(self, name: str) -> Screen[None]:
-        """A host's screen, built once and kept (installed): opening it again costs no new screen;
-        it fills itself again when its report changed meanwhile."""
-        from sevconsole.tui.screens.host import HostScreen
-
-        key = f"host:{name}"
-        if not self.app.is_screen_installed(key):
-            self.app.install_screen(HostScreen(name), key)
-        return self.app.get_screen(key)
-
-    def action_open_host(self) -> None:
-        name = self.selected_host_row()
-        if name is None:
-            return
-        if name not in self.app.reports:  # type: ignore[attr-defined]
-            self.notify(f"{name} is still being probed.", severity="warning")
-            return
-        self.app.push_screen(self.host_screen(name))
 
     def open_migration(self, row: fleet.MigrationRow | None) -> None:
         if row is None:
